@@ -1,0 +1,206 @@
+"""Typed configuration helpers shared by the stages.
+
+Every stage owns a dataclass for its section of ``pipeline.yaml``. ``from_dict`` builds one from
+plain YAML data and rejects unknown keys and values of the wrong type or outside a ``Literal``'s
+allowed set with a one-line :class:`ConfigError` that names the dotted key, so a typo never turns
+into a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid (message names the key)."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and f.name not in kwargs
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"missing required key {where}{missing[0] if missing else '?'}") from exc
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (YAML/JSON-able) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class BaseModelConfig:
+    """The frozen base model whose targets the new model learns (stage 1 and online fallback).
+
+    ``arch`` is a timm name; ``timm_kwargs`` override its shape (img_size, patch_size, embed_dim,
+    depth, num_heads). ``checkpoint`` may be an MAE, DINO/iBOT, timm or TEC-export file.
+    """
+
+    arch: str = "vit_base_patch16_224"
+    checkpoint: str | None = None
+    timm_kwargs: dict = field(default_factory=dict)
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        img = self.timm_kwargs.get("img_size")
+        patch = self.timm_kwargs.get("patch_size")
+        if isinstance(img, int) and isinstance(patch, int) and img % patch:
+            raise ConfigError(
+                f"base_model.timm_kwargs: patch_size {patch} does not divide img_size {img}"
+            )
+
+    def load(self):
+        """The frozen timm ViT, in eval mode."""
+        from tec.teacher import load_base_model
+
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(
+                f"base_model.checkpoint: file not found: {self.checkpoint}"
+            )
+        return load_base_model(
+            self.arch, self.checkpoint, allow_pickle=self.allow_pickle, **self.timm_kwargs
+        )
+
+    def fingerprint(self, model, *, last_n: int, k_max: int) -> dict:
+        """The base-model fingerprint recorded in (and checked against) a target cache."""
+        from tec.teacher import describe_vit, file_sha256
+
+        info = describe_vit(model)
+        return {
+            "arch": self.arch,
+            "checkpoint_sha256": file_sha256(self.checkpoint) if self.checkpoint else None,
+            "img_size": info["img_size"],
+            "patch_size": info["patch_size"],
+            "embed_dim": info["embed_dim"],
+            "num_heads": info["num_heads"],
+            "depth": info["depth"],
+            "last_n": last_n,
+            "k_max": k_max,
+        }
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on ``parts`` (same on every machine and process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
