@@ -1,0 +1,292 @@
+"""The ``tec`` command: a thin click layer over the library.
+
+Every command that reads a pipeline file takes ``--set KEY=VALUE`` overrides. User errors (bad
+config, missing files, refused caches) print one line ``error: ...`` and exit with code 2; no
+traceback unless ``TEC_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("tec")
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "numcodecs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """Turn expected user errors into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            if os.environ.get("TEC_DEBUG"):
+                raise
+            msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            click.echo(f"error: {msg.splitlines()[0] if msg else type(exc).__name__}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: committed work is kept; rerun the same command to resume",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                       help="Override a config value, e.g. --set targets.views=4 "
+                            "--set runs.tec.epochs=2 (repeatable).")
+
+
+def _load(config: Path, overrides):
+    from pipeline.config import load_config
+
+    return load_config(config, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="tec-pipeline")
+def main(verbose: bool) -> None:
+    """TEC pretraining as a two-stage target-caching pipeline.
+
+    Stage 1 (`tec targets`) runs a frozen base model once over K views of every image and writes
+    a target cache; stage 2 (`tec train`) trains any number of new models from that cache.
+    `tec run` does everything in a pipeline file: data, stage 1, every run, evaluation.
+    """
+    _setup_logging(verbose)
+
+
+# --------------------------------------------------------------------------- pipeline
+@main.command()
+@config_arg
+@set_opt
+@click.option("--ray-address", default=None, help="Join this Ray cluster for stage 1 "
+              "(default: $RAY_ADDRESS, else a local Ray instance).")
+@click.option("--only", type=click.Choice(["data", "bootstrap", "targets", "train", "eval"]),
+              multiple=True, help="Run only these steps (repeatable).")
+@user_errors
+def run(config, overrides, ray_address, only):
+    """Run the whole pipeline: data, base model, stage 1 (resumed), every run, evaluation.
+
+    A second `tec run` reuses the cache and finished runs; the summary says what was reused.
+    """
+    from pipeline.orchestrate import run_pipeline
+
+    cfg = _load(config, overrides)
+    summary = run_pipeline(cfg, ray_address=ray_address, only=set(only) or None)
+    click.echo(summary.format())
+
+
+@main.command()
+@config_arg
+@set_opt
+@user_errors
+def plan(config, overrides):
+    """Estimate samples, cache size and compute of both stages before renting a cluster."""
+    from pipeline.plan import make_plan
+
+    cfg = _load(config, overrides)
+    click.echo(make_plan(cfg).format())
+
+
+@main.command()
+@config_arg
+@set_opt
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one).")
+@click.option("--strict", is_flag=True, default=None,
+              help="Exit non-zero if any sample was skipped as bad (after finishing the cache).")
+@user_errors
+def targets(config, overrides, ray_address, strict):
+    """Stage 1: compute base-model targets for K views of every image into the cache.
+
+    Resumable: committed parts are skipped on a rerun.
+    """
+    from pipeline.orchestrate import ensure_base_checkpoint
+    from stages.stage1 import run_stage1
+
+    cfg = _load(config, overrides)
+    base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
+    summary = run_stage1(cfg.targets, base, ray_address=ray_address, strict=strict)
+    click.echo(summary.format())
+
+
+@main.command()
+@config_arg
+@set_opt
+@click.option("--run", "run_name", required=True, help="Name of the run in the config's runs.")
+@user_errors
+def train(config, overrides, run_name):
+    """Stage 2: train one new model from the cache (resumes from its last checkpoint).
+
+    Works under torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train CONFIG --run NAME`.
+    """
+    from pipeline.orchestrate import train_run
+
+    cfg = _load(config, overrides)
+    summary = train_run(cfg, cfg.run_named(run_name))
+    if summary is not None:
+        click.echo(summary.format())
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .safetensors file.")
+@click.option("--keep-adapters", is_flag=True,
+              help="Keep the input and encoder adapters (for parameter-efficient fine-tuning).")
+@user_errors
+def export(checkpoint, out, keep_adapters):
+    """Export a training checkpoint as a timm-loadable .safetensors file."""
+    from stages.train import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, keep_adapters=keep_adapters)
+    click.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- cache
+@main.group()
+def cache():
+    """Inspect and verify target caches."""
+
+
+@cache.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@user_errors
+def cache_inspect(path):
+    """Print the manifest summary, record count, bytes per view, size and completeness."""
+    from storage import format_inspect, inspect_cache
+
+    click.echo(format_inspect(inspect_cache(path)))
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@user_errors
+def cache_verify(path):
+    """Re-read every part and recompute its checksums; exit 1 naming each bad part."""
+    from storage import verify_cache
+
+    problems = verify_cache(path)
+    if problems:
+        for line in problems:
+            click.echo(f"BAD {line}", err=True)
+        click.echo(f"{len(problems)} problem(s) in {path}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: every part of {path} matches its checksums")
+
+
+# --------------------------------------------------------------------------- data
+@main.group()
+def data():
+    """Prepare datasets as WebDataset shards."""
+
+
+@data.command("fashion-mnist")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder for train-*.tar and test-*.tar.")
+@click.option("--idx-dir", default="/usr/share/datasets/fashion-mnist", show_default=True,
+              type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--shard-size", default=10000, show_default=True, help="Samples per shard.")
+@click.option("--limit", default=None, type=int, help="Use only the first N training images.")
+@user_errors
+def data_fashion_mnist(out, idx_dir, shard_size, limit):
+    """Convert the Fashion-MNIST IDX files to WebDataset shards with .png and .cls."""
+    from stages.datasets import fashion_mnist_to_shards
+
+    result = fashion_mnist_to_shards(idx_dir, out, shard_size=shard_size, limit=limit)
+    for line in (result if isinstance(result, (list, tuple)) else [result]):
+        click.echo(str(line))
+
+
+# --------------------------------------------------------------------------- eval
+@main.group("eval")
+def eval_group():
+    """Evaluate frozen features: k-NN and linear probe (cls token and mean-pooled patches)."""
+
+
+def _eval_options(fn):
+    fn = click.option("--train", "train_shards", required=True,
+                      help="Training shards (pattern) for the probe / k-NN memory.")(fn)
+    fn = click.option("--test", "test_shards", required=True, help="Test shards (pattern).")(fn)
+    fn = click.option("--arch", default=None, help="timm arch for a plain checkpoint "
+                      "(our exports carry their own).")(fn)
+    fn = click.option("--train-limit", type=int, default=None, help="Use N training images.")(fn)
+    fn = click.option("--test-limit", type=int, default=None, help="Use N test images.")(fn)
+    fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))(fn)
+    return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+@eval_group.command("knn")
+@_eval_options
+@click.option("-k", "k", default=20, show_default=True, help="Neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, help="Vote temperature.")
+@user_errors
+def eval_knn(model, train_shards, test_shards, arch, train_limit, test_limit, device, k,
+             temperature):
+    """k-NN top-1 (cosine, temperature-weighted vote) of a checkpoint or export."""
+    from pipeline.orchestrate import evaluate_file
+
+    result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
+                           test_limit=test_limit, device=device, metrics=("knn",), knn_k=k,
+                           knn_temperature=temperature)
+    click.echo(result)
+
+
+@eval_group.command("linear")
+@_eval_options
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@user_errors
+def eval_linear(model, train_shards, test_shards, arch, train_limit, test_limit, device, epochs,
+                lr):
+    """Linear-probe top-1 on frozen features of a checkpoint or export."""
+    from pipeline.orchestrate import evaluate_file
+
+    result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
+                           test_limit=test_limit, device=device, metrics=("linear",),
+                           linear_epochs=epochs, linear_lr=lr)
+    click.echo(result)
+
+
+@main.group()
+def viz():
+    """Pictures of what the models attend to."""
+
+
+@viz.command("attention")
+@click.argument("models", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--images", "shards", required=True, help="Shards to take the images from.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output PNG.")
+@click.option("-n", "num_images", default=8, show_default=True)
+@click.option("--arch", default=None, help="timm arch for plain checkpoints.")
+@user_errors
+def viz_attention(models, shards, out, num_images, arch):
+    """PNG grid of last-block cls attention maps: one column per model (base vs new)."""
+    from pipeline.orchestrate import attention_picture
+
+    path = attention_picture(list(models), shards, out, num_images=num_images, arch=arch)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

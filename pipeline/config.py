@@ -1,0 +1,231 @@
+"""``pipeline.yaml``: the schema assembled from the stages' typed configs.
+
+A pipeline file has these sections (see the root ``pipeline.yaml`` for a commented example)::
+
+    workdir:    where caches, runs, exports and reports go
+    data:       the image shards (train, and test for evaluation), optionally prepared
+    base_model: the frozen base model (timm arch + checkpoint)
+    bootstrap:  optional: train a pixel-target MAE base model first when there is no checkpoint
+    targets:    stage 1 (the target cache)
+    runs:       stage 2, one entry per new model trained from the same cache
+    eval:       k-NN / linear probe / attention pictures
+
+Every key is checked: unknown keys and bad values are one-line errors naming the dotted key.
+``--set a.b=c`` overrides any value (``runs.NAME.epochs=2`` addresses a run by name).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from stages.configs import BaseModelConfig, ConfigError, from_dict, to_dict
+
+__all__ = ["PipelineConfig", "DataConfig", "BootstrapConfig", "EvalConfig", "load_config",
+           "apply_overrides", "ConfigError"]
+
+
+@dataclass
+class DataConfig:
+    """Image shards. ``prepare: fashion-mnist`` builds them from the Debian IDX files if missing."""
+
+    train: str = ""
+    test: str | None = None
+    kind: Literal["webdataset", "imagefolder"] = "webdataset"
+    prepare: Literal["none", "fashion-mnist"] = "none"
+    prepare_dir: str | None = None
+    idx_dir: str = "/usr/share/datasets/fashion-mnist"
+    shard_size: int = 1000
+    train_limit: int | None = None
+    num_samples: int | None = None  # known training-set size (lets `tec plan` skip counting)
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train: give the training shards (a pattern or folder)")
+        if self.shard_size < 1:
+            raise ConfigError(f"data.shard_size: must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class BootstrapConfig:
+    """Train a base model with the pixel target (MAE) when ``base_model.checkpoint`` is missing."""
+
+    enabled: bool = False
+    run: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 20
+    linear_lr: float = 1e-3
+    batch_size: int = 256
+    train_limit: int | None = None
+    test_limit: int | None = None
+    viz_images: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if self.knn_k < 1:
+            raise ConfigError(f"eval.knn_k: must be >= 1, got {self.knn_k}")
+        if self.knn_temperature <= 0:
+            raise ConfigError(f"eval.knn_temperature: must be > 0, got {self.knn_temperature}")
+        if self.linear_epochs < 1:
+            raise ConfigError(f"eval.linear_epochs: must be >= 1, got {self.linear_epochs}")
+
+
+@dataclass
+class PipelineConfig:
+    workdir: str
+    data: DataConfig
+    base_model: BaseModelConfig
+    targets: object  # stages.stage1.Stage1Config
+    runs: list  # list[stages.train.TrainConfig]
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source_file: str | None = None
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.targets.cache)
+
+    def run_dir(self, name: str) -> Path:
+        return Path(self.workdir) / "runs" / name
+
+    def run_named(self, name: str):
+        for run in self.runs:
+            if run.name == name:
+                return run
+        names = ", ".join(r.name for r in self.runs) or "none"
+        raise ConfigError(f"runs: no run named {name!r}; runs in this config: {names}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+_TOP_KEYS = {"workdir", "data", "base_model", "bootstrap", "targets", "runs", "eval"}
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to the raw config mapping.
+
+    A list is indexed by position (``runs.0.epochs``) or by an entry's ``name`` (``runs.tec.epochs``).
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. targets.views=4")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, part, where)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise ConfigError(f"--set {key}: {where} is not a mapping")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, key)] = _parse_value(text)
+        elif isinstance(node, dict):
+            node[last] = _parse_value(text)
+        else:
+            raise ConfigError(f"--set {key}: parent of {last} is not a mapping")
+    return raw
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(node):
+            raise ConfigError(f"--set {where}: index out of range (list has {len(node)} entries)")
+        return int(part)
+    for i, entry in enumerate(node):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return i
+    raise ConfigError(f"--set {where}: no entry named {part!r}")
+
+
+def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig:
+    """Validate a raw mapping into a :class:`PipelineConfig` (one-line ConfigError on problems)."""
+    from stages.stage1 import Stage1Config
+    from stages.train import TrainConfig
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source_file or 'config'}: the top level must be a mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]}; allowed top-level keys: {', '.join(sorted(_TOP_KEYS))}"
+        )
+    for required in ("data", "base_model", "targets"):
+        if raw.get(required) is None:
+            raise ConfigError(f"missing required section {required}")
+    workdir = raw.get("workdir", "runs/default")
+    if not isinstance(workdir, str):
+        raise ConfigError(f"workdir: expected a path string, got {workdir!r}")
+    data = from_dict(DataConfig, raw["data"], "data")
+    base = from_dict(BaseModelConfig, raw["base_model"], "base_model")
+    bootstrap = from_dict(BootstrapConfig, raw.get("bootstrap"), "bootstrap")
+    targets_raw = dict(raw["targets"])
+    if not isinstance(raw["targets"], dict):
+        raise ConfigError("targets: expected a mapping")
+    targets_raw.setdefault("source", {"kind": data.kind, "path": data.train,
+                                      "shard_size": data.shard_size})
+    targets_raw.setdefault("cache", str(Path(workdir) / "cache"))
+    targets = from_dict(Stage1Config, targets_raw, "targets")
+    runs_raw = raw.get("runs") or []
+    if not isinstance(runs_raw, list):
+        raise ConfigError("runs: expected a list of training runs")
+    runs = [from_dict(TrainConfig, r, f"runs[{i}]") for i, r in enumerate(runs_raw)]
+    names = [r.name for r in runs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"runs: duplicate run name {sorted(dup)[0]!r}")
+    if bootstrap.enabled:
+        boot = dict(bootstrap.run)
+        boot.setdefault("name", "bootstrap")
+        model = dict(boot.get("model") or {})
+        if model.get("target", "pixel") != "pixel":
+            raise ConfigError("bootstrap.run.model.target: the bootstrap base model uses 'pixel'")
+        model["target"] = "pixel"
+        boot["model"] = model
+        bootstrap.run = boot
+        from_dict(TrainConfig, boot, "bootstrap.run")  # validate now, build later
+    evaluation = from_dict(EvalConfig, raw.get("eval"), "eval")
+    return PipelineConfig(
+        workdir=workdir, data=data, base_model=base, targets=targets, runs=runs,
+        bootstrap=bootstrap, eval=evaluation, source_file=source_file,
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})")
+    raw = apply_overrides(raw or {}, overrides)
+    return parse_config(raw, source_file=str(path))

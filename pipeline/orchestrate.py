@@ -1,0 +1,295 @@
+"""``tec run``: data -> base model -> stage 1 -> every stage-2 run -> evaluation.
+
+Each step is skipped when its output already exists and is complete (prepared shards, a
+bootstrapped base model, a committed cache, a finished run's export), so a second ``tec run``
+reuses everything and the summary says what was reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.configs import BaseModelConfig, ConfigError, from_dict
+
+from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+STEPS = ("data", "bootstrap", "targets", "train", "eval")
+
+
+@dataclass
+class PipelineSummary:
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, what happened)
+    eval_table: str | None = None
+    seconds: float = 0.0
+    results_file: str | None = None
+
+    def add(self, step: str, text: str) -> None:
+        log.info("%s: %s", step, text)
+        self.steps.append((step, text))
+
+    def format(self) -> str:
+        width = max((len(s) for s, _ in self.steps), default=4)
+        lines = ["", "== tec run summary =="]
+        lines += [f"{step.ljust(width)}  {text}" for step, text in self.steps]
+        if self.eval_table:
+            lines += ["", "top-1 accuracy (%) on the test set:", self.eval_table]
+        if self.results_file:
+            lines.append(f"\nresults: {self.results_file}")
+        lines.append(f"total time: {self.seconds / 60:.1f} min")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- data
+def prepare_data(cfg: PipelineConfig) -> str:
+    """Build the configured shards when ``data.prepare`` asks for it; returns what happened."""
+    from stages.sources import expand_shards
+
+    if cfg.data.prepare == "none":
+        return "using existing shards"
+    try:
+        if expand_shards(cfg.data.train) and (cfg.data.test is None or expand_shards(cfg.data.test)):
+            return f"reused shards {cfg.data.train}"
+    except ValueError:
+        pass  # not there yet
+    from stages.datasets import fashion_mnist_to_shards
+
+    out = cfg.data.prepare_dir or str(Path(cfg.data.train).parent)
+    fashion_mnist_to_shards(cfg.data.idx_dir, out, shard_size=cfg.data.shard_size,
+                            limit=cfg.data.train_limit)
+    return f"wrote Fashion-MNIST shards to {out}"
+
+
+# ------------------------------------------------------------------------------ base model
+def find_export(run_dir: Path) -> Path | None:
+    """The timm-loadable export of a finished run (``<run_dir>/export/*.safetensors``), if any."""
+    exports = sorted(p for p in (Path(run_dir) / "export").glob("*.safetensors")
+                     if not p.name.endswith(".adapters.safetensors"))
+    return exports[0] if exports else None
+
+
+def bootstrap_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.workdir) / "bootstrap"
+
+
+def _bootstrap_run(cfg: PipelineConfig):
+    from stages.train import TrainConfig
+
+    run = dict(cfg.bootstrap.run)
+    model = dict(run.get("model") or {})
+    # The bootstrap model *is* the base model: take its geometry from base_model.timm_kwargs.
+    tk = cfg.base_model.timm_kwargs
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if key in tk and key != "img_size":
+            model.setdefault(key, tk[key])
+    run["model"] = model
+    return from_dict(TrainConfig, run, "bootstrap.run")
+
+
+def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
+                           summary: PipelineSummary | None = None) -> BaseModelConfig:
+    """The base-model config with a checkpoint that exists, bootstrapping one if configured."""
+    base = cfg.base_model
+    if base.checkpoint is not None:
+        if not Path(base.checkpoint).is_file():
+            raise FileNotFoundError(f"base_model.checkpoint: file not found: {base.checkpoint}")
+        return base
+    if not cfg.bootstrap.enabled:
+        raise ConfigError("base_model.checkpoint: a checkpoint is required (or enable bootstrap "
+                          "to train a pixel-target base model first)")
+    export = find_export(bootstrap_dir(cfg))
+    if export is None:
+        if not allow_bootstrap:
+            raise ConfigError("base_model.checkpoint is not set and the bootstrap base model is "
+                              "not trained yet; run `tec run CONFIG --only bootstrap` first")
+        from stages.train import train
+
+        run = _bootstrap_run(cfg)
+        result = train(run, cache=None, source=cfg.targets.source, base=None,
+                       view_policy=_view_policy(cfg), out_dir=bootstrap_dir(cfg))
+        export = find_export(bootstrap_dir(cfg))
+        if summary is not None:
+            summary.add("bootstrap", f"trained pixel-target base model ({result.steps} steps, "
+                                     f"{result.seconds / 60:.1f} min) -> {export}")
+    elif summary is not None:
+        summary.add("bootstrap", f"reused base model {export}")
+    return dataclasses.replace(base, checkpoint=str(export))
+
+
+def _view_policy(cfg: PipelineConfig):
+    from stages.views import ViewPolicy
+
+    vp = cfg.targets.view_policy
+    return vp if isinstance(vp, ViewPolicy) else ViewPolicy.from_dict(vp)
+
+
+# ------------------------------------------------------------------------------ stage 2
+def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | None = None):
+    """Train (or resume) one run of the config from its cache; None if it is already finished."""
+    from stages.train import train
+
+    out_dir = cfg.run_dir(run.name)
+    if find_export(out_dir) is not None and (out_dir / "summary.json").is_file():
+        log.info("run %s already finished: %s", run.name, find_export(out_dir))
+        return None
+    if base is None:
+        base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
+    return train(run, cache=str(cfg.cache_path), source=cfg.targets.source, base=base,
+                 view_policy=None, out_dir=out_dir)
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _load_model(path: Path, arch: str | None):
+    from tec.teacher import load_base_model
+
+    return load_base_model(arch or "vit_base_patch16_224", path)
+
+
+def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=None,
+                    train_limit=None, test_limit=None, device="auto", knn_k=20,
+                    knn_temperature=0.07, linear_epochs=20, linear_lr=1e-3,
+                    batch_size=256, metrics=("knn", "linear")) -> list[dict]:
+    """Top-1 rows (percent) for each named model file on the same train/test images."""
+    import torch
+
+    from stages.evaluate import (extract_features, knn_classify, linear_probe,
+                                 load_eval_images)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    rows, images = [], {}
+    for name, path in models.items():
+        model = _load_model(Path(path), arch)
+        size = model.patch_embed.img_size[0]
+        if size not in images:
+            images[size] = (load_eval_images(train_shards, size, limit=train_limit),
+                            load_eval_images(test_shards, size, limit=test_limit))
+        (tr_x, tr_y), (te_x, te_y) = images[size]
+        train = extract_features(model, tr_x, tr_y, device=device, batch_size=batch_size)
+        test = extract_features(model, te_x, te_y, device=device, batch_size=batch_size)
+        row = {"model": name, "file": str(path)}
+        for readout in ("cls", "mean"):
+            if "knn" in metrics:
+                row[f"knn_{readout}"] = knn_classify(
+                    train[readout], train["labels"], test[readout], test["labels"],
+                    k=knn_k, temperature=knn_temperature)
+            if "linear" in metrics:
+                row[f"linear_{readout}"] = linear_probe(
+                    train[readout], train["labels"], test[readout], test["labels"],
+                    epochs=linear_epochs, lr=linear_lr)
+        log.info("evaluated %s: %s", name, {k: v for k, v in row.items() if k != "file"})
+        rows.append(row)
+    return rows
+
+
+def evaluate_file(path: Path, train_shards, test_shards, **kwargs) -> str:
+    """One model file's metrics as a table (the ``tec eval`` commands)."""
+    from stages.evaluate import format_table
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    rows = evaluate_models({Path(path).name: Path(path)}, train_shards, test_shards, **kwargs)
+    return format_table(rows)
+
+
+def attention_picture(models: list[Path], shards, out: Path, *, num_images: int = 8,
+                      arch: str | None = None) -> Path:
+    """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2)."""
+    from stages.evaluate import load_eval_images
+    from stages.viz import attention_maps, save_attention_grid
+    from tec.targets import normalize_images
+
+    maps, shown = {}, None
+    for path in models:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        model = _load_model(Path(path), arch)
+        size = model.patch_embed.img_size[0]
+        images, _ = load_eval_images(shards, size, limit=num_images)
+        if shown is None:
+            shown = images
+        elif shown.shape[-1] != size:
+            raise ConfigError(f"{path}: image size {size} differs from the first model's "
+                              f"{shown.shape[-1]}; compare models of the same input size")
+        maps[Path(path).stem] = attention_maps(model, normalize_images(images))
+    return save_attention_grid(out, shown, maps)
+
+
+# ------------------------------------------------------------------------------ the pipeline
+def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
+                 only: set[str] | None = None) -> PipelineSummary:
+    """Run every step of the pipeline (or ``only`` some), reusing finished work."""
+    from stages.stage1 import run_stage1
+
+    start = time.time()
+    summary = PipelineSummary()
+    wanted = set(only or STEPS)
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    if "data" in wanted:
+        summary.add("data", prepare_data(cfg))
+    base = None
+    if wanted & {"bootstrap", "targets", "train", "eval"}:
+        base = ensure_base_checkpoint(cfg, allow_bootstrap="bootstrap" in wanted,
+                                      summary=summary)
+    if "targets" in wanted:
+        s1 = run_stage1(cfg.targets, base, ray_address=ray_address)
+        if s1.parts_done == 0:
+            summary.add("targets", f"reused cache {cfg.cache_path} ({s1.parts_skipped} parts "
+                                   "committed; 0 base-model forward passes)")
+        else:
+            summary.add("targets", f"cache {cfg.cache_path}: {s1.images} images x "
+                                   f"{cfg.targets.views} views in {s1.seconds:.0f} s "
+                                   f"({s1.images_per_s:.1f} img/s), {s1.skipped} skipped, "
+                                   f"{s1.parts_skipped} parts resumed")
+    if "train" in wanted:
+        for run in cfg.runs:
+            result = train_run(cfg, run, base)
+            if result is None:
+                summary.add(f"run {run.name}", "reused finished run")
+            else:
+                summary.add(f"run {run.name}",
+                            f"{result.steps} steps in {result.seconds / 60:.1f} min "
+                            f"({result.samples_per_s:.1f} samples/s; cached "
+                            f"{result.cached_samples}, online {result.online_samples})")
+    if "eval" in wanted and cfg.eval.enabled:
+        _evaluate(cfg, base, summary)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSummary) -> None:
+    from stages.evaluate import format_table
+
+    if cfg.data.test is None:
+        summary.add("eval", "skipped: data.test is not set")
+        return
+    models = {"base": Path(base.checkpoint)}
+    for run in cfg.runs:
+        export = find_export(cfg.run_dir(run.name))
+        if export is not None:
+            models[run.name] = export
+    ev = cfg.eval
+    rows = evaluate_models(
+        models, cfg.data.train, cfg.data.test, arch=cfg.base_model.arch,
+        train_limit=ev.train_limit, test_limit=ev.test_limit, device=ev.device,
+        knn_k=ev.knn_k, knn_temperature=ev.knn_temperature, linear_epochs=ev.linear_epochs,
+        linear_lr=ev.linear_lr, batch_size=ev.batch_size)
+    summary.eval_table = format_table(rows)
+    results = Path(cfg.workdir) / "eval.json"
+    results.write_text(json.dumps(rows, indent=2))
+    summary.results_file = str(results)
+    summary.add("eval", f"k-NN and linear probe for {len(rows)} models -> {results}")
+    if ev.viz_images > 0 and len(models) > 1:
+        try:
+            png = attention_picture(list(models.values()), cfg.data.test,
+                                    Path(cfg.workdir) / "attention.png",
+                                    num_images=ev.viz_images, arch=cfg.base_model.arch)
+            summary.add("viz", f"attention maps -> {png}")
+        except ConfigError as exc:
+            summary.add("viz", f"skipped: {exc}")

@@ -1,0 +1,205 @@
+"""``tec plan``: cache size and compute of both stages, before anything runs.
+
+FLOPs are counted analytically for a ViT (a multiply-add is 2 FLOPs): per block and image with N
+tokens of width D and MLP ratio r, ``(8 + 4r)·N·D² + 4·N²·D``; the patch embedding adds
+``2·L·(3·p²)·D``. Training costs about 3x a forward pass (forward + backward). Measured
+throughput is added when ``benchmarks/results/speed.json`` holds a run on the same architecture.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.configs import ConfigError
+
+from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+SPEED_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "speed.json"
+
+
+def vit_forward_flops(*, tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """FLOPs of ``depth`` transformer blocks on one image of ``tokens`` tokens."""
+    per_block = (8 + 4 * mlp_ratio) * tokens * width**2 + 4 * tokens**2 * width
+    return depth * per_block
+
+
+def _geometry(timm_kwargs: dict, arch: str) -> dict:
+    """img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio of a timm ViT config."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise ConfigError(f"base_model.arch: unknown timm architecture {arch!r}")
+    with _meta_device():
+        model = timm.create_model(arch, num_classes=0, pretrained=False, **timm_kwargs)
+    block = model.blocks[0]
+    return {
+        "img_size": model.patch_embed.img_size[0],
+        "patch_size": model.patch_embed.patch_size[0],
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
+    }
+
+
+class _meta_device:
+    """Build models on the meta device: shapes only, no memory, instant even for ViT-L."""
+
+    def __enter__(self):
+        import torch
+
+        self._ctx = torch.device("meta")
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def bytes_per_view(*, num_patches: int, channels: int, heads: int, k_max: int,
+                   codec: str) -> dict:
+    """Stored bytes of one (sample, view) record before compression, and the raw tensor bytes.
+
+    Raw = the float32 tensors a record stands for (features, mean, std, attention logits, index).
+    """
+    L, C, H, R = num_patches, channels, heads, k_max + 1
+    raw = 4 * (L * C + 2 * C + H * R * L) + 8 * k_max
+    view_record = 4 * 4 + 1 + 2 * 4 + 4  # crop box, flip, source size, label
+    if codec == "float16":
+        stored = 2 * L * C + 2 * 4 * C + 2 * H * R * L + 2 * k_max + view_record
+    elif codec == "int8":
+        # int8 values with one float32 scale per feature row (patch) and per attention row
+        stored = (L * C + 4 * L) + 2 * 4 * C + (H * R * L + 4 * H * R) + 2 * k_max + view_record
+    else:
+        raise ConfigError(f"targets.codec: unknown codec {codec!r}; use float16 or int8")
+    return {"stored": stored, "raw": raw}
+
+
+@dataclass
+class Plan:
+    samples: int
+    samples_known: str
+    views: int
+    codec: str
+    bytes_per_view: int
+    raw_bytes_per_view: int
+    base: dict
+    stage1_flops: float
+    runs: list[dict] = field(default_factory=list)
+    measured: dict | None = None
+
+    @property
+    def cache_bytes(self) -> float:
+        return self.samples * self.views * self.bytes_per_view
+
+    def format(self) -> str:
+        b = self.base
+        lines = [
+            f"samples          {self.samples:,} ({self.samples_known})",
+            f"views (K)        {self.views}  -> {self.samples * self.views:,} cached views",
+            f"base model       {b['arch']}: {b['img_size']} px, patch {b['patch_size']}, "
+            f"width {b['embed_dim']}, depth {b['depth']}, heads {b['num_heads']}",
+            f"bytes per view   {self.bytes_per_view:,} ({self.codec}, before lossless "
+            f"compression; {self.bytes_per_view / self.raw_bytes_per_view:.2f} of the float32 "
+            f"tensors)",
+            f"cache size       {_human(self.cache_bytes)} (upper bound; compression only shrinks it)",
+            f"stage 1 compute  {self.stage1_flops / 1e15:,.2f} PFLOP "
+            f"(base-model forward over every view)",
+        ]
+        for run in self.runs:
+            lines.append(
+                f"stage 2 run {run['name']!r}: {run['epochs']} epochs, "
+                f"{run['flops_cached'] / 1e15:,.2f} PFLOP from the cache vs "
+                f"{run['flops_online'] / 1e15:,.2f} PFLOP fully online "
+                f"(online_fraction {run['online_fraction']}: "
+                f"{run['flops_planned'] / 1e15:,.2f} PFLOP)")
+        if self.measured:
+            m = self.measured
+            lines.append(f"measured         {m['text']}")
+        else:
+            lines.append("measured         no recorded throughput for this setup "
+                         "(run benchmarks/speed.py)")
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def count_samples(cfg: PipelineConfig) -> tuple[int, str]:
+    """Sample count: data.num_samples when given, else counted from the shards' headers."""
+    if cfg.data.num_samples is not None:
+        return cfg.data.num_samples, "data.num_samples"
+    from stages.sources import open_source
+
+    src = cfg.targets.source
+    try:
+        source = open_source(src.kind, src.path, shard_size=src.shard_size)
+        shards = source.shards()
+    except ValueError as exc:
+        raise ConfigError(f"data.train: {exc} (set data.num_samples to plan without the data)")
+    return sum(source.count(s) for s in shards), f"counted in {len(shards)} shards"
+
+
+def make_plan(cfg: PipelineConfig) -> Plan:
+    from tec.model import NewModelConfig
+
+    t = cfg.targets
+    base = {"arch": cfg.base_model.arch, **_geometry(cfg.base_model.timm_kwargs,
+                                                     cfg.base_model.arch)}
+    grid = base["img_size"] // base["patch_size"]
+    L = grid * grid
+    sizes = bytes_per_view(num_patches=L, channels=base["embed_dim"], heads=base["num_heads"],
+                           k_max=t.k_max, codec=t.codec)
+    samples, known = count_samples(cfg)
+    base_fwd = vit_forward_flops(tokens=L + 1, width=base["embed_dim"], depth=base["depth"],
+                                 mlp_ratio=base["mlp_ratio"])
+    base_fwd += 2 * L * 3 * base["patch_size"] ** 2 * base["embed_dim"]
+    plan = Plan(samples=samples, samples_known=known, views=t.views, codec=t.codec,
+                bytes_per_view=sizes["stored"], raw_bytes_per_view=sizes["raw"], base=base,
+                stage1_flops=samples * t.views * base_fwd)
+    for run in cfg.runs:
+        m = NewModelConfig(**{**run.model, "img_size": base["img_size"]})
+        keep = int(round(L * (1 - m.mask_ratio)))
+        enc = vit_forward_flops(tokens=keep + 1, width=m.embed_dim, depth=m.depth,
+                                mlp_ratio=m.mlp_ratio)
+        streams = 2 if (m.target == "tec" and m.use_attention) else 1
+        dec = streams * vit_forward_flops(tokens=L + 1, width=m.decoder_embed_dim,
+                                          depth=m.decoder_depth, mlp_ratio=m.mlp_ratio)
+        student = 3 * (enc + dec)  # forward + backward
+        per_epoch = samples * student
+        online = samples * (student + base_fwd)
+        plan.runs.append({
+            "name": run.name, "epochs": run.epochs, "online_fraction": run.online_fraction,
+            "flops_cached": run.epochs * per_epoch, "flops_online": run.epochs * online,
+            "flops_planned": run.epochs * (per_epoch + run.online_fraction * samples * base_fwd),
+        })
+    plan.measured = _measured(base)
+    return plan
+
+
+def _measured(base: dict) -> dict | None:
+    if not SPEED_RESULTS.is_file():
+        return None
+    try:
+        result = json.loads(SPEED_RESULTS.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    model = result.get("config", {}).get("base_model", {})
+    if model.get("embed_dim") != base["embed_dim"] or model.get("depth") != base["depth"]:
+        return None
+    raw = result.get("raw", {})
+    parts = [f"on {result.get('device', '?')}:"]
+    for key, label in (("stage1_images_per_s", "stage 1 images/s"),
+                       ("train_cached_samples_per_s", "stage 2 samples/s from cache"),
+                       ("train_online_samples_per_s", "stage 2 samples/s online")):
+        if key in raw:
+            parts.append(f"{label} {raw[key]:.1f}")
+    return {"text": " ".join(parts), "result": result}
