@@ -1,0 +1,138 @@
+"""Export the new model's encoder as a timm ``VisionTransformer`` checkpoint (.safetensors).
+
+The input adapter is folded into the cls token (cls_token = MLP(cls) + its zero position
+embedding), the fixed sin-cos position embedding is written as timm's ``pos_embed`` (zero cls row
+included), and every other key is already a timm name (``patch_embed.proj``, ``blocks.N...``,
+``norm``). So::
+
+    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                      num_classes=0, **timm_kwargs_for(cfg))
+
+loads it strictly, and ``tec.teacher.load_base_model(arch, path)`` loads it as a base model
+for the next TEC round (the architecture kwargs come from the file's metadata).
+
+``keep_adapters=True`` additionally writes the adapters for parameter-efficient fine-tuning to
+a *separate* file next to the export, ``<stem>.adapters.safetensors`` (keys prefixed
+``tec_adapters.``: the unfolded ``cls_token``, ``input_adapter.*``, ``encoder_adapter.*``),
+because timm's pretrained loading is strict and would refuse extra keys in the main file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import NewModel, NewModelConfig
+from .teacher import TEC_EXPORT_FORMAT
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_PREFIX",
+    "DEFAULT_EXPORT_ARCH",
+    "adapters_path",
+    "adapter_state_dict",
+    "encoder_state_dict",
+    "export_timm",
+    "load_adapters",
+    "timm_kwargs_for",
+]
+
+ADAPTER_PREFIX = "tec_adapters."
+EXPORT_FORMAT_VERSION = "1"
+# any timm ViT name works: timm_kwargs_for overrides its whole geometry
+DEFAULT_EXPORT_ARCH = "vit_base_patch16_224"
+
+
+def timm_kwargs_for(cfg: NewModelConfig) -> dict[str, Any]:
+    """timm.create_model kwargs that build the new model's encoder as a VisionTransformer."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+@torch.no_grad()
+def encoder_state_dict(model: NewModel) -> dict[str, torch.Tensor]:
+    """The encoder in timm VisionTransformer key names, input adapter folded into cls_token."""
+    state = {"cls_token": _plain(model.cls_input()), "pos_embed": _plain(model.pos_embed)}
+    for prefix, module in (("patch_embed.", model.patch_embed), ("blocks.", model.blocks),
+                           ("norm.", model.norm)):
+        for key, value in module.state_dict().items():
+            state[prefix + key] = _plain(value)
+    return state
+
+
+@torch.no_grad()
+def adapter_state_dict(model: NewModel) -> dict[str, torch.Tensor]:
+    """Adapter weights with the ``tec_adapters.`` prefix (the cls token unfolded)."""
+    state = {ADAPTER_PREFIX + "cls_token": _plain(model.cls_token)}
+    for name in ("input_adapter", "encoder_adapter"):
+        module: nn.Module | None = getattr(model, name)
+        if module is not None:
+            for key, value in module.state_dict().items():
+                state[f"{ADAPTER_PREFIX}{name}.{key}"] = _plain(value)
+    return state
+
+
+def adapters_path(path: str | Path) -> Path:
+    """Where export_timm(..., keep_adapters=True) writes the adapters for an export at ``path``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".adapters.safetensors")
+
+
+def export_timm(model: NewModel, path: str | Path, *, keep_adapters: bool = False,
+                arch: str = DEFAULT_EXPORT_ARCH) -> Path:
+    """Write the encoder as a timm-loadable .safetensors file at ``path``; returns ``path``.
+
+    keep_adapters: also write :func:`adapters_path` (``tec_adapters.*`` keys). ``arch`` is only
+    recorded in the metadata (timm_kwargs_for fixes the geometry whatever the name).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path {path} must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": TEC_EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "arch": arch,
+        "timm_kwargs": json.dumps(timm_kwargs_for(model.cfg), sort_keys=True),
+        "new_model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+        "input_adapter_folded": str(model.input_adapter is not None).lower(),
+        "adapters_file": adapters_path(path).name if keep_adapters else "",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(encoder_state_dict(model), str(tmp), metadata=metadata)
+    tmp.replace(path)
+    if keep_adapters:
+        side = adapters_path(path)
+        tmp = side.with_name(side.name + ".tmp")
+        save_file(adapter_state_dict(model), str(tmp),
+                  metadata={"format": "tec-adapters", "format_version": EXPORT_FORMAT_VERSION,
+                            "encoder_file": path.name})
+        tmp.replace(side)
+        logger.info("exported encoder to %s and adapters to %s", path, side)
+    else:
+        logger.info("exported encoder to %s", path)
+    return path
+
+
+def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
+    """Adapter weights of an export (``path`` is the export or its adapters file), prefix removed."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    side = path if path.name.endswith(".adapters.safetensors") else adapters_path(path)
+    if not side.is_file():
+        raise FileNotFoundError(f"{side} does not exist; export with keep_adapters=True to write it")
+    return {k.removeprefix(ADAPTER_PREFIX): v for k, v in load_file(str(side)).items()}
