@@ -1,0 +1,665 @@
+"""The cache API: create_cache / CacheWriter / PartWriter for stage 1, open_cache / CacheReader
+for stage 2. Backend-specific byte layouts live in zarr_backend.py and wds_backend.py.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import layout
+from .codecs import codec_config, decode_view, prepare_views
+from .schema import (CacheError, CacheSpec, build_manifest, check_manifest_readable,
+                     fingerprint_mismatch, identity_mismatch, jsonable)
+from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
+from .wds_backend import WdsPartReader, WdsPartWriter
+from .zarr_backend import ZarrPartReader, ZarrPartWriter
+
+# where each backend keeps a part's sample list (valid slots, keys, labels, source sizes)
+SAMPLES_RELPATH = {"zarr": "zarr.json", "webdataset": WDS_SAMPLES_FILE}
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OPEN_FILES = 128
+DEFAULT_MAX_OPEN_PARTS = 64
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# =============================================================================================
+# writing
+
+def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_policy: dict,
+                 source: dict, parts: list[tuple[str, int]]) -> "CacheWriter":
+    """Create a cache at `path` (manifest.json written atomically), or reopen the same one.
+
+    parts: (part name, number of sample slots) per input shard, in source order.
+    If `path` already holds a cache whose identity (format, schema, spec, base_model,
+    view_policy, source, parts) equals the requested one, it is reopened so committed parts are
+    kept (resume). A different cache there is refused with a CacheError naming the fields.
+    Safe to call from several processes at once with the same arguments.
+    """
+    root = Path(path)
+    if not isinstance(spec, CacheSpec):
+        raise CacheError(f"create_cache: spec must be a CacheSpec, got {type(spec).__name__}")
+    wanted = build_manifest(spec, base_model=base_model, view_policy=view_policy, source=source,
+                            parts=parts, codec_config=codec_config(spec))
+    mpath = layout.manifest_path(root)
+    if mpath.exists():
+        existing = layout.read_json(mpath, "manifest")
+        check_manifest_readable(existing, str(mpath))
+        diffs = identity_mismatch(existing, wanted)
+        if diffs:
+            shown = ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+            raise CacheError(f"{root} already holds a different target cache (differs in: {shown}); "
+                             f"choose another output path or delete it")
+        log.info("resuming cache %s: %d/%d parts committed", root,
+                 len(_committed(root, existing)), len(existing["parts"]))
+        return CacheWriter(root, existing)
+    if root.exists() and (not root.is_dir() or not all(_is_cache_entry(p.name) for p in root.iterdir())):
+        raise CacheError(f"{root} exists and is not a target cache (no {layout.MANIFEST}); "
+                         f"choose an empty or new output path")
+    root.mkdir(parents=True, exist_ok=True)
+    wanted["created"] = _now()
+    layout.write_json_atomic(mpath, wanted)
+    # another process may have created it at the same moment: what is there now must match
+    existing = layout.read_json(mpath, "manifest")
+    diffs = identity_mismatch(existing, wanted)
+    if diffs:
+        raise CacheError(f"{root} was just created by another process with different settings "
+                         f"(differs in: {', '.join(diffs[:8])})")
+    log.info("created cache %s (%s, %s, %d parts)", root, spec.backend, spec.codec, len(parts))
+    return CacheWriter(root, existing)
+
+
+def _is_cache_entry(name: str) -> bool:
+    """Names a cache root may hold before its manifest is in place (a concurrent create)."""
+    return name in (layout.PARTS_DIR, layout.STATUS_DIR, layout.TMP_DIR) or \
+        (name.startswith(f".{layout.MANIFEST}.") and name.endswith(".tmp"))
+
+
+def open_writer(path: str | Path) -> "CacheWriter":
+    """Reopen an existing cache for writing parts (e.g. in a worker process) without its arguments."""
+    root = Path(path)
+    mpath = layout.manifest_path(root)
+    if not mpath.exists():
+        raise CacheError(f"no target cache at {root} ({layout.MANIFEST} missing); create it first")
+    manifest = layout.read_json(mpath, "manifest")
+    check_manifest_readable(manifest, str(mpath))
+    return CacheWriter(root, manifest)
+
+
+def _read_marker(root: Path, part: str) -> dict | None:
+    path = layout.marker_path(root, part)
+    try:
+        marker = layout.read_json(path, "commit marker")
+    except FileNotFoundError:
+        return None
+    if not isinstance(marker, dict) or marker.get("status") != "committed" or marker.get("part") != part:
+        raise CacheError(f"commit marker {path} is not a valid marker for part {part}; "
+                         f"delete it and rewrite the part")
+    return marker
+
+
+def _committed(root: Path, manifest: dict) -> dict[str, dict]:
+    """part -> marker, for the manifest's parts that are committed.
+
+    The marker files are the commit points and the truth; the manifest's part_status (written by
+    finalize) is a summary that verify_cache checks against them.
+    """
+    out = {}
+    for p in manifest["parts"]:
+        marker = _read_marker(root, p["name"])
+        if marker is not None:
+            out[p["name"]] = marker
+    return out
+
+
+def part_checksum(files: dict) -> str:
+    """One sha256 for a whole part: over the sorted 'path bytes sha256' lines of its files."""
+    lines = "".join(f"{rel} {info.get('bytes')} {info.get('sha256')}\n"
+                    for rel, info in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def part_summary(marker: dict) -> dict:
+    """What the manifest keeps of a part's commit marker (per-file checksums stay in the marker)."""
+    out = {k: marker[k] for k in ("status", "slots", "samples", "bad_samples", "bytes", "committed_at")
+           if k in marker}
+    out["files"] = len(marker.get("files", {}))
+    out["checksum"] = part_checksum(marker.get("files", {}))
+    return out
+
+
+class CacheWriter:
+    """Handle on a cache being written. Picklable (it holds only the path and the manifest)."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.spec = CacheSpec.from_dict(manifest["spec"])
+        self._slots = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
+
+    @property
+    def parts(self) -> list[str]:
+        return [p["name"] for p in self.manifest["parts"]]
+
+    def slots_of(self, part: str) -> int:
+        self._check_part(part)
+        return self._slots[part]
+
+    def _check_part(self, part: str) -> None:
+        if part not in self._slots:
+            raise CacheError(f"part {part!r} is not one of the {len(self._slots)} parts in "
+                             f"{layout.manifest_path(self.root)}")
+
+    def is_committed(self, part: str) -> bool:
+        self._check_part(part)
+        return _read_marker(self.root, part) is not None
+
+    def committed_parts(self) -> set[str]:
+        return {p for p in self._slots if _read_marker(self.root, p) is not None}
+
+    def part_marker(self, part: str) -> dict | None:
+        """A committed part's marker (samples, bad_samples, 'report', files with sha256), else None."""
+        self._check_part(part)
+        return _read_marker(self.root, part)
+
+    def open_part(self, part: str, *, overwrite: bool = False) -> "PartWriter":
+        """Start writing a part; leftovers of an earlier unfinished attempt are discarded.
+
+        A committed part is refused unless overwrite=True (then it stops being visible now and
+        becomes visible again at commit).
+        """
+        self._check_part(part)
+        if _read_marker(self.root, part) is not None:
+            if not overwrite:
+                raise CacheError(f"part {part} of {self.root} is already committed; skip it or "
+                                 f"pass overwrite=True")
+            layout.marker_path(self.root, part).unlink()
+            layout.fsync_dir(layout.marker_path(self.root, part).parent)
+        layout.remove_tree(layout.part_tmp_root(self.root, part))
+        return PartWriter(self, part)
+
+    def finalize(self) -> dict:
+        """Record committed parts' status and checksums in the manifest; returns the manifest.
+
+        manifest['complete'] is true when every part is committed. Per part the manifest keeps
+        counts, bytes and one checksum over the part's file checksums (`part_checksum`); the
+        per-file checksums and the bad-sample report stay in status/<part>.json.
+        """
+        manifest = layout.read_json(layout.manifest_path(self.root), "manifest")
+        check_manifest_readable(manifest, str(layout.manifest_path(self.root)))
+        status = {}
+        for p in manifest["parts"]:
+            marker = _read_marker(self.root, p["name"])
+            if marker is None:
+                continue
+            status[p["name"]] = part_summary(marker)
+        manifest["part_status"] = status
+        manifest["complete"] = len(status) == len(manifest["parts"])
+        manifest["finalized"] = _now()
+        layout.write_json_atomic(layout.manifest_path(self.root), manifest)
+        self.manifest = manifest
+        log.info("finalized cache %s: %d/%d parts committed", self.root, len(status),
+                 len(manifest["parts"]))
+        return manifest
+
+
+class PartWriter:
+    """Writes one part (one input shard) into a temp directory; visible only after commit().
+
+    Records may be written in any slot order; slots never written stay invalid (bad samples).
+    Memory is O(slots) (shard indexes), not O(part bytes): records go to disk as they come.
+    Use as a context manager to abort on an exception.
+    """
+
+    def __init__(self, cache: CacheWriter, part: str):
+        self.cache, self.part, self.spec = cache, part, cache.spec
+        self.slots = cache.slots_of(part)
+        self._tmp = layout.new_part_tmp(cache.root, part)
+        backend = ZarrPartWriter if self.spec.backend == "zarr" else WdsPartWriter
+        self._backend = backend(self._tmp, self.spec, part, self.slots)
+        self._written = np.zeros(self.slots, dtype=bool)
+        self._keys: dict[int, str] = {}
+        self._meta: dict[int, dict] = {}
+        self._seen_keys: set[str] = set()
+        self._state = "open"
+
+    @property
+    def num_written(self) -> int:
+        return int(self._written.sum())
+
+    def write(self, slot: int, key: str, view_records: dict) -> None:
+        """Write sample `key` into `slot` with all K views.
+
+        view_records: features [K,L,C] (float), feature_mean [K,C], feature_std [K,C],
+        attn_logits [K,H,k_max+1,L], attn_index [K,k_max] (int), crop [K,4] int (top, left,
+        height, width in source pixels), flip [K] bool, source_size (h, w), label int (-1 none).
+        """
+        if self._state != "open":
+            raise CacheError(f"part {self.part}: write after {self._state}")
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.slots:
+            raise CacheError(f"part {self.part}: slot {slot!r} is outside [0, {self.slots})")
+        slot = int(slot)
+        if self._written[slot]:
+            raise CacheError(f"part {self.part}: slot {slot} is written twice (key {key!r})")
+        if not isinstance(key, str) or not key:
+            raise CacheError(f"part {self.part}: slot {slot} has no usable key ({key!r})")
+        if key in self._seen_keys:
+            raise CacheError(f"part {self.part}: key {key!r} is written twice")
+        stored, sample = prepare_views(self.spec, key, view_records)
+        try:
+            if self.spec.backend == "zarr":
+                self._backend.write(slot, stored)
+            else:
+                self._backend.write(slot, key, stored, sample)
+        except BaseException:
+            self.abort()
+            raise
+        self._written[slot] = True
+        self._keys[slot] = key
+        self._meta[slot] = sample
+        self._seen_keys.add(key)
+
+    def commit(self, report: list[dict] | None = None) -> None:
+        """Finish the part and make it visible atomically (marker written last).
+
+        report: bad samples of this part, e.g. [{'key': ..., 'reason': ...}], kept in the marker.
+        """
+        if self._state != "open":
+            raise CacheError(f"part {self.part}: commit after {self._state}")
+        try:
+            slots = np.flatnonzero(self._written)
+            labels = np.array([self._meta[int(s)]["label"] for s in slots], dtype=np.int64)
+            sizes = np.array([self._meta[int(s)]["source_size"] for s in slots],
+                             dtype=np.int64).reshape(-1, 2)
+            samples = {"part": self.part, "slots": slots.tolist(),
+                       "keys": [self._keys[int(s)] for s in slots], "labels": labels.tolist(),
+                       "source_sizes": sizes.tolist()}
+            hashed = self._backend.finish(slots, labels, sizes, samples)
+            files = {}
+            for rel in layout.list_files(self._tmp):
+                if rel in hashed:
+                    files[rel] = hashed[rel]
+                else:
+                    p = self._tmp / rel
+                    files[rel] = {"bytes": p.stat().st_size, "sha256": layout.file_sha256(p)}
+            report = jsonable(list(report or []))
+            marker = {
+                "marker_version": layout.MARKER_VERSION, "part": self.part, "status": "committed",
+                "backend": self.spec.backend, "slots": self.slots, "samples": int(len(slots)),
+                "views": self.spec.views, "bad_samples": len(report),
+                "bytes": int(sum(f["bytes"] for f in files.values())),
+                "committed_at": _now(), "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+                "files": files, "report": report,
+            }
+            if _read_marker(self.cache.root, self.part) is not None:
+                raise CacheError(f"part {self.part} of {self.cache.root} was committed by another "
+                                 f"writer while this one was writing it; this copy is dropped")
+            layout.commit_part_dir(self.cache.root, self.part, self._tmp, marker)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        log.debug("committed part %s: %d samples, %d bad", self.part, len(slots), len(report))
+
+    def abort(self) -> None:
+        """Drop everything written to this part (it stays absent)."""
+        if self._state == "open":
+            self._state = "aborted"
+            self._backend.abort()
+            layout.remove_tree(self._tmp)
+            try:
+                self._tmp.parent.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+# =============================================================================================
+# reading
+
+class _FdCache:
+    """Open read-only descriptors by path (LRU); size checked against the commit marker once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._fds: OrderedDict[Path, tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, expected: int | None, fail, rel: str) -> tuple[int, int]:
+        with self._lock:
+            hit = self._fds.get(path)
+            if hit is not None:
+                self._fds.move_to_end(path)
+                return hit
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise fail(f"{rel} cannot be opened ({e.strerror})") from None
+        size = os.fstat(fd).st_size
+        if expected is None:
+            os.close(fd)
+            raise fail(f"{rel} is not listed in the part's commit marker")
+        if size != expected:
+            os.close(fd)
+            raise fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
+        with self._lock:
+            self._fds[path] = (fd, size)
+            while len(self._fds) > self.limit:
+                _, (old, _) = self._fds.popitem(last=False)
+                os.close(old)
+        return fd, size
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+
+def open_cache(path: str | Path, *, require_complete: bool = True) -> "CacheReader":
+    """Open a cache for reading.
+
+    Refuses (CacheError, one line) a path without a cache, another format, an unknown schema
+    version, and - unless require_complete=False - a cache with parts not yet committed (the
+    message lists them). With require_complete=False only committed parts are visible.
+    """
+    root = Path(path)
+    mpath = layout.manifest_path(root)
+    if not mpath.exists():
+        raise CacheError(f"no target cache at {root} ({layout.MANIFEST} missing); run stage 1 "
+                         f"(precompute) first or check the path")
+    manifest = layout.read_json(mpath, "manifest")
+    check_manifest_readable(manifest, str(mpath))
+    return CacheReader(root, manifest, require_complete=require_complete)
+
+
+class CacheReader:
+    """Read access to the committed parts of a cache, same interface for both backends.
+
+    Samples are numbered 0..num_samples-1 over the valid samples of the committed parts, in part
+    order then slot order. Picklable: open files are per process and reopened lazily.
+    """
+
+    def __init__(self, root: Path, manifest: dict, *, require_complete: bool = True,
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+                 max_open_parts: int = DEFAULT_MAX_OPEN_PARTS):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.spec = CacheSpec.from_dict(manifest["spec"])
+        self._limits = (max_open_files, max_open_parts)
+        markers = _committed(self.root, manifest)
+        all_parts = [p["name"] for p in manifest["parts"]]
+        self.missing_parts = [p for p in all_parts if p not in markers]
+        if self.missing_parts and require_complete:
+            shown = ", ".join(self.missing_parts[:10]) + (" ..." if len(self.missing_parts) > 10 else "")
+            raise CacheError(
+                f"cache {self.root} is incomplete: {len(self.missing_parts)} of {len(all_parts)} parts "
+                f"not committed ({shown}); rerun stage 1 to finish it, or open with "
+                f"require_complete=False")
+        self.parts = [p for p in all_parts if p in markers]
+        self._markers = {p: markers[p] for p in self.parts}
+        slots_of = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
+        self._slots_total = {p: slots_of[p] for p in self.parts}
+        keys: list[str] = []
+        labels, sizes, slots, starts = [], [], [], [0]
+        for part in self.parts:
+            s = self._load_samples(part)
+            keys.extend(s["keys"])
+            labels.append(np.asarray(s["labels"], dtype=np.int64))
+            sizes.append(np.asarray(s["source_sizes"], dtype=np.int64).reshape(-1, 2))
+            slots.append(np.asarray(s["slots"], dtype=np.int64))
+            starts.append(starts[-1] + len(s["keys"]))
+        self.keys = keys
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self._sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64)
+        self._part_slots = slots
+        self._starts = starts
+        self._key_index: dict[str, int] | None = None
+        self._reset_handles()
+
+    def __repr__(self) -> str:
+        return (f"CacheReader({str(self.root)!r}, backend={self.spec.backend}, codec={self.spec.codec}, "
+                f"samples={self.num_samples}, views={self.spec.views}, parts={len(self.parts)})")
+
+    # -- state that is per process ------------------------------------------------------------
+    def _reset_handles(self) -> None:
+        self._pid = os.getpid()
+        self._fds = _FdCache(self._limits[0])
+        self._readers: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for k in ("_fds", "_readers", "_lock", "_pid"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    def close(self) -> None:
+        self._fds.close()
+        self._readers.clear()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- index --------------------------------------------------------------------------------
+    def _load_samples(self, part: str) -> dict:
+        marker = self._markers[part]
+        rel = SAMPLES_RELPATH[self.spec.backend]
+        path = layout.part_dir(self.root, part) / rel
+        expected = marker.get("files", {}).get(rel, {}).get("bytes")
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise CacheError(f"part {part} of cache {self.root}: {rel} is missing; "
+                             f"run `tec cache verify` and rewrite the part") from None
+        if expected is not None and size != expected:
+            raise CacheError(f"part {part} of cache {self.root}: {rel} is {size} bytes, "
+                             f"expected {expected}; run `tec cache verify` and rewrite the part")
+        s = layout.read_json(path, f"part {part} sample list")
+        if self.spec.backend == "zarr":
+            s = s.get("attributes", {}).get("samples", {}) if isinstance(s, dict) else {}
+        n = len(s.get("keys", []))
+        if not all(len(s.get(k, [])) == n for k in ("slots", "labels", "source_sizes")) \
+                or n != marker.get("samples", n):
+            raise CacheError(f"part {part} of cache {self.root}: the sample list in {rel} is "
+                             f"inconsistent with its commit marker; run `tec cache verify` and "
+                             f"rewrite the part")
+        return s
+
+    @property
+    def num_samples(self) -> int:
+        return self._starts[-1]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def views_per_sample(self) -> int:
+        return self.spec.views
+
+    @property
+    def base_model(self) -> dict:
+        return self.manifest.get("base_model", {})
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_parts
+
+    def index_of(self, key: str) -> int:
+        """Sample index of `key` (KeyError if the cache has no such valid sample)."""
+        if self._key_index is None:
+            self._key_index = {}
+            for i, k in enumerate(self.keys):
+                self._key_index.setdefault(k, i)
+        try:
+            return self._key_index[key]
+        except KeyError:
+            raise KeyError(f"key {key!r} is not in cache {self.root}") from None
+
+    def _locate(self, sample_index: int) -> tuple[int, int]:
+        i = int(sample_index)
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample index {sample_index} out of range [0, {self.num_samples})")
+        p = bisect.bisect_right(self._starts, i) - 1
+        return p, i - self._starts[p]
+
+    def part_of(self, sample_index: int) -> str:
+        return self.parts[self._locate(sample_index)[0]]
+
+    def part_range(self, part: str) -> tuple[int, int]:
+        """Sample indices [start, stop) of a committed part."""
+        p = self.parts.index(part)
+        return self._starts[p], self._starts[p + 1]
+
+    def slot_of(self, sample_index: int) -> int:
+        p, local = self._locate(sample_index)
+        return int(self._part_slots[p][local])
+
+    def source_size(self, sample_index: int) -> tuple[int, int]:
+        self._locate(sample_index)
+        h, w = self._sizes[int(sample_index)]
+        return int(h), int(w)
+
+    def check_base_model(self, expected: dict) -> None:
+        """Raise CacheError if the cache was built by another base model than `expected`."""
+        diffs = fingerprint_mismatch(self.base_model, expected)
+        if diffs:
+            raise CacheError(f"cache {self.root} was built with a different base model "
+                             f"({'; '.join(diffs)}); rebuild the cache for this base model or "
+                             f"configure the one it was built with")
+
+    # -- records ------------------------------------------------------------------------------
+    def _part_reader(self, p: int):
+        if os.getpid() != self._pid:
+            self._reset_handles()
+        part = self.parts[p]
+        with self._lock:
+            r = self._readers.get(part)
+            if r is not None:
+                self._readers.move_to_end(part)
+                return r
+        marker = self._markers[part]
+        directory = layout.part_dir(self.root, part)
+        files = marker.get("files", {})
+        if self.spec.backend == "zarr":
+            r = ZarrPartReader(directory, self.spec, part, self._slots_total[part], files, self._fds,
+                               str(self.root))
+        else:
+            r = WdsPartReader(directory, self.spec, part, len(self._part_slots[p]), files, self._fds,
+                              str(self.root))
+        with self._lock:
+            self._readers[part] = r
+            while len(self._readers) > self._limits[1]:
+                self._readers.popitem(last=False)
+        return r
+
+    def _check_view(self, view: int) -> int:
+        if not isinstance(view, (int, np.integer)) or not 0 <= view < self.spec.views:
+            raise IndexError(f"view {view!r} out of range [0, {self.spec.views})")
+        return int(view)
+
+    def _record(self, p: int, local: int, view: int, decode: bool, streaming: bool = False) -> dict:
+        reader = self._part_reader(p)
+        try:
+            if self.spec.backend == "zarr":
+                stored = reader.read_view(int(self._part_slots[p][local]), view,
+                                          use_index_cache=streaming)
+            else:
+                stored = reader.read_view(local, view)
+        except CacheError:
+            raise
+        except Exception as e:  # I/O errors and the like: name the part, not a traceback
+            raise CacheError(f"part {self.parts[p]} of cache {self.root}: reading record {local} "
+                             f"view {view} failed ({type(e).__name__}: {e})") from None
+        rec = decode_view(stored, decode)
+        i = self._starts[p] + local
+        rec["key"] = self.keys[i]
+        rec["view"] = view
+        rec["label"] = np.asarray(self.labels[i], dtype=np.int64)
+        rec["source_size"] = self._sizes[i].copy()
+        return rec
+
+    def read(self, sample_index: int, view: int, *, decode: bool = True) -> dict:
+        """One (sample, view) record.
+
+        Returns features [L,C], feature_mean [C], feature_std [C], attn_logits [H,k_max+1,L]
+        (float32 when decode; stored float16/int8 plus 'features_scale' [L] and
+        'attn_logits_scale' [H,k_max+1] for int8 when decode=False), attn_index [k_max] (int64
+        when decode), crop [4] (top, left, height, width), flip (0-d bool), label (0-d int64),
+        source_size [2] (h, w), key (str), view (int).
+        """
+        p, local = self._locate(sample_index)
+        return self._record(p, local, self._check_view(view), decode)
+
+    def iter_records(self, views: int | Iterable[int] | None = None, *,
+                     per_sample: np.ndarray | Iterable[int] | None = None,
+                     parts: Iterable[str] | None = None, decode: bool = True) -> Iterator[dict]:
+        """Stream records in storage order (part, slot, view), each as `read` plus 'sample'.
+
+        views: None -> all K views of every sample; an int or a list of ints -> those views.
+        per_sample: instead of views, an int array [num_samples] giving the one view to read for
+        each sample (-1 skips it): an epoch that uses one view per sample.
+        parts: only these committed parts (e.g. a worker's share), in the order given.
+        """
+        if per_sample is not None:
+            if views is not None:
+                raise ValueError("iter_records: pass views or per_sample, not both")
+            per_sample = np.asarray(per_sample if isinstance(per_sample, np.ndarray) else list(per_sample))
+            if per_sample.shape != (self.num_samples,):
+                raise ValueError(f"per_sample has shape {list(per_sample.shape)}, expected "
+                                 f"[{self.num_samples}] (one view per sample, -1 to skip)")
+            if per_sample.size and (per_sample.min() < -1 or per_sample.max() >= self.spec.views):
+                raise ValueError(f"per_sample views must lie in [-1, {self.spec.views})")
+        if views is None:
+            fixed = list(range(self.spec.views))
+        elif isinstance(views, (int, np.integer)):
+            fixed = [self._check_view(views)]
+        else:
+            fixed = [self._check_view(v) for v in views]
+        wanted = self.parts if parts is None else list(parts)
+        for part in wanted:
+            if part not in self._markers:
+                raise CacheError(f"part {part!r} is not committed in cache {self.root}")
+            p = self.parts.index(part)
+            for local in range(self._starts[p + 1] - self._starts[p]):
+                i = self._starts[p] + local
+                if per_sample is not None:
+                    if per_sample[i] < 0:
+                        continue
+                    vs = [int(per_sample[i])]
+                else:
+                    vs = fixed
+                for v in vs:
+                    rec = self._record(p, local, v, decode, streaming=True)
+                    rec["sample"] = i
+                    yield rec

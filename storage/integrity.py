@@ -1,0 +1,196 @@
+"""`tec cache inspect` and `tec cache verify`: a summary of a cache and a full integrity check."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import layout
+from .cache import _committed, _read_marker, open_cache, part_checksum
+from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
+
+
+def _load_manifest(root: Path) -> dict:
+    mpath = layout.manifest_path(root)
+    if not mpath.exists():
+        raise CacheError(f"no target cache at {root} ({layout.MANIFEST} missing)")
+    manifest = layout.read_json(mpath, "manifest")
+    check_manifest_readable(manifest, str(mpath))
+    return manifest
+
+
+def inspect_cache(path: str | Path) -> dict:
+    """Summary of a cache: manifest sections, completeness, counts and sizes.
+
+    Keys: path, format, schema_version, created, finalized, spec, codec, base_model, view_policy,
+    source, parts_total, parts_committed, missing_parts, complete, slots_total, samples,
+    bad_samples, views_per_sample, records, bytes_data (committed part files), bytes_total
+    (data + markers + manifest), bytes_per_view, raw_bytes_per_view (stored tensors before
+    compression and framing), float32_bytes_per_view, compression_ratio (raw / on disk),
+    unfinished_writes (parts with temp data of an unfinished attempt).
+    """
+    root = Path(path)
+    manifest = _load_manifest(root)
+    spec = CacheSpec.from_dict(manifest["spec"])
+    committed = _committed(root, manifest)
+    parts = [p["name"] for p in manifest["parts"]]
+    missing = [p for p in parts if p not in committed]
+    samples = sum(int(m.get("samples", 0)) for m in committed.values())
+    bytes_data = sum(int(m.get("bytes", 0)) for m in committed.values())
+    bytes_meta = layout.manifest_path(root).stat().st_size
+    for p in committed:
+        mp = layout.marker_path(root, p)
+        if mp.exists():
+            bytes_meta += mp.stat().st_size
+    records = samples * spec.views
+    tmp = root / layout.TMP_DIR
+    unfinished = sorted(d.name for d in tmp.iterdir() if d.is_dir() and any(d.iterdir())) \
+        if tmp.is_dir() else []
+    raw = record_nbytes(spec)
+    per_view = bytes_data / records if records else 0.0
+    return {
+        "path": str(root),
+        "format": manifest.get("format"),
+        "schema_version": manifest.get("schema_version"),
+        "created": manifest.get("created"),
+        "finalized": manifest.get("finalized"),
+        "spec": manifest["spec"],
+        "codec": manifest.get("codec", {}),
+        "base_model": manifest.get("base_model", {}),
+        "view_policy": manifest.get("view_policy", {}),
+        "source": manifest.get("source", {}),
+        "parts_total": len(parts),
+        "parts_committed": len(committed),
+        "missing_parts": missing,
+        "complete": not missing,
+        "slots_total": sum(int(p["slots"]) for p in manifest["parts"]),
+        "samples": samples,
+        "bad_samples": sum(int(m.get("bad_samples", 0)) for m in committed.values()),
+        "views_per_sample": spec.views,
+        "records": records,
+        "bytes_data": bytes_data,
+        "bytes_total": bytes_data + bytes_meta,
+        "bytes_per_view": per_view,
+        "raw_bytes_per_view": raw,
+        "float32_bytes_per_view": decoded_nbytes(spec),
+        "compression_ratio": (raw / per_view) if per_view else None,
+        "unfinished_writes": unfinished,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in d.items())
+
+
+def format_inspect(summary: dict) -> str:
+    """Human-readable multi-line text of an `inspect_cache` summary."""
+    s = summary
+    spec = s["spec"]
+    comp = s.get("codec", {}).get("compression", {})
+    comp_txt = comp.get("id", "?") if comp.get("id") != "blosc" else \
+        f"blosc {comp.get('cname')} level {comp.get('clevel')}, byte shuffle"
+    status = "complete" if s["complete"] else f"INCOMPLETE ({len(s['missing_parts'])} parts missing)"
+    source = {k: (v if k != "shards" else f"{len(v)} shards") for k, v in s["source"].items()}
+    lines = [
+        f"target cache  {s['path']}",
+        f"format        {s['format']} schema v{s['schema_version']}  created {s.get('created') or '?'}"
+        f"  finalized {s.get('finalized') or 'no'}",
+        f"backend       {spec['backend']}   values {spec['codec']}   compression {comp_txt}",
+        f"record        L={spec['num_patches']} C={spec['channels']} H={spec['heads']} "
+        f"k_max={spec['k_max']}  views per sample K={spec['views']}",
+        f"base model    {_kv(s['base_model'])}",
+        f"view policy   {_kv(s['view_policy'])}",
+        f"source        {_kv(source)}",
+        f"parts         {s['parts_committed']}/{s['parts_total']} committed - {status}",
+        f"samples       {s['samples']} valid of {s['slots_total']} slots, {s['bad_samples']} bad "
+        f"samples reported; {s['records']} records",
+        f"size          {_human(s['bytes_total'])} total, {_human(s['bytes_data'])} part data",
+    ]
+    if s["records"]:
+        lines.append(f"per view      {_human(s['bytes_per_view'])} on disk = "
+                     f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored tensors "
+                     f"({_human(s['raw_bytes_per_view'])}); {_human(s['float32_bytes_per_view'])} "
+                     f"decoded to float32")
+    if s["missing_parts"]:
+        shown = ", ".join(s["missing_parts"][:10]) + (" ..." if len(s["missing_parts"]) > 10 else "")
+        lines.append(f"missing       {shown}")
+    if s["unfinished_writes"]:
+        lines.append(f"unfinished    temp data of {len(s['unfinished_writes'])} part(s) being written "
+                     f"or left by a crash: {', '.join(s['unfinished_writes'][:10])}")
+    return "\n".join(lines)
+
+
+def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
+    """Re-read every committed part and recompute its checksums; one problem line per fault.
+
+    Each line names the part (or the manifest) and the file. Checks: manifest readable and of a
+    known schema; every part committed; every file listed in the part's marker present with its
+    size and sha256; no unlisted files; manifest part status (after finalize) agreeing with the
+    marker. deep=True also decodes every record. [] means the cache is intact.
+    """
+    root = Path(path)
+    try:
+        manifest = _load_manifest(root)
+    except CacheError as e:
+        return [f"manifest: {e}"]
+    problems: list[str] = []
+    status = manifest.get("part_status") or {}
+    for entry in manifest["parts"]:
+        part = entry["name"]
+        try:
+            marker = _read_marker(root, part)
+        except CacheError as e:
+            problems.append(f"part {part}: {e}")
+            continue
+        if marker is None:
+            problems.append(f"part {part}: not committed" + (
+                f" (the manifest lists it as committed but status/{part}.json is missing)"
+                if status.get(part, {}).get("status") == "committed" else ""))
+            continue
+        directory = layout.part_dir(root, part)
+        files = marker.get("files", {})
+        if not directory.is_dir():
+            problems.append(f"part {part}: data directory {directory} is missing")
+            continue
+        for rel in layout.list_files(directory):
+            if rel not in files:
+                problems.append(f"part {part}: unexpected file {rel}")
+        for rel, info in sorted(files.items()):
+            fp = directory / rel
+            if not fp.is_file():
+                problems.append(f"part {part}: file {rel} is missing")
+                continue
+            size = fp.stat().st_size
+            if size != info.get("bytes"):
+                problems.append(f"part {part}: file {rel} is {size} bytes, expected {info.get('bytes')} "
+                                f"(truncated or replaced)")
+                continue
+            if layout.file_sha256(fp) != info.get("sha256"):
+                problems.append(f"part {part}: file {rel} fails its sha256 checksum (corrupted)")
+        recorded = status.get(part)
+        if recorded is not None and recorded.get("checksum") != part_checksum(files):
+            problems.append(f"part {part}: manifest part status differs from status/{part}.json "
+                            f"(rewritten after finalize?); run finalize again")
+    if deep and not problems:
+        problems.extend(_decode_all(root))
+    return problems
+
+
+def _decode_all(root: Path) -> list[str]:
+    problems = []
+    reader = open_cache(root, require_complete=False)
+    for part in reader.parts:
+        try:
+            for _ in reader.iter_records(parts=[part], decode=False):
+                pass
+        except CacheError as e:
+            problems.append(f"part {part}: {e}")
+    reader.close()
+    return problems

@@ -1,0 +1,206 @@
+"""On-disk layout of a cache and the file operations that make commits atomic.
+
+    <root>/manifest.json            written atomically at create, rewritten by finalize()
+    <root>/parts/<part>/...         a part's data (moved here by rename when complete)
+    <root>/status/<part>.json       the part's commit marker: files, sizes, sha256, counts, report
+    <root>/tmp/<part>/<uuid>/       a part being written (discarded when the part is reopened)
+
+A part is visible to readers iff its marker exists. The marker is written last (tmp file, fsync,
+os.replace), after the data directory has been renamed into place, so a crash at any point
+leaves either no marker (part absent; rewriting it discards the leftovers) or a complete part.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .schema import CacheError, check_part_name
+
+MANIFEST = "manifest.json"
+PARTS_DIR = "parts"
+STATUS_DIR = "status"
+TMP_DIR = "tmp"
+MARKER_VERSION = 1
+
+
+def fsync_enabled() -> bool:
+    """fsync makes a commit survive power loss, not just a crash; TEC_CACHE_FSYNC=0 skips it
+    (scratch file systems, tests). Atomicity against killed writers does not depend on it."""
+    return os.environ.get("TEC_CACHE_FSYNC", "1") != "0"
+
+
+def manifest_path(root: Path) -> Path:
+    return root / MANIFEST
+
+
+def part_dir(root: Path, part: str) -> Path:
+    return root / PARTS_DIR / check_part_name(part)
+
+
+def marker_path(root: Path, part: str) -> Path:
+    return root / STATUS_DIR / (check_part_name(part) + ".json")
+
+
+def part_tmp_root(root: Path, part: str) -> Path:
+    return root / TMP_DIR / check_part_name(part)
+
+
+def new_part_tmp(root: Path, part: str) -> Path:
+    d = part_tmp_root(root, part) / uuid.uuid4().hex
+    d.mkdir(parents=True)
+    return d
+
+
+def fsync_dir(path: Path) -> None:
+    if not fsync_enabled():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def dumps_readable(obj, width: int = 100, _level: int = 0) -> str:
+    """JSON with one line per entry where the whole entry does not fit in `width` columns."""
+    flat = json.dumps(obj)
+    if not isinstance(obj, (dict, list)) or not obj or len(flat) + _level <= width:
+        return flat
+    pad, inner = " " * _level, " " * (_level + 1)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {dumps_readable(v, width, _level + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    items = [inner + dumps_readable(v, width, _level + 1) for v in obj]
+    return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+
+
+def write_json_atomic(path: Path, obj, *, readable: bool = True) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(dumps_readable(obj) if readable else json.dumps(obj, separators=(",", ":")))
+            f.write("\n")
+            f.flush()
+            if fsync_enabled():
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{what} {path} is unreadable ({type(e).__name__}: {e}); "
+                         f"run `tec cache verify`") from None
+
+
+def file_sha256(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def list_files(directory: Path) -> list[str]:
+    """Relative paths (posix) of all regular files under directory, sorted."""
+    out = []
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            out.append(Path(dirpath, name).relative_to(directory).as_posix())
+    return sorted(out)
+
+
+def fsync_tree(directory: Path) -> None:
+    if not fsync_enabled():
+        return
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class HashingWriter:
+    """A binary file being appended to, with its sha256 and size kept as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb", buffering=1 << 20)
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self._h.update(data)
+        n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            if fsync_enabled():
+                os.fsync(self._f.fileno())
+            self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    @property
+    def sha256(self) -> str:
+        return self._h.hexdigest()
+
+
+def commit_part_dir(root: Path, part: str, tmp: Path, marker: dict) -> None:
+    """Move a finished part into place, then write its marker (the commit point)."""
+    final = part_dir(root, part)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fsync_tree(tmp)
+    if final.exists():
+        # leftover of an earlier attempt that died between rename and marker (never visible)
+        remove_tree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    write_json_atomic(marker_path(root, part), marker)
+    # the per-part tmp root is empty now
+    try:
+        part_tmp_root(root, part).rmdir()
+    except OSError:
+        pass

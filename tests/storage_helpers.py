@@ -1,0 +1,154 @@
+"""Builders for the storage tests: small specs, realistic synthetic targets, whole caches."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from storage import CacheSpec, create_cache
+
+SMALL = dict(num_patches=16, channels=24, heads=3, k_max=4, views=3)
+VIT_B = dict(num_patches=196, channels=768, heads=12, k_max=16)
+
+BASE_MODEL = {"arch": "vit_tiny_test", "checkpoint_sha256": "ab" * 32, "img_size": 32,
+              "patch_size": 8, "embed_dim": 24, "num_heads": 3, "depth": 3, "last_n": 2, "k_max": 4}
+VIEW_POLICY = {"seed": 0, "views": 3, "scale": (0.2, 1.0), "ratio": (0.75, 4 / 3), "flip_p": 0.5,
+               "interpolation": "bicubic", "output_size": 32}
+
+
+def spec(**overrides) -> CacheSpec:
+    return CacheSpec(**{**SMALL, **overrides})
+
+
+def _smooth(rng: np.random.Generator, grid: int, n: int, sigma: float = 1.0) -> np.ndarray:
+    """n spatially correlated fields on a grid x grid patch grid -> [grid*grid, n]."""
+    x = rng.standard_normal((n, grid, grid))
+    offsets = (np.arange(grid)[:, None] - np.arange(grid)[None, :]) % grid
+    dist = np.minimum(offsets, grid - offsets)
+    blur = np.exp(-0.5 * (dist / sigma) ** 2)
+    blur /= blur.sum(1, keepdims=True)  # circular Gaussian blur, applied along both grid axes
+    return np.einsum("ij,njk,lk->nil", blur, x, blur).reshape(n, grid * grid).T
+
+
+def realistic_targets(rng: np.random.Generator, L: int, C: int, H: int, k_max: int) -> dict:
+    """One view's targets shaped like a ViT's: patch-normalised, spatially correlated features
+    (with a couple of outlier patches), their per-channel mean/std, and attention logits
+    q.k^T/sqrt(d) of correlated tokens for the cls row plus the top-k_max patches."""
+    grid = int(round(math.sqrt(L)))
+    assert grid * grid == L
+    r = min(16, C)
+    y = _smooth(rng, grid, r) @ (rng.standard_normal((r, C)) / np.sqrt(r))
+    y = y + 0.5 * rng.standard_normal((L, C)) + 2 * rng.standard_normal(C)
+    y = y * np.exp(0.5 * rng.standard_normal(C))
+    y[np.ix_(rng.choice(L, 1), rng.choice(C, 2, replace=False))] += 10.0
+    mean, var = y.mean(0), y.var(0, ddof=1)
+    feats = (y - mean) / np.sqrt(var + 1e-6)
+    d = max(C // H, 1)
+    tokens = np.concatenate([y.mean(0, keepdims=True), y], 0).astype(np.float32)
+    tokens = (tokens - tokens.mean(1, keepdims=True)) / tokens.std(1, keepdims=True)  # layer norm
+    # low-rank query/key projections keep this cheap at ViT-B sizes; logits come out ~N(0, 5^2)
+    low = tokens @ (rng.standard_normal((C, 32)).astype(np.float32) / np.sqrt(C))
+    proj = [rng.standard_normal((32, H * d)).astype(np.float32) * (2.2 / np.sqrt(32)) for _ in range(2)]
+    q = (low @ proj[0]).reshape(L + 1, H, d).transpose(1, 0, 2)
+    k = (low @ proj[1]).reshape(L + 1, H, d).transpose(1, 0, 2)
+    logits = q @ k.transpose(0, 2, 1) * d ** -0.5
+    index = np.argsort(-logits[:, 0, 1:].mean(0))[:k_max]
+    rows = np.concatenate([[0], index + 1])
+    return {"features": feats.astype(np.float32), "feature_mean": mean.astype(np.float32),
+            "feature_std": np.sqrt(var).astype(np.float32),
+            "attn_logits": logits[:, rows, 1:].astype(np.float32), "attn_index": index.astype(np.int64)}
+
+
+def make_views(rng: np.random.Generator, s: CacheSpec, label: int = -1, realistic: bool = True) -> dict:
+    """view_records for one sample: all K views (PartWriter.write input).
+
+    realistic=False draws i.i.d. Gaussians instead (fast; for tests about sizes and I/O only)."""
+    L, C, H, R = s.num_patches, s.channels, s.heads, s.k_max + 1
+    if realistic:
+        per_view = [realistic_targets(rng, L, C, H, s.k_max) for _ in range(s.views)]
+        out = {k: np.stack([v[k] for v in per_view]) for k in per_view[0]}
+    else:
+        out = {"features": rng.standard_normal((s.views, L, C), dtype=np.float32),
+               "feature_mean": rng.standard_normal((s.views, C), dtype=np.float32),
+               "feature_std": rng.random((s.views, C), dtype=np.float32) + 0.5,
+               "attn_logits": 5 * rng.standard_normal((s.views, H, R, L), dtype=np.float32),
+               "attn_index": np.stack([rng.permutation(L)[: s.k_max] for _ in range(s.views)])}
+    h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+    out["crop"] = np.stack([[int(rng.integers(0, 8)), int(rng.integers(0, 8)), int(rng.integers(8, h - 8)),
+                             int(rng.integers(8, w - 8))] for _ in range(s.views)])
+    out["flip"] = rng.random(s.views) < 0.5
+    out["source_size"] = (h, w)
+    out["label"] = label
+    return out
+
+
+def new_cache(path: Path, s: CacheSpec, parts: list[tuple[str, int]], **overrides):
+    kw = dict(base_model=BASE_MODEL, view_policy={**VIEW_POLICY, "views": s.views},
+              source={"kind": "webdataset", "shards": [p for p, _ in parts],
+                      "num_samples": sum(n for _, n in parts)}, parts=parts)
+    kw.update(overrides)
+    return create_cache(path, s, **kw)
+
+
+def part_records(s: CacheSpec, part: str, slots: int, seed: int, skip: tuple[int, ...] = (),
+                 realistic: bool = True) -> dict:
+    """slot -> (key, view_records) that write_part writes for this part and seed."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for slot in range(slots):
+        if slot not in skip:
+            out[slot] = (f"{part}-{slot:04d}", make_views(rng, s, label=slot % 7, realistic=realistic))
+    return out
+
+
+def write_part(writer, part: str, seed: int, skip: tuple[int, ...] = (),
+               realistic: bool = True) -> dict[str, dict]:
+    """Write every slot of `part` except `skip`, commit; returns key -> view_records written."""
+    records = part_records(writer.spec, part, writer.slots_of(part), seed, skip, realistic)
+    pw = writer.open_part(part)
+    for slot, (key, rec) in records.items():
+        pw.write(slot, key, rec)
+    pw.commit(report=[{"key": f"{part}-{s:04d}", "reason": "corrupt image"} for s in skip])
+    return dict(records.values())
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and subprocess workers (importable by multiprocessing 'spawn' children)
+
+try:
+    import pytest
+
+    @pytest.fixture
+    def no_fsync(monkeypatch):
+        """Skip fsync (slow on this file system); atomicity against crashes does not need it."""
+        monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
+except ImportError:  # pragma: no cover
+    pass
+
+
+def concurrent_writer(jobs: list[tuple[str, dict, list, str, int]]) -> None:
+    """One of several processes: for each (cache path, spec, parts, part, seed) reopen the cache
+    with the same arguments as its creator and write that part."""
+    for path, spec_dict, parts, part, seed in jobs:
+        writer = new_cache(Path(path), CacheSpec(**spec_dict), parts)
+        write_part(writer, part, seed=seed)
+
+
+def killed_writer(path: str, part: str, started, records: int) -> None:
+    """Write `records` samples of `part`, signal `started`, then hang until killed."""
+    import time
+
+    from storage import open_writer
+
+    writer = open_writer(path)
+    rng = np.random.default_rng(0)
+    pw = writer.open_part(part)
+    for slot in range(records):
+        pw.write(slot, f"{part}-{slot:04d}", make_views(rng, writer.spec))
+    started.set()
+    time.sleep(600)
