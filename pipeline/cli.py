@@ -52,11 +52,16 @@ config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=
 set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                        help="Override a config value, e.g. --set targets.views=4 "
                             "--set runs.tec.epochs=2 (repeatable).")
+pickle_opt = click.option("--allow-pickle", is_flag=True,
+                          help="Let base-model checkpoints that hold pickled Python objects load "
+                               "(runs code from the file: only for files you trust).")
 
 
-def _load(config: Path, overrides):
+def _load(config: Path, overrides, allow_pickle: bool = False):
     from pipeline.config import load_config
 
+    if allow_pickle:
+        overrides = (*overrides, "base_model.allow_pickle=true")
     return load_config(config, overrides)
 
 
@@ -81,15 +86,16 @@ def main(verbose: bool) -> None:
               "(default: $RAY_ADDRESS, else a local Ray instance).")
 @click.option("--only", type=click.Choice(["data", "bootstrap", "targets", "train", "eval"]),
               multiple=True, help="Run only these steps (repeatable).")
+@pickle_opt
 @user_errors
-def run(config, overrides, ray_address, only):
+def run(config, overrides, ray_address, only, allow_pickle):
     """Run the whole pipeline: data, base model, stage 1 (resumed), every run, evaluation.
 
     A second `tec run` reuses the cache and finished runs; the summary says what was reused.
     """
     from pipeline.orchestrate import run_pipeline
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, allow_pickle)
     summary = run_pipeline(cfg, ray_address=ray_address, only=set(only) or None)
     click.echo(summary.format())
 
@@ -113,8 +119,9 @@ def plan(config, overrides):
               help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one).")
 @click.option("--strict", is_flag=True, default=None,
               help="Exit non-zero if any sample was skipped as bad (after finishing the cache).")
+@pickle_opt
 @user_errors
-def targets(config, overrides, ray_address, strict):
+def targets(config, overrides, ray_address, strict, allow_pickle):
     """Stage 1: compute base-model targets for K views of every image into the cache.
 
     Resumable: committed parts are skipped on a rerun.
@@ -122,7 +129,7 @@ def targets(config, overrides, ray_address, strict):
     from pipeline.orchestrate import ensure_base_checkpoint
     from stages.stage1 import run_stage1
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, allow_pickle)
     base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
     summary = run_stage1(cfg.targets, base, ray_address=ray_address, strict=strict)
     click.echo(summary.format())
@@ -132,15 +139,16 @@ def targets(config, overrides, ray_address, strict):
 @config_arg
 @set_opt
 @click.option("--run", "run_name", required=True, help="Name of the run in the config's runs.")
+@pickle_opt
 @user_errors
-def train(config, overrides, run_name):
+def train(config, overrides, run_name, allow_pickle):
     """Stage 2: train one new model from the cache (resumes from its last checkpoint).
 
     Works under torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train CONFIG --run NAME`.
     """
     from pipeline.orchestrate import train_run
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, allow_pickle)
     summary = train_run(cfg, cfg.run_named(run_name))
     if summary is not None:
         click.echo(summary.format())
@@ -184,6 +192,8 @@ def cache_verify(path):
     """Re-read every part and recompute its checksums; exit 1 naming each bad part."""
     from storage import verify_cache
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no target cache at {path} (the path does not exist)")
     problems = verify_cache(path)
     if problems:
         for line in problems:
@@ -231,6 +241,7 @@ def _eval_options(fn):
     fn = click.option("--train-limit", type=int, default=None, help="Use N training images.")(fn)
     fn = click.option("--test-limit", type=int, default=None, help="Use N test images.")(fn)
     fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))(fn)
+    fn = pickle_opt(fn)
     return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
 
 
@@ -239,29 +250,31 @@ def _eval_options(fn):
 @click.option("-k", "k", default=20, show_default=True, help="Neighbours.")
 @click.option("--temperature", default=0.07, show_default=True, help="Vote temperature.")
 @user_errors
-def eval_knn(model, train_shards, test_shards, arch, train_limit, test_limit, device, k,
-             temperature):
+def eval_knn(model, train_shards, test_shards, arch, train_limit, test_limit, device,
+             allow_pickle, k, temperature):
     """k-NN top-1 (cosine, temperature-weighted vote) of a checkpoint or export."""
     from pipeline.orchestrate import evaluate_file
 
     result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
-                           test_limit=test_limit, device=device, metrics=("knn",), knn_k=k,
+                           test_limit=test_limit, device=device, allow_pickle=allow_pickle,
+                           metrics=("knn",), knn_k=k,
                            knn_temperature=temperature)
     click.echo(result)
 
 
 @eval_group.command("linear")
 @_eval_options
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--epochs", default=50, show_default=True)
+@click.option("--lr", default=1e-2, show_default=True)
 @user_errors
-def eval_linear(model, train_shards, test_shards, arch, train_limit, test_limit, device, epochs,
-                lr):
+def eval_linear(model, train_shards, test_shards, arch, train_limit, test_limit, device,
+                allow_pickle, epochs, lr):
     """Linear-probe top-1 on frozen features of a checkpoint or export."""
     from pipeline.orchestrate import evaluate_file
 
     result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
-                           test_limit=test_limit, device=device, metrics=("linear",),
+                           test_limit=test_limit, device=device, allow_pickle=allow_pickle,
+                           metrics=("linear",),
                            linear_epochs=epochs, linear_lr=lr)
     click.echo(result)
 
@@ -279,12 +292,14 @@ def viz():
               help="Output PNG.")
 @click.option("-n", "num_images", default=8, show_default=True)
 @click.option("--arch", default=None, help="timm arch for plain checkpoints.")
+@pickle_opt
 @user_errors
-def viz_attention(models, shards, out, num_images, arch):
+def viz_attention(models, shards, out, num_images, arch, allow_pickle):
     """PNG grid of last-block cls attention maps: one column per model (base vs new)."""
     from pipeline.orchestrate import attention_picture
 
-    path = attention_picture(list(models), shards, out, num_images=num_images, arch=arch)
+    path = attention_picture(list(models), shards, out, num_images=num_images, arch=arch,
+                             allow_pickle=allow_pickle)
     click.echo(f"wrote {path}")
 
 

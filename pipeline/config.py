@@ -62,8 +62,8 @@ class EvalConfig:
     enabled: bool = True
     knn_k: int = 20
     knn_temperature: float = 0.07
-    linear_epochs: int = 20
-    linear_lr: float = 1e-3
+    linear_epochs: int = 50
+    linear_lr: float = 1e-2
     batch_size: int = 256
     train_limit: int | None = None
     test_limit: int | None = None
@@ -132,23 +132,21 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not all(parts):
             raise ConfigError(f"--set {item!r}: empty key segment")
         node = raw
-        for depth, part in enumerate(parts[:-1]):
+        for depth, part in enumerate(parts):
             where = ".".join(parts[: depth + 1])
+            if not isinstance(node, (dict, list)):
+                parent = ".".join(parts[:depth])
+                raise ConfigError(f"--set {key}: {parent} is {node!r}, not a mapping or list")
             if isinstance(node, list):
-                node = node[_list_index(node, part, where)]
-            elif isinstance(node, dict):
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
+                index = _list_index(node, part, where)
             else:
-                raise ConfigError(f"--set {key}: {where} is not a mapping")
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_list_index(node, last, key)] = _parse_value(text)
-        elif isinstance(node, dict):
-            node[last] = _parse_value(text)
-        else:
-            raise ConfigError(f"--set {key}: parent of {last} is not a mapping")
+                index = part
+                if depth < len(parts) - 1 and node.get(part) is None:
+                    node[part] = {}
+            if depth == len(parts) - 1:
+                node[index] = _parse_value(text)
+            else:
+                node = node[index]
     return raw
 
 
@@ -157,10 +155,12 @@ def _list_index(node: list, part: str, where: str) -> int:
         if int(part) >= len(node):
             raise ConfigError(f"--set {where}: index out of range (list has {len(node)} entries)")
         return int(part)
-    for i, entry in enumerate(node):
-        if isinstance(entry, dict) and entry.get("name") == part:
-            return i
-    raise ConfigError(f"--set {where}: no entry named {part!r}")
+    names = [entry.get("name") for entry in node if isinstance(entry, dict)]
+    if part in names:
+        return next(i for i, e in enumerate(node) if isinstance(e, dict) and e.get("name") == part)
+    known = ", ".join(str(n) for n in names if n is not None) or "none"
+    raise ConfigError(f"--set {where}: no entry named {part!r} (names: {known}; or use an index "
+                      f"0..{len(node) - 1})")
 
 
 def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig:
@@ -184,9 +184,9 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
     data = from_dict(DataConfig, raw["data"], "data")
     base = from_dict(BaseModelConfig, raw["base_model"], "base_model")
     bootstrap = from_dict(BootstrapConfig, raw.get("bootstrap"), "bootstrap")
-    targets_raw = dict(raw["targets"])
     if not isinstance(raw["targets"], dict):
-        raise ConfigError("targets: expected a mapping")
+        raise ConfigError(f"targets: expected a mapping of keys, got {raw['targets']!r:.60}")
+    targets_raw = dict(raw["targets"])
     targets_raw.setdefault("source", {"kind": data.kind, "path": data.train,
                                       "shard_size": data.shard_size})
     targets_raw.setdefault("cache", str(Path(workdir) / "cache"))
@@ -199,6 +199,20 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"runs: duplicate run name {sorted(dup)[0]!r}")
+    base_patch = base.timm_kwargs.get("patch_size")
+    for i, run in enumerate(runs):
+        model = run.model_config()
+        if model.target != "tec":
+            continue
+        if model.use_attention and model.k > targets.k_max:
+            raise ConfigError(
+                f"runs[{i}].model.k: {model.k} exceeds targets.k_max {targets.k_max} (attention "
+                f"rows stored by stage 1); use k <= {targets.k_max} or raise targets.k_max")
+        if "patch_size" in run.model and base_patch is not None and model.patch_size != base_patch:
+            raise ConfigError(
+                f"runs[{i}].model.patch_size: {model.patch_size} differs from the base model's "
+                f"patch_size {base_patch} (the targets have one row per base-model patch); "
+                "remove it or make them equal")
     if bootstrap.enabled:
         boot = dict(bootstrap.run)
         boot.setdefault("name", "bootstrap")
@@ -208,7 +222,13 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
         model["target"] = "pixel"
         boot["model"] = model
         bootstrap.run = boot
-        from_dict(TrainConfig, boot, "bootstrap.run")  # validate now, build later
+        # validate now, build later; with the base-model geometry it is trained with
+        # (as pipeline.orchestrate._bootstrap_run does)
+        model = dict(model)
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if key in base.timm_kwargs:
+                model.setdefault(key, base.timm_kwargs[key])
+        from_dict(TrainConfig, {**boot, "model": model}, "bootstrap.run")
     evaluation = from_dict(EvalConfig, raw.get("eval"), "eval")
     return PipelineConfig(
         workdir=workdir, data=data, base_model=base, targets=targets, runs=runs,

@@ -103,7 +103,7 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
         raise ConfigError("base_model.checkpoint: a checkpoint is required (or enable bootstrap "
                           "to train a pixel-target base model first)")
     export = find_export(bootstrap_dir(cfg))
-    if export is None:
+    if export is None or allow_bootstrap:
         if not allow_bootstrap:
             raise ConfigError("base_model.checkpoint is not set and the bootstrap base model is "
                               "not trained yet; run `tec run CONFIG --only bootstrap` first")
@@ -114,10 +114,11 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
                        view_policy=_view_policy(cfg), out_dir=bootstrap_dir(cfg))
         export = find_export(bootstrap_dir(cfg))
         if summary is not None:
-            summary.add("bootstrap", f"trained pixel-target base model ({result.steps} steps, "
-                                     f"{result.seconds / 60:.1f} min) -> {export}")
-    elif summary is not None:
-        summary.add("bootstrap", f"reused base model {export}")
+            if _already_done(result):
+                summary.add("bootstrap", f"reused base model {export}")
+            else:
+                summary.add("bootstrap", f"trained pixel-target base model ({result.steps} "
+                                         f"steps, {result.seconds / 60:.1f} min) -> {export}")
     return dataclasses.replace(base, checkpoint=str(export))
 
 
@@ -130,30 +131,34 @@ def _view_policy(cfg: PipelineConfig):
 
 # ------------------------------------------------------------------------------ stage 2
 def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | None = None):
-    """Train (or resume) one run of the config from its cache; None if it is already finished."""
+    """Train one run of the config from its cache, resuming from its last checkpoint.
+
+    A finished run resumes at its last step, trains nothing and rewrites its export.
+    """
     from stages.train import train
 
-    out_dir = cfg.run_dir(run.name)
-    if find_export(out_dir) is not None and (out_dir / "summary.json").is_file():
-        log.info("run %s already finished: %s", run.name, find_export(out_dir))
-        return None
     if base is None:
         base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
     return train(run, cache=str(cfg.cache_path), source=cfg.targets.source, base=base,
-                 view_policy=None, out_dir=out_dir)
+                 view_policy=None, out_dir=cfg.run_dir(run.name))
+
+
+def _already_done(result) -> bool:
+    return result.resumed_from_step is not None and result.resumed_from_step >= result.steps
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _load_model(path: Path, arch: str | None):
+def _load_model(path: Path, arch: str | None, allow_pickle: bool = False):
     from tec.teacher import load_base_model
 
-    return load_base_model(arch or "vit_base_patch16_224", path)
+    return load_base_model(arch or "vit_base_patch16_224", path, allow_pickle=allow_pickle)
 
 
 def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=None,
                     train_limit=None, test_limit=None, device="auto", knn_k=20,
-                    knn_temperature=0.07, linear_epochs=20, linear_lr=1e-3,
-                    batch_size=256, metrics=("knn", "linear")) -> list[dict]:
+                    knn_temperature=0.07, linear_epochs=50, linear_lr=1e-2,
+                    batch_size=256, metrics=("knn", "linear"),
+                    allow_pickle=False) -> list[dict]:
     """Top-1 rows (percent) for each named model file on the same train/test images."""
     import torch
 
@@ -163,7 +168,7 @@ def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     rows, images = [], {}
     for name, path in models.items():
-        model = _load_model(Path(path), arch)
+        model = _load_model(Path(path), arch, allow_pickle)
         size = model.patch_embed.img_size[0]
         if size not in images:
             images[size] = (load_eval_images(train_shards, size, limit=train_limit),
@@ -197,7 +202,7 @@ def evaluate_file(path: Path, train_shards, test_shards, **kwargs) -> str:
 
 
 def attention_picture(models: list[Path], shards, out: Path, *, num_images: int = 8,
-                      arch: str | None = None) -> Path:
+                      arch: str | None = None, allow_pickle: bool = False) -> Path:
     """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2)."""
     from stages.evaluate import load_eval_images
     from stages.viz import attention_maps, save_attention_grid
@@ -207,7 +212,7 @@ def attention_picture(models: list[Path], shards, out: Path, *, num_images: int 
     for path in models:
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        model = _load_model(Path(path), arch)
+        model = _load_model(Path(path), arch, allow_pickle)
         size = model.patch_embed.img_size[0]
         images, _ = load_eval_images(shards, size, limit=num_images)
         if shown is None:
@@ -250,8 +255,8 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     if "train" in wanted:
         for run in cfg.runs:
             result = train_run(cfg, run, base)
-            if result is None:
-                summary.add(f"run {run.name}", "reused finished run")
+            if _already_done(result):
+                summary.add(f"run {run.name}", f"reused finished run ({result.steps} steps)")
             else:
                 summary.add(f"run {run.name}",
                             f"{result.steps} steps in {result.seconds / 60:.1f} min "
@@ -279,7 +284,8 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
         models, cfg.data.train, cfg.data.test, arch=cfg.base_model.arch,
         train_limit=ev.train_limit, test_limit=ev.test_limit, device=ev.device,
         knn_k=ev.knn_k, knn_temperature=ev.knn_temperature, linear_epochs=ev.linear_epochs,
-        linear_lr=ev.linear_lr, batch_size=ev.batch_size)
+        linear_lr=ev.linear_lr, batch_size=ev.batch_size,
+        allow_pickle=cfg.base_model.allow_pickle)
     summary.eval_table = format_table(rows)
     results = Path(cfg.workdir) / "eval.json"
     results.write_text(json.dumps(rows, indent=2))
@@ -289,7 +295,8 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
         try:
             png = attention_picture(list(models.values()), cfg.data.test,
                                     Path(cfg.workdir) / "attention.png",
-                                    num_images=ev.viz_images, arch=cfg.base_model.arch)
+                                    num_images=ev.viz_images, arch=cfg.base_model.arch,
+                                    allow_pickle=cfg.base_model.allow_pickle)
             summary.add("viz", f"attention maps -> {png}")
         except ConfigError as exc:
             summary.add("viz", f"skipped: {exc}")

@@ -2,8 +2,10 @@
 
 FLOPs are counted analytically for a ViT (a multiply-add is 2 FLOPs): per block and image with N
 tokens of width D and MLP ratio r, ``(8 + 4r)·N·D² + 4·N²·D``; the patch embedding adds
-``2·L·(3·p²)·D``. Training costs about 3x a forward pass (forward + backward). Measured
-throughput is added when ``benchmarks/results/speed.json`` holds a run on the same architecture.
+``2·L·(3·p²)·D``. The new model adds its encoder adapter, decoder streams, heads and attention
+logits (:func:`new_model_forward_flops`); both agree with torch's FLOP counter within 1%.
+Training costs about 3x a forward pass (forward + backward). Measured throughput is added when
+``benchmarks/results/speed.json`` holds a run on the same architecture.
 """
 from __future__ import annotations
 
@@ -27,14 +29,47 @@ def vit_forward_flops(*, tokens: int, width: int, depth: int, mlp_ratio: float =
     return depth * per_block
 
 
+def new_model_forward_flops(m) -> float:
+    """FLOPs of one image through the new model (``tec.model.NewModelConfig`` ``m``) in training:
+    patch embedding of all L patches, encoder on cls + visible patches, encoder adapter, every
+    decoder stream (input projection, shared trunk on 1 + L tokens, head) and the attention
+    logits of the k + 1 query rows. Only matmuls count (norms, activations, losses are small).
+    """
+    L, D, Dd = m.num_patches, m.embed_dim, m.decoder_embed_dim
+    n_enc = int(L * (1 - m.mask_ratio)) + 1  # cls + visible patches (as random_masking keeps)
+    n_dec = L + 1
+    flops = 2 * L * (m.in_chans * m.patch_size**2) * D
+    flops += vit_forward_flops(tokens=n_enc, width=D, depth=m.depth, mlp_ratio=m.mlp_ratio)
+    if m.use_encoder_adapter:
+        groups = m.depth // m.adapter_group
+        flops += groups * (2 * n_enc * m.adapter_group * D * D + 2 * 2 * n_enc * D * 4 * Dd)
+    if m.target == "pixel":
+        heads = [m.patch_size**2 * m.in_chans]
+    else:
+        heads = [m.base_embed_dim] + ([2 * m.attn_dim] if m.use_attention else [])
+    for out in heads:
+        flops += 2 * n_enc * D * Dd  # stream input projection
+        flops += vit_forward_flops(tokens=n_dec, width=Dd, depth=m.decoder_depth,
+                                   mlp_ratio=m.mlp_ratio)
+        flops += 2 * n_dec * Dd * out  # head
+    if m.target == "tec" and m.use_attention:
+        flops += 2 * (m.k + 1) * n_dec * m.attn_dim  # q of the k + 1 rows against every key
+    return float(flops)
+
+
 def _geometry(timm_kwargs: dict, arch: str) -> dict:
     """img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio of a timm ViT config."""
     import timm
 
     if not timm.is_model(arch):
         raise ConfigError(f"base_model.arch: unknown timm architecture {arch!r}")
-    with _meta_device():
-        model = timm.create_model(arch, num_classes=0, pretrained=False, **timm_kwargs)
+    try:
+        with _meta_device():
+            model = timm.create_model(arch, num_classes=0, pretrained=False, **timm_kwargs)
+    except (TypeError, AssertionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"base_model.timm_kwargs: cannot create {arch} with {timm_kwargs}: "
+                          f"{first}") from None
     block = model.blocks[0]
     return {
         "img_size": model.patch_embed.img_size[0],
@@ -105,7 +140,8 @@ class Plan:
             f"bytes per view   {self.bytes_per_view:,} ({self.codec}, before lossless "
             f"compression; {self.bytes_per_view / self.raw_bytes_per_view:.2f} of the float32 "
             f"tensors)",
-            f"cache size       {_human(self.cache_bytes)} (upper bound; compression only shrinks it)",
+            f"cache size       {_human(self.cache_bytes)} (tensor bytes: lossless compression "
+            f"shrinks it, file framing adds about 1-3%)",
             f"stage 1 compute  {self.stage1_flops / 1e15:,.2f} PFLOP "
             f"(base-model forward over every view)",
         ]
@@ -133,24 +169,38 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+FASHION_MNIST_TRAIN = 60000
+
+
+def _shards_exist(pattern: str) -> bool:
+    from stages.sources import expand_shards
+
+    try:
+        return bool(expand_shards(pattern))
+    except ValueError:
+        return False
+
+
 def count_samples(cfg: PipelineConfig) -> tuple[int, str]:
     """Sample count: data.num_samples when given, else counted from the shards' headers."""
     if cfg.data.num_samples is not None:
         return cfg.data.num_samples, "data.num_samples"
     from stages.sources import open_source
 
+    if cfg.data.prepare == "fashion-mnist" and not _shards_exist(cfg.data.train):
+        n = min(FASHION_MNIST_TRAIN, cfg.data.train_limit or FASHION_MNIST_TRAIN)
+        return n, "Fashion-MNIST training set, not prepared yet"
     src = cfg.targets.source
+    kwargs = {"shard_size": src.shard_size} if src.kind == "imagefolder" else {}
     try:
-        source = open_source(src.kind, src.path, shard_size=src.shard_size)
+        source = open_source(src.kind, src.path, **kwargs)
         shards = source.shards()
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise ConfigError(f"data.train: {exc} (set data.num_samples to plan without the data)")
     return sum(source.count(s) for s in shards), f"counted in {len(shards)} shards"
 
 
 def make_plan(cfg: PipelineConfig) -> Plan:
-    from tec.model import NewModelConfig
-
     t = cfg.targets
     base = {"arch": cfg.base_model.arch, **_geometry(cfg.base_model.timm_kwargs,
                                                      cfg.base_model.arch)}
@@ -166,14 +216,9 @@ def make_plan(cfg: PipelineConfig) -> Plan:
                 bytes_per_view=sizes["stored"], raw_bytes_per_view=sizes["raw"], base=base,
                 stage1_flops=samples * t.views * base_fwd)
     for run in cfg.runs:
-        m = NewModelConfig(**{**run.model, "img_size": base["img_size"]})
-        keep = int(round(L * (1 - m.mask_ratio)))
-        enc = vit_forward_flops(tokens=keep + 1, width=m.embed_dim, depth=m.depth,
-                                mlp_ratio=m.mlp_ratio)
-        streams = 2 if (m.target == "tec" and m.use_attention) else 1
-        dec = streams * vit_forward_flops(tokens=L + 1, width=m.decoder_embed_dim,
-                                          depth=m.decoder_depth, mlp_ratio=m.mlp_ratio)
-        student = 3 * (enc + dec)  # forward + backward
+        m = run.model_config(img_size=base["img_size"], patch_size=base["patch_size"],
+                             base_embed_dim=base["embed_dim"], base_num_heads=base["num_heads"])
+        student = 3 * new_model_forward_flops(m)  # forward + backward
         per_epoch = samples * student
         online = samples * (student + base_fwd)
         plan.runs.append({

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
+    origin = get_origin(tp) or (tp if tp in (list, tuple, dict) else None)  # bare list/dict too
     if tp is Any:
         return value
     if origin is Literal:
@@ -101,6 +102,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r:.60}")
     data = dict(data or {})
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -129,11 +132,37 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     if callable(validate):
         try:
             validate()
-        except ConfigError:
-            raise
         except ValueError as exc:
-            raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
+            raise ConfigError(_qualify(str(exc), prefix)) from None
     return obj
+
+
+_KEY_AT_START = re.compile(r"^[A-Za-z_][\w.\[\]]*[:=]")
+
+
+def _qualify(message: str, prefix: str) -> str:
+    """Make a validate() message name the full dotted key: ``views: ...`` -> ``targets.views: ...``.
+
+    Messages may start with the bare field (``views: ...``), with the section's own name
+    (``source.path ...`` under prefix ``targets.source``), with the full key already, or with
+    ``unknown key X`` / ``missing required key X``.
+    """
+    if not prefix:
+        return message
+    for lead in ("unknown key ", "missing required key "):
+        if message.startswith(lead):
+            rest = message[len(lead):]
+            if rest.startswith(prefix + "."):
+                return message
+            return f"{lead}{prefix}.{rest}"
+    if message.startswith((prefix + ".", prefix + ":", prefix + " ")):
+        return message
+    last = prefix.rsplit(".", 1)[-1]
+    if message.startswith(last + "."):
+        return prefix + message[len(last):]
+    if _KEY_AT_START.match(message):
+        return f"{prefix}.{message}"
+    return f"{prefix}: {message}"
 
 
 def to_dict(obj: Any) -> Any:
