@@ -127,6 +127,9 @@ def fashion_mnist_to_shards(
     unknown = [s for s in splits if s not in _SPLIT_PREFIX]
     if unknown:
         raise ValueError(f"unknown Fashion-MNIST split(s) {unknown}; use {sorted(_SPLIT_PREFIX)}")
+    for split in splits:  # fail before creating anything when the IDX files are missing
+        for kind in ("images-idx3", "labels-idx1"):
+            _find_idx(idx_dir, f"{_SPLIT_PREFIX[split]}-{kind}-ubyte")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     patterns: list[str] = []

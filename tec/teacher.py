@@ -110,6 +110,9 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[An
             return load_file(str(path), device="cpu"), metadata
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
+                              "give a .pth/.pt/.safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle), {}
     except pickle.UnpicklingError as e:
@@ -119,8 +122,17 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[An
                 "refuses; if you trust the file, set base_model.allow_pickle: true (CLI --allow-pickle)"
             ) from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch.load raises many types on damaged files
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or a legacy pickle (protocol >= 2)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and head[1] >= 2)
 
 
 def _first_line(e: BaseException) -> str:

@@ -219,9 +219,7 @@ BAD_INPUT_CASES: list[BadInput] = [
     BadInput("pickled base checkpoint without allow_pickle", TARGETS, "allow_pickle",
              _set("base_model", "checkpoint", "{ws}/pickle.pth")),
     BadInput("garbage base checkpoint", TARGETS, "garbage.pth",
-             _set("base_model", "checkpoint", "{ws}/garbage.pth"),
-             known_bug="tec.teacher.read_checkpoint lets torch.load's IndexError (weights-only "
-                       "unpickler on a text file) escape instead of raising CheckpointError"),
+             _set("base_model", "checkpoint", "{ws}/garbage.pth")),
     BadInput("base checkpoint does not fit the configured depth", TARGETS, "missing encoder keys",
              _set("base_model", "timm_kwargs", "depth", 6)),
     BadInput("view size differs from the base model's img_size", TARGETS, "output_size",
