@@ -197,19 +197,33 @@ def evaluate_file(path: Path, train_shards, test_shards, **kwargs) -> str:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    rows = evaluate_models({Path(path).name: Path(path)}, train_shards, test_shards, **kwargs)
+    rows = evaluate_models({model_display_name(path): Path(path)}, train_shards, test_shards, **kwargs)
     return format_table(rows)
 
 
-def attention_picture(models: list[Path], shards, out: Path, *, num_images: int = 8,
-                      arch: str | None = None, allow_pickle: bool = False) -> Path:
-    """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2)."""
+def model_display_name(path: Path) -> str:
+    """A run's export ``<run>/export/model.safetensors`` is named after its run folder."""
+    path = Path(path)
+    if path.parent.name == "export":
+        return path.parent.parent.name
+    return path.name.removesuffix(".safetensors").removesuffix(".pth")
+
+
+def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *,
+                      num_images: int = 8, arch: str | None = None,
+                      allow_pickle: bool = False) -> Path:
+    """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2).
+
+    models: model files (named by :func:`model_display_name`) or a mapping name -> file.
+    """
+    if not isinstance(models, dict):
+        models = {model_display_name(p): Path(p) for p in models}
     from stages.evaluate import load_eval_images
     from stages.viz import attention_maps, save_attention_grid
     from tec.targets import normalize_images
 
     maps, shown = {}, None
-    for path in models:
+    for name, path in models.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         model = _load_model(Path(path), arch, allow_pickle)
@@ -220,7 +234,7 @@ def attention_picture(models: list[Path], shards, out: Path, *, num_images: int 
         elif shown.shape[-1] != size:
             raise ConfigError(f"{path}: image size {size} differs from the first model's "
                               f"{shown.shape[-1]}; compare models of the same input size")
-        maps[Path(path).stem] = attention_maps(model, normalize_images(images))
+        maps[name] = attention_maps(model, normalize_images(images))
     return save_attention_grid(out, shown, maps)
 
 
@@ -293,7 +307,7 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
     summary.add("eval", f"k-NN and linear probe for {len(rows)} models -> {results}")
     if ev.viz_images > 0 and len(models) > 1:
         try:
-            png = attention_picture(list(models.values()), cfg.data.test,
+            png = attention_picture(models, cfg.data.test,
                                     Path(cfg.workdir) / "attention.png",
                                     num_images=ev.viz_images, arch=cfg.base_model.arch,
                                     allow_pickle=cfg.base_model.allow_pickle)
