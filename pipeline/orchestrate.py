@@ -103,7 +103,7 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
         raise ConfigError("base_model.checkpoint: a checkpoint is required (or enable bootstrap "
                           "to train a pixel-target base model first)")
     export = find_export(bootstrap_dir(cfg))
-    if export is None or allow_bootstrap:
+    if export is None:  # a finished bootstrap has its export; an unfinished one resumes
         if not allow_bootstrap:
             raise ConfigError("base_model.checkpoint is not set and the bootstrap base model is "
                               "not trained yet; run `tec run CONFIG --only bootstrap` first")
@@ -114,11 +114,10 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
                        view_policy=_view_policy(cfg), out_dir=bootstrap_dir(cfg))
         export = find_export(bootstrap_dir(cfg))
         if summary is not None:
-            if _already_done(result):
-                summary.add("bootstrap", f"reused base model {export}")
-            else:
-                summary.add("bootstrap", f"trained pixel-target base model ({result.steps} "
-                                         f"steps, {result.seconds / 60:.1f} min) -> {export}")
+            summary.add("bootstrap", f"trained pixel-target base model ({result.steps} "
+                                     f"steps, {result.seconds / 60:.1f} min) -> {export}")
+    elif summary is not None:
+        summary.add("bootstrap", f"reused base model {export}")
     return dataclasses.replace(base, checkpoint=str(export))
 
 

@@ -992,9 +992,18 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     if dist.is_main:
         _write_run_info(out_dir, run, inputs, trainer)
     summary = trainer.fit()
-    if dist.is_main:
+    export_path = out_dir / "export" / "model.safetensors"
+    # A finished run resumed at its last step trains nothing: keep its export byte-for-byte
+    # (safetensors metadata order is not stable, so rewriting would change the file's sha256,
+    # which caches built from it record as their base-model fingerprint).
+    finished_before = (summary.resumed_from_step is not None
+                       and summary.resumed_from_step >= trainer.global_step
+                       and export_path.is_file())
+    if dist.is_main and finished_before:
+        summary.export = str(export_path)
+    elif dist.is_main:
         trainer.model.eval()
-        paths = _write_export(trainer.model, out_dir / "export" / "model.safetensors",
+        paths = _write_export(trainer.model, export_path,
                               keep_adapters=True,
                               extra={"run": run.name, "step": trainer.global_step})
         summary.export = paths["export"]
