@@ -1,0 +1,449 @@
+"""Stage 1 (Ray precompute): the cache holds exactly the base model's targets of the policy's views,
+runs are deterministic, resumable after a killed driver, survive killed workers, and skip bad
+samples. One local Ray instance (2 CPUs) is shared by the tests of this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from image_helpers import make_bad_shard, make_shards
+from stages.configs import BaseModelConfig, ConfigError, from_dict, to_dict
+from stages.sources import BadSample, decode_image, open_source
+from stages.stage1 import (REPORT_NAME, TEST_HOOKS_ENV, BaseModelActor, ShardJob, Stage1Config,
+                           Stage1Error, Stage1StrictError, part_names, process_shard,
+                           run_stage1)
+from stages.views import ViewPolicy, render_views, view_params, views_from_arrays
+from storage import create_cache, open_cache, verify_cache
+from tec.targets import extract_targets, normalize_images
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "vit_base_patch16_224"
+BASE_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+VIEWS = 3
+K_MAX = 4
+RECORD_FIELDS = ("features", "feature_mean", "feature_std", "attn_logits", "attn_index", "crop",
+                 "flip", "label", "source_size")
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module; run_stage1 uses it instead of starting its own."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> BaseModelConfig:
+    """A tiny random ViT saved as an MAE-style checkpoint {'model': state_dict}."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, **BASE_KWARGS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("base") / "base.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return from_dict(BaseModelConfig, {"arch": ARCH, "checkpoint": str(path),
+                                       "timm_kwargs": dict(BASE_KWARGS)}, "base_model")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    make_shards(directory, n_shards=3, per_shard=5, size_range=(20, 56))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def folder(shards, tmp_path_factory) -> Path:
+    """The same images as an ImageFolder: <root>/c<label>/<key>.png."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    for key, (image, label) in source_images(shards).items():
+        (root / f"c{label}").mkdir(exist_ok=True)
+        Image.fromarray(image).save(root / f"c{label}" / f"{key}.png")
+    return root
+
+
+def make_cfg(source: Path, cache: Path, kind: str = "webdataset", **overrides) -> Stage1Config:
+    raw = {"source": {"kind": kind, "path": str(source), "shard_size": 6}, "cache": str(cache),
+           "views": VIEWS, "k_max": K_MAX, "batch_size": 4,
+           "view_policy": {"seed": 7, "output_size": 32}}
+    raw.update(overrides)
+    return from_dict(Stage1Config, raw, "targets")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, base, shards, tmp_path_factory):
+    """An uninterrupted zarr run: (config, summary)."""
+    cfg = make_cfg(shards, tmp_path_factory.mktemp("ref") / "cache")
+    return cfg, run_stage1(cfg, base, progress=False)
+
+
+def all_records(path, decode=False) -> dict:
+    """{(key, view): record} of a complete cache (stored dtypes unless decode)."""
+    cache = open_cache(path)
+    out = {}
+    for i in range(cache.num_samples):
+        for v in range(cache.views_per_sample):
+            rec = cache.read(i, v, decode=decode)
+            out[(rec["key"], v)] = {k: np.asarray(rec[k]) for k in RECORD_FIELDS}
+    return out
+
+
+def assert_same_records(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for name in RECORD_FIELDS:
+            np.testing.assert_array_equal(a[key][name], b[key][name], err_msg=f"{key} {name}")
+
+
+def source_images(path: Path, kind: str = "webdataset") -> dict:
+    """key -> (decoded uint8 [H,W,3], label) of every decodable sample of the source."""
+    source = open_source(kind, str(path), **({"shard_size": 6} if kind == "imagefolder" else {}))
+    out = {}
+    for shard in source.shards():
+        for sample in source.samples(shard):
+            if sample.error is None:
+                try:
+                    out.setdefault(sample.key, (decode_image(sample.data), sample.label))
+                except BadSample:
+                    pass
+    return out
+
+
+# ------------------------------------------------------------------------------ configuration
+def test_config_rejects_bad_values_with_the_key_named():
+    with pytest.raises(ConfigError, match="targets.views"):
+        from_dict(Stage1Config, {"source": {"path": "x"}, "cache": "c", "views": 0}, "targets")
+    with pytest.raises(ConfigError, match="unknown key targets.ray.cpus"):
+        from_dict(Stage1Config, {"source": {"path": "x"}, "cache": "c", "ray": {"cpus": 2}},
+                  "targets")
+    with pytest.raises(ConfigError, match="source.path"):
+        from_dict(Stage1Config, {"cache": "c"}, "targets")
+    with pytest.raises(ConfigError, match="interpolation"):
+        from_dict(Stage1Config, {"source": {"path": "x"}, "cache": "c",
+                                 "view_policy": {"interpolation": "lanczos9"}}, "targets")
+    cfg = from_dict(Stage1Config, {"source": {"path": "x"}, "cache": "c",
+                                   "view_policy": {"scale": [0.5, 1.0], "output_size": 32}})
+    assert isinstance(cfg.view_policy, ViewPolicy) and cfg.view_policy.scale == (0.5, 1.0)
+
+
+def test_missing_checkpoint_and_wrong_output_size_fail_before_any_work(base, shards, tmp_path):
+    random_base = BaseModelConfig(arch=ARCH, checkpoint=None, timm_kwargs=dict(BASE_KWARGS))
+    with pytest.raises(Stage1Error, match="base_model.checkpoint"):
+        run_stage1(make_cfg(shards, tmp_path / "a"), random_base, progress=False)
+    cfg = make_cfg(shards, tmp_path / "b", view_policy={"output_size": 48})
+    with pytest.raises(Stage1Error, match="output_size 48 differs .* img_size 32"):
+        run_stage1(cfg, base, progress=False)
+    with pytest.raises(Stage1Error, match="k_max 17 exceeds"):
+        run_stage1(make_cfg(shards, tmp_path / "c", k_max=17), base, progress=False)
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_an_unreachable_ray_address_fails_fast_with_one_line():
+    from stages.stage1 import _check_reachable
+
+    with pytest.raises(Stage1Error, match="cannot reach the Ray head at 127.0.0.1:1 .*ray-address"):
+        _check_reachable("127.0.0.1:1")
+    _check_reachable("auto")  # not host:port: left to Ray
+
+
+def test_plan_gives_actors_a_gpu_each_or_most_cpu_threads():
+    from stages.stage1 import _plan
+
+    cfg = make_cfg(Path("x"), Path("c"))
+    gpu = _plan(cfg, {"CPU": 16, "GPU": 4})
+    assert (gpu.num_actors, gpu.actor_options, gpu.concurrent) == \
+        (4, {"num_gpus": 1, "num_cpus": 1}, 12)
+    small = _plan(cfg, {"CPU": 2})  # this machine: one actor thread, one decoding task
+    assert (small.num_actors, small.threads, small.actor_options, small.concurrent) == \
+        (1, 1, {"num_cpus": 1}, 1)
+    big = _plan(cfg, {"CPU": 64})
+    assert big.num_actors == 4 and big.threads == 12 and big.concurrent == 16
+    one = _plan(cfg, {"CPU": 1})  # never starve the shard tasks of their CPU
+    assert one.actor_options == {"num_cpus": 0} and one.concurrent == 1
+    fixed = _plan(make_cfg(Path("x"), Path("c"), ray={"num_actors": 2, "threads_per_actor": 3,
+                                                      "concurrent_shards": 5}), {"CPU": 8})
+    assert (fixed.num_actors, fixed.threads, fixed.concurrent) == (2, 3, 5)
+
+
+def test_part_names_follow_shard_file_names_and_stay_unique():
+    assert part_names(["/d/train-000001.tar", "/d/train-000002.tar"]) == \
+        ["train-000001", "train-000002"]
+    assert part_names(["/a/x.tar", "/b/x.tar"]) == ["000000-x", "000001-x"]
+
+
+# ------------------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("backend,kind", [("zarr", "webdataset"), ("webdataset", "imagefolder")])
+def test_cache_equals_in_process_targets_of_replayed_views(ray_session, base, shards, folder,
+                                                          tmp_path, reference, backend, kind):
+    if backend == "zarr":
+        cfg, summary = reference
+    else:
+        cfg = make_cfg(folder, tmp_path / "cache", kind=kind, backend=backend)
+        summary = run_stage1(cfg, base, progress=False)
+    assert verify_cache(cfg.cache) == []
+    images = source_images(folder if kind == "imagefolder" else shards, kind)
+    per_part = [5, 5, 5] if kind == "webdataset" else [6, 6, 3]
+    assert summary.images == len(images) == 15 and summary.skipped == 0
+    assert summary.parts_done == 3 and summary.parts_skipped == 0
+    assert summary.views == 15 * VIEWS
+    assert summary.forward_passes == sum(-(-n * VIEWS // 4) for n in per_part)  # batch_size 4
+
+    cache = open_cache(cfg.cache)
+    assert cache.manifest["view_policy"]["views"] == VIEWS
+    assert cache.manifest["base_model"]["k_max"] == K_MAX
+    assert cache.manifest["base_model"]["checkpoint_sha256"]
+    assert cache.manifest["source"]["num_samples"] == 15
+    names = [f"shard-{i:06d}" if kind == "webdataset" else f"imagefolder-{i:05d}"
+             for i in range(3)]
+    assert [(p["name"], p["slots"]) for p in cache.manifest["parts"]] == list(zip(names, per_part))
+    assert sorted(cache.keys) == sorted(images)
+    model = base.load()
+    policy = cfg.view_policy
+    pixels, stored = [], []
+    for i, key in enumerate(cache.keys):
+        image, label = images[key]
+        assert int(cache.labels[i]) == label
+        assert cache.source_size(i) == image.shape[:2]
+        recs = [cache.read(i, v) for v in range(VIEWS)]
+        views = views_from_arrays(np.stack([r["crop"] for r in recs]),
+                                  np.stack([r["flip"] for r in recs]))
+        # the recorded views are the policy's views, drawn in other (Ray worker) processes
+        assert views == [view_params(policy, key, v, *image.shape[:2]) for v in range(VIEWS)]
+        pixels.append(render_views(image, views, policy.output_size, policy.interpolation))
+        stored.extend(recs)
+    expected = extract_targets(model, normalize_images(torch.cat(pixels)), last_n=2, k_max=K_MAX)
+    got = {name: np.stack([r[name] for r in stored]) for name in
+           ("features", "feature_mean", "feature_std", "attn_logits", "attn_index")}
+    # features and attn_logits are stored as float16: compare within its rounding
+    np.testing.assert_allclose(got["features"], expected.features.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got["attn_logits"], expected.attn_logits.numpy(), rtol=2e-3,
+                               atol=2e-3)
+    np.testing.assert_allclose(got["feature_mean"], expected.feature_mean.numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(got["feature_std"], expected.feature_std.numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_array_equal(got["attn_index"], expected.attn_index.numpy())
+
+
+def test_two_runs_write_identical_caches(ray_session, base, shards, tmp_path, reference):
+    """Same config, same bytes: every part file of a second run equals the first run's (the views
+    are drawn in Ray worker processes, each with its own hash seed)."""
+    ref_cfg, _ = reference
+    cfg = make_cfg(shards, tmp_path / "again")
+    run_stage1(cfg, base, progress=False)
+    assert_same_records(all_records(ref_cfg.cache), all_records(cfg.cache))
+    first, second = Path(ref_cfg.cache) / "parts", Path(cfg.cache) / "parts"
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+
+
+def test_process_shard_runs_without_ray(base, shards, tmp_path, reference):
+    """The shard pipeline is plain Python: with an in-process actor it writes the same part."""
+    from storage import CacheSpec
+
+    ref = open_cache(reference[0].cache).manifest
+    writer = create_cache(tmp_path / "cache", CacheSpec.from_dict(ref["spec"]),
+                          base_model=ref["base_model"], view_policy=ref["view_policy"],
+                          source=ref["source"],
+                          parts=[(p["name"], p["slots"]) for p in ref["parts"]])
+    job = ShardJob(shard=str(shards / "shard-000001.tar"), part="shard-000001", index=1, slots=5,
+                   source_kind="webdataset", source_path=str(shards), shard_size=6,
+                   cache=str(tmp_path / "cache"), views=VIEWS,
+                   policy={k: v for k, v in ref["view_policy"].items() if k != "views"},
+                   batch_size=4, max_in_flight=2)
+    actor = BaseModelActor(to_dict(base), 2, K_MAX, float16=True)
+    result = process_shard(job, [actor], writer)
+    assert (result.images, result.views, result.forward_passes, result.bad) == (5, 15, 4, [])
+    assert writer.is_committed("shard-000001")
+    got = open_cache(tmp_path / "cache", require_complete=False)
+    want = open_cache(reference[0].cache)
+    assert got.keys == [k for k in want.keys if k.startswith("s001_")]
+    for i, key in enumerate(got.keys):
+        for v in range(VIEWS):
+            a, b = got.read(i, v), want.read(want.index_of(key), v)
+            np.testing.assert_array_equal(a["crop"], b["crop"])
+            np.testing.assert_array_equal(a["attn_index"], b["attn_index"])
+            np.testing.assert_allclose(a["features"], b["features"], rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_skips_committed_parts(ray_session, base, reference):
+    cfg, _ = reference
+    summary = run_stage1(cfg, base, progress=False)
+    assert summary.parts_skipped == 3 and summary.parts_done == 0
+    assert summary.images == 0 and summary.forward_passes == 0
+    assert "3 already committed" in summary.format()
+
+
+# ------------------------------------------------------------------------------ failures
+def test_killed_worker_task_is_retried_and_the_cache_completes(ray_session, base, shards,
+                                                               tmp_path, reference, monkeypatch):
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    (crash_dir / "shard-000001.crash").touch()
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"crash_dir": str(crash_dir)}))
+    cfg = make_cfg(shards, tmp_path / "cache")
+    summary = run_stage1(cfg, base, progress=False)
+    assert (crash_dir / "shard-000001.crashed").exists()  # the first attempt did die
+    assert summary.parts_done == 3
+    assert_same_records(all_records(reference[0].cache), all_records(cfg.cache))
+
+
+def test_bad_samples_are_skipped_listed_and_strict_fails_after_finishing(ray_session, base,
+                                                                        tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, n_shards=1, per_shard=3, size_range=(20, 40))
+    expected = make_bad_shard(data / "zz-bad.tar")
+    cfg = make_cfg(data, tmp_path / "cache", backend="webdataset", strict=True)
+    with pytest.raises(Stage1StrictError, match=r"\d+ bad samples .*bad_samples.jsonl"):
+        run_stage1(cfg, base, progress=False)
+
+    cache = open_cache(cfg.cache)  # complete despite the error
+    good = [f"s000_{i:05d}" for i in range(3)] + expected.good
+    assert cache.keys == good
+    for key, label in expected.labels.items():
+        assert int(cache.labels[cache.index_of(key)]) == label
+    for key, size in expected.sizes.items():
+        assert cache.source_size(cache.index_of(key)) == size
+    report = [json.loads(line) for line in (Path(cfg.cache) / REPORT_NAME).read_text().splitlines()]
+    reasons = {}
+    for entry in report:
+        assert entry["part"] == "zz-bad"
+        reasons.setdefault(entry["key"], []).append(entry["reason"])
+    for key, reason in expected.bad.items():
+        assert any(reason in r for r in reasons.pop(key)), (key, reasons)
+    for key, reason in expected.duplicates.items():
+        assert any(reason in r for r in reasons.pop(key)), (key, reasons)
+    assert not reasons  # nothing else listed
+
+    # not strict: the same (complete) cache is reported, no error
+    summary = run_stage1(cfg, base, strict=False, progress=False)
+    assert summary.skipped == len(report) and summary.parts_skipped == 2
+    assert f"{len(report)} skipped" in summary.format()
+
+
+DRIVER = """
+import json, sys
+from stages.configs import BaseModelConfig, from_dict
+from stages.stage1 import Stage1Config, run_stage1
+cfg = from_dict(Stage1Config, json.loads(sys.argv[1]), "targets")
+base = from_dict(BaseModelConfig, json.loads(sys.argv[2]), "base_model")
+summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False)
+print("SUMMARY", json.dumps({"parts_done": summary.parts_done, "images": summary.images}))
+"""
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (a subprocess started with start_new_session)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def driver_cmd(cfg: Stage1Config, base: BaseModelConfig, address: str = "") -> list[str]:
+    return [sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)), json.dumps(to_dict(base)),
+            address]
+
+
+@pytest.mark.parametrize("ray_mode", ["joined", pytest.param("local", marks=pytest.mark.slow)])
+def test_killed_driver_then_rerun_resumes_without_recomputing(ray_session, base, shards,
+                                                               tmp_path, reference, ray_mode):
+    """SIGKILL the driver (a subprocess that joined this module's Ray, or that started its own
+    local Ray) once a part is committed; the rerun keeps the committed parts as they are."""
+    cfg = make_cfg(shards, tmp_path / "cache")
+    address = ray_session.get_runtime_context().gcs_address if ray_mode == "joined" else ""
+    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": 0.4})}
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(driver_cmd(cfg, base, address), env=env, cwd=REPO,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    status = Path(cfg.cache) / "status"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if status.is_dir() and any(status.glob("*.json")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        # The dead driver's own local Ray (ray_mode local) leaves workers behind for a while,
+        # each in its own process group: end everything in the driver's session.
+        kill_session(proc.pid)
+    time.sleep(1.5)  # a joined Ray kills the dead driver's workers
+    committed = sorted(p.stem for p in status.glob("*.json"))
+    assert 1 <= len(committed) < 3, committed
+    before = {p: p.stat().st_mtime_ns for part in committed
+              for p in [status / f"{part}.json", *(Path(cfg.cache) / "parts" / part).rglob("*")]}
+
+    summary = run_stage1(cfg, base, progress=False)
+    assert summary.parts_skipped == len(committed)
+    assert summary.parts_done == 3 - len(committed)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # committed parts untouched
+    assert_same_records(all_records(reference[0].cache), all_records(cfg.cache))
+    tmp = Path(cfg.cache) / "tmp"
+    assert not any(p.is_file() for p in tmp.rglob("*"))  # the dead attempt's files are gone
+
+
+@pytest.mark.slow
+def test_joins_a_separately_started_ray_head(base, shards, tmp_path, reference):
+    """`ray start --head` in another process, then a driver that joins it by address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
+         f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:  # wait for the head's GCS port
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray start failed"
+                time.sleep(0.2)
+        cfg = make_cfg(shards, tmp_path / "cache")
+        out = subprocess.run(driver_cmd(cfg, base, f"127.0.0.1:{port}"), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(l for l in out.stdout.splitlines() if l.startswith("SUMMARY"))
+        assert json.loads(line.split(" ", 1)[1]) == {"parts_done": 3, "images": 15}
+        assert_same_records(all_records(reference[0].cache), all_records(cfg.cache))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        finally:
+            kill_session(head.pid)
