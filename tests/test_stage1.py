@@ -442,8 +442,10 @@ def test_joins_a_separately_started_ray_head(base, shards, tmp_path, reference):
         assert json.loads(line.split(" ", 1)[1]) == {"parts_done": 3, "images": 15}
         assert_same_records(all_records(reference[0].cache), all_records(cfg.cache))
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes
         try:
             head.wait(timeout=30)
-        finally:
-            kill_session(head.pid)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_session(head.pid)  # whatever did not stop
+        head.wait()
