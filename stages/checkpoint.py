@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointFormatError",
+    "CheckpointWriteError",
     "Checkpointer",
     "capture_rng_state",
     "load_checkpoint",
@@ -35,10 +36,29 @@ __all__ = [
 FORMAT = "tec-train-checkpoint"
 VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+# the temp names save() writes a step file and the `last` link under before renaming them
+_STEP_TMP_FILE = re.compile(r"^\.(step_\d{8,}\.pt|last)\.tmp-\d+$")
 
 
 class CheckpointFormatError(ValueError):
     """A file is not a stage-2 training checkpoint (one line naming it)."""
+
+
+class CheckpointWriteError(OSError, ValueError):
+    """Writing a checkpoint failed (disk full, I/O error): one line naming the file, the checkpoint
+    that is kept and what to do. An OSError with the original errno, and a ValueError so that the
+    CLI reports it as a user error (one line, no traceback)."""
+
+    def __init__(self, errno_: int | None, message: str, filename: str | None = None):
+        super().__init__(errno_, message)
+        self.message = message
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.errno, self.message, self.filename)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -107,6 +127,7 @@ class Checkpointer:
         self.is_writer = is_writer
         if is_writer:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temp_files()
 
     @property
     def last_path(self) -> Path:
@@ -146,18 +167,55 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            raise self._write_error(exc, path) from exc
         finally:
             if tmp.exists():
-                tmp.unlink()
+                try:
+                    tmp.unlink()
+                except OSError as exc:
+                    logger.warning("could not remove partial checkpoint %s (%s)", tmp, exc)
         link_tmp = self.directory / f".last.tmp-{os.getpid()}"
-        if link_tmp.is_symlink() or link_tmp.exists():
-            link_tmp.unlink()
-        os.symlink(path.name, link_tmp)
-        os.replace(link_tmp, self.last_path)
+        try:
+            if link_tmp.is_symlink() or link_tmp.exists():
+                link_tmp.unlink()
+            os.symlink(path.name, link_tmp)
+            os.replace(link_tmp, self.last_path)
+        except OSError as exc:
+            if link_tmp.is_symlink():
+                link_tmp.unlink(missing_ok=True)
+            raise self._write_error(exc, self.last_path) from exc
         self._fsync_dir()
         self._rotate(keep_also=path)
         logger.info("saved checkpoint %s", path)
         return path
+
+    def _write_error(self, exc: OSError, path: Path) -> CheckpointWriteError:
+        """The one-line error for a failed write of ``path`` (the previous checkpoint is kept)."""
+        previous = self.latest()
+        kept = (f"the previous checkpoint {previous} is kept" if previous is not None
+                else "no earlier checkpoint exists, so a rerun starts from step 0")
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return CheckpointWriteError(
+            exc.errno, f"writing checkpoint {path} failed: {reason}; {kept}; "
+            "free space and rerun to resume", str(path))
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete partial step files left by a write that was killed half-way (they are never
+        read: only complete files are renamed into place)."""
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return
+        for p in entries:
+            if _STEP_TMP_FILE.match(p.name):
+                try:
+                    p.unlink()
+                    logger.info("removed partial checkpoint %s left by an interrupted write", p)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logger.warning("could not remove partial checkpoint %s (%s)", p, exc)
 
     def _rotate(self, keep_also: Path) -> None:
         files = sorted(
@@ -167,6 +225,7 @@ class Checkpointer:
         for _, old in files[: max(len(files) - self.keep, 0)]:
             if old != keep_also:
                 old.unlink(missing_ok=True)
+        self._remove_stale_temp_files()
 
     def _fsync_dir(self) -> None:
         try:

@@ -364,6 +364,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
 
     from stages.sources import BadSample, decode_image
     from stages.views import render_views, view_params, views_to_arrays
+    from storage import PartCommittedError
 
     start = time.perf_counter()
     writer = writer if writer is not None else _open_writer(job.cache)
@@ -385,7 +386,10 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     crash_dir = job.hooks.get("crash_dir")
     delay = float(job.hooks.get("batch_delay_s") or 0.0)
 
-    part = writer.open_part(job.part)
+    try:
+        part = writer.open_part(job.part)
+    except PartCommittedError:  # committed since the check above
+        return _committed_elsewhere(result, start)
     assembler = _SampleAssembler(job.views, part.write)
     in_flight: collections.deque = collections.deque()
     buffer: list[torch.Tensor] = []  # uint8 [K,3,S,S] per sample, not yet submitted
@@ -445,11 +449,24 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
             submit(buffered)
         drain(0)
         part.commit(report=result.bad)
+    except PartCommittedError:
+        # Another writer of the same cache committed this part while this task computed it,
+        # e.g. a worker of a killed earlier run that still finished its task. Tasks are
+        # deterministic and idempotent: the part is there, this copy was dropped (commit aborts).
+        part.abort()
+        return _committed_elsewhere(result, start)
     except BaseException:
         part.abort()
         raise
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _committed_elsewhere(result: PartResult, start: float) -> PartResult:
+    logger.info("part %s was committed by another writer meanwhile; keeping that copy and "
+                "counting the part as already committed", result.part)
+    return PartResult(part=result.part, already_committed=True, worker=result.worker,
+                      seconds=time.perf_counter() - start)
 
 
 def _open_source(kind: str, path: str, shard_size: int):
@@ -666,8 +683,12 @@ def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: lis
             rate = images / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"parts {len(results) + len(failed)}/{len(jobs)}, "
                                 f"{rate:.1f} images/s")
-            logger.info("part %s committed: %d images, %d bad, %.1f s (worker %s)", res.part,
-                        res.images, len(res.bad), res.seconds, res.worker)
+            if res.already_committed:
+                logger.info("part %s was already committed (by another writer); skipped",
+                            res.part)
+            else:
+                logger.info("part %s committed: %d images, %d bad, %.1f s (worker %s)",
+                            res.part, res.images, len(res.bad), res.seconds, res.worker)
     finally:
         if bar is not None:
             bar.close()

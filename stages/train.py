@@ -377,12 +377,17 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
 
     if not Path(cache).exists():
         raise FileNotFoundError(f"cache: target cache {cache} does not exist; run stage 1 first")
-    try:
-        reader = open_cache(cache)
-    except CacheError as exc:
+
+    def refuse(exc: CacheError) -> CacheMismatchError:
         message = _one_line(exc)
-        raise CacheMismatchError(message if str(cache) in message else f"cache {cache}: {message}"
-                                 ) from None
+        return CacheMismatchError(message if str(cache) in message else f"cache {cache}: {message}")
+
+    try:
+        # the manifest's identity checksum is checked after the base model, so that a cache of
+        # another base model is named as such
+        reader = open_cache(cache, check_identity=False)
+    except CacheError as exc:
+        raise refuse(exc) from None
     manifest = reader.manifest
     cached_base = manifest.get("base_model", {})
     if base_model is not None:
@@ -393,6 +398,10 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
             raise CacheMismatchError(
                 f"cache {cache} was built with a different base model ({'; '.join(diff)}); "
                 "rebuild the cache with this base model or configure the one it was built with")
+    try:
+        reader.check_manifest_identity()
+    except CacheError as exc:
+        raise refuse(exc) from None
     return reader
 
 

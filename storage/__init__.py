@@ -24,13 +24,13 @@ Stage 2 reads::
 from .cache import CacheReader, CacheWriter, PartWriter, create_cache, open_cache, open_writer
 from .codecs import dequantize_rows, quantize_rows
 from .integrity import format_inspect, inspect_cache, verify_cache
-from .schema import (FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheSpec, decoded_nbytes,
-                     fingerprint_mismatch, part_name_for, record_nbytes)
+from .schema import (FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheSpec, PartCommittedError,
+                     decoded_nbytes, fingerprint_mismatch, part_name_for, record_nbytes)
 from .wds_backend import decode_wds_sample
 
 __all__ = [
-    "CacheError", "CacheReader", "CacheSpec", "CacheWriter", "FORMAT_NAME", "PartWriter",
-    "SCHEMA_VERSION", "create_cache", "decode_wds_sample", "decoded_nbytes", "dequantize_rows",
+    "CacheError", "CacheReader", "CacheSpec", "CacheWriter", "FORMAT_NAME", "PartCommittedError",
+    "PartWriter", "SCHEMA_VERSION", "create_cache", "decode_wds_sample", "decoded_nbytes", "dequantize_rows",
     "fingerprint_mismatch", "format_inspect", "inspect_cache", "open_cache", "open_writer",
     "part_name_for", "quantize_rows", "record_nbytes", "verify_cache",
 ]

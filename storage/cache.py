@@ -18,8 +18,9 @@ import numpy as np
 
 from . import layout
 from .codecs import codec_config, decode_view, prepare_views
-from .schema import (CacheError, CacheSpec, build_manifest, check_manifest_readable,
-                     fingerprint_mismatch, identity_mismatch, jsonable)
+from .schema import (IDENTITY_KEYS, CacheError, CacheSpec, PartCommittedError, build_manifest,
+                     check_manifest_readable, fingerprint_mismatch, identity_mismatch, jsonable,
+                     manifest_identity, manifest_section_digests)
 from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
 from .wds_backend import WdsPartReader, WdsPartWriter
 from .zarr_backend import ZarrPartReader, ZarrPartWriter
@@ -133,6 +134,43 @@ def part_checksum(files: dict) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def manifest_edits(manifest: dict, markers: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(parts, sections): the committed parts whose marker records another manifest identity than
+    `manifest` has now, and the identity sections found to differ (when the markers say).
+
+    ([], []) means the manifest is the one every part was committed under. Markers written before
+    markers recorded the identity (no ``manifest_identity``) are skipped.
+    """
+    current = manifest_identity(manifest)
+    parts = [p for p, m in markers.items()
+             if m.get("manifest_identity") is not None and m.get("manifest_identity") != current]
+    sections: list[str] = []
+    if parts:
+        now = manifest_section_digests(manifest)
+        for p in parts:
+            recorded = markers[p].get("manifest_sections")
+            if not isinstance(recorded, dict):
+                continue
+            sections.extend(k for k in IDENTITY_KEYS
+                            if k in recorded and recorded[k] != now[k] and k not in sections)
+    return parts, sections
+
+
+def slot_count_edits(manifest: dict, markers: dict[str, dict]) -> list[tuple[str, int, object]]:
+    """(part, slots in the manifest, slots in its commit marker) for each committed part whose
+    slot count in the manifest differs from the one it was committed with."""
+    out = []
+    for entry in manifest["parts"]:
+        marker = markers.get(entry["name"])
+        if marker is not None and "slots" in marker and marker["slots"] != entry["slots"]:
+            out.append((entry["name"], entry["slots"], marker["slots"]))
+    return out
+
+
+def _shown(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def part_summary(marker: dict) -> dict:
     """What the manifest keeps of a part's commit marker (per-file checksums stay in the marker)."""
     out = {k: marker[k] for k in ("status", "slots", "samples", "bad_samples", "bytes", "committed_at")
@@ -179,14 +217,14 @@ class CacheWriter:
     def open_part(self, part: str, *, overwrite: bool = False) -> "PartWriter":
         """Start writing a part; leftovers of an earlier unfinished attempt are discarded.
 
-        A committed part is refused unless overwrite=True (then it stops being visible now and
-        becomes visible again at commit).
+        A committed part is refused (PartCommittedError) unless overwrite=True (then it stops
+        being visible now and becomes visible again at commit).
         """
         self._check_part(part)
         if _read_marker(self.root, part) is not None:
             if not overwrite:
-                raise CacheError(f"part {part} of {self.root} is already committed; skip it or "
-                                 f"pass overwrite=True")
+                raise PartCommittedError(f"part {part} of {self.root} is already committed; skip "
+                                         f"it or pass overwrite=True", part)
             layout.marker_path(self.root, part).unlink()
             layout.fsync_dir(layout.marker_path(self.root, part).parent)
         layout.remove_tree(layout.part_tmp_root(self.root, part))
@@ -277,6 +315,8 @@ class PartWriter:
         """Finish the part and make it visible atomically (marker written last).
 
         report: bad samples of this part, e.g. [{'key': ..., 'reason': ...}], kept in the marker.
+        If another writer committed the part meanwhile, this copy is dropped and
+        PartCommittedError is raised (the committed part is left as it is).
         """
         if self._state != "open":
             raise CacheError(f"part {self.part}: commit after {self._state}")
@@ -303,11 +343,16 @@ class PartWriter:
                 "views": self.spec.views, "bad_samples": len(report),
                 "bytes": int(sum(f["bytes"] for f in files.values())),
                 "committed_at": _now(), "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+                # the manifest identity this part was written for: an edit of manifest.json
+                # after the commit (view policy, base model, ...) no longer matches it
+                "manifest_identity": manifest_identity(self.cache.manifest),
+                "manifest_sections": manifest_section_digests(self.cache.manifest),
                 "files": files, "report": report,
             }
             if _read_marker(self.cache.root, self.part) is not None:
-                raise CacheError(f"part {self.part} of {self.cache.root} was committed by another "
-                                 f"writer while this one was writing it; this copy is dropped")
+                raise PartCommittedError(
+                    f"part {self.part} of {self.cache.root} was committed by another writer while "
+                    f"this one was writing it; this copy is dropped", self.part)
             layout.commit_part_dir(self.cache.root, self.part, self._tmp, marker)
         except BaseException:
             self.abort()
@@ -379,12 +424,18 @@ class _FdCache:
             self._fds.clear()
 
 
-def open_cache(path: str | Path, *, require_complete: bool = True) -> "CacheReader":
+def open_cache(path: str | Path, *, require_complete: bool = True,
+               check_identity: bool = True) -> "CacheReader":
     """Open a cache for reading.
 
     Refuses (CacheError, one line) a path without a cache, another format, an unknown schema
     version, and - unless require_complete=False - a cache with parts not yet committed (the
     message lists them). With require_complete=False only committed parts are visible.
+    Also refuses a manifest that disagrees with the commit markers of its committed parts: a
+    part's slot count or part-status checksum, or identity sections (spec, base model, view
+    policy, source, parts) edited after the part was committed. check_identity=False defers the
+    last check to `CacheReader.check_manifest_identity()` (e.g. to compare the base model first,
+    for a more specific message). No part file is read beyond the sample lists.
     """
     root = Path(path)
     mpath = layout.manifest_path(root)
@@ -393,7 +444,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> "CacheRead
                          f"(precompute) first or check the path")
     manifest = layout.read_json(mpath, "manifest")
     check_manifest_readable(manifest, str(mpath))
-    return CacheReader(root, manifest, require_complete=require_complete)
+    return CacheReader(root, manifest, require_complete=require_complete,
+                       check_identity=check_identity)
 
 
 class CacheReader:
@@ -405,7 +457,7 @@ class CacheReader:
 
     def __init__(self, root: Path, manifest: dict, *, require_complete: bool = True,
                  max_open_files: int = DEFAULT_MAX_OPEN_FILES,
-                 max_open_parts: int = DEFAULT_MAX_OPEN_PARTS):
+                 max_open_parts: int = DEFAULT_MAX_OPEN_PARTS, check_identity: bool = True):
         self.root = Path(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
@@ -421,6 +473,9 @@ class CacheReader:
                 f"require_complete=False")
         self.parts = [p for p in all_parts if p in markers]
         self._markers = {p: markers[p] for p in self.parts}
+        self._check_against_markers()
+        if check_identity:
+            self.check_manifest_identity()
         slots_of = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
         self._slots_total = {p: slots_of[p] for p in self.parts}
         keys: list[str] = []
@@ -439,6 +494,42 @@ class CacheReader:
         self._starts = starts
         self._key_index: dict[str, int] | None = None
         self._reset_handles()
+
+    def _check_against_markers(self) -> None:
+        """The manifest's per-part facts (slot counts, part-status checksums written by finalize)
+        must agree with the commit markers, which are the truth. Markers only: no file is read."""
+        edits = slot_count_edits(self.manifest, self._markers)
+        if edits:
+            part, slots, committed = edits[0]
+            raise CacheError(
+                f"part {part} of cache {self.root}: {layout.MANIFEST} lists {slots} sample slots but "
+                f"the part was committed with {committed} (manifest edited?); run `tec cache "
+                f"verify`, restore the manifest or rebuild the cache")
+        status = self.manifest.get("part_status") or {}
+        if not isinstance(status, dict):
+            raise CacheError(f"cache {self.root}: part_status in {layout.MANIFEST} is not a "
+                             f"mapping; run `tec cache verify` and rerun stage 1 to finalize again")
+        for part in self.parts:
+            recorded = status.get(part)
+            if not isinstance(recorded, dict) or "checksum" not in recorded:
+                continue  # not finalized yet (or committed after the last finalize)
+            if recorded["checksum"] != part_checksum(self._markers[part].get("files", {})):
+                raise CacheError(
+                    f"part {part} of cache {self.root}: the manifest's part status checksum "
+                    f"differs from status/{part}.json (part rewritten after finalize, or an edited "
+                    f"file); run `tec cache verify`, then rerun stage 1 to finalize the cache again")
+
+    def check_manifest_identity(self) -> None:
+        """Raise CacheError if the manifest's identity sections (spec, base model, view policy,
+        source, parts) differ from those recorded in the committed parts' markers."""
+        parts, sections = manifest_edits(self.manifest, self._markers)
+        if parts:
+            what = f"changed: {', '.join(sections)}" if sections else "identity sections changed"
+            which = f"part {parts[0]} was" if len(parts) == 1 else f"parts {_shown(parts, 3)} were"
+            raise CacheError(
+                f"cache {self.root}: {layout.MANIFEST} was edited after {which} committed ({what}); "
+                f"it no longer matches the checksum in status/{parts[0]}.json - restore the "
+                f"manifest or rebuild the cache")
 
     def __repr__(self) -> str:
         return (f"CacheReader({str(self.root)!r}, backend={self.spec.backend}, codec={self.spec.codec}, "

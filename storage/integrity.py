@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from . import layout
-from .cache import _committed, _read_marker, open_cache, part_checksum
+from .cache import (_committed, _read_marker, _shown, manifest_edits, open_cache, part_checksum,
+                    slot_count_edits)
 from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
 
 
@@ -133,7 +134,9 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
     Each line names the part (or the manifest) and the file. Checks: manifest readable and of a
     known schema; every part committed; every file listed in the part's marker present with its
     size and sha256; no unlisted files; manifest part status (after finalize) agreeing with the
-    marker. deep=True also decodes every record. [] means the cache is intact.
+    marker; the manifest's identity sections and slot counts unchanged since each part was
+    committed (the marker records a checksum of them). deep=True also decodes every record.
+    [] means the cache is intact.
     """
     root = Path(path)
     try:
@@ -142,6 +145,7 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
         return [f"manifest: {e}"]
     problems: list[str] = []
     status = manifest.get("part_status") or {}
+    markers: dict[str, dict] = {}
     for entry in manifest["parts"]:
         part = entry["name"]
         try:
@@ -154,6 +158,7 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
                 f" (the manifest lists it as committed but status/{part}.json is missing)"
                 if status.get(part, {}).get("status") == "committed" else ""))
             continue
+        markers[part] = marker
         directory = layout.part_dir(root, part)
         files = marker.get("files", {})
         if not directory.is_dir():
@@ -178,6 +183,16 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
         if recorded is not None and recorded.get("checksum") != part_checksum(files):
             problems.append(f"part {part}: manifest part status differs from status/{part}.json "
                             f"(rewritten after finalize?); run finalize again")
+    for part, slots, committed in slot_count_edits(manifest, markers):
+        problems.append(f"part {part}: {layout.MANIFEST} lists {slots} sample slots, the part was "
+                        f"committed with {committed} (manifest edited?)")
+    edited, sections = manifest_edits(manifest, markers)
+    if edited:
+        what = f"changed: {', '.join(sections)}" if sections else "identity sections changed"
+        which = f"part {edited[0]} was" if len(edited) == 1 else f"parts {_shown(edited)} were"
+        problems.append(f"manifest: {layout.MANIFEST} was edited after {which} committed ({what}; "
+                        f"its identity checksum no longer matches the commit marker); restore it "
+                        f"or rebuild the cache")
     if deep and not problems:
         problems.extend(_decode_all(root))
     return problems

@@ -22,6 +22,7 @@ spec, base-model fingerprint, view policy, source fingerprint, codec, the part l
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +45,19 @@ _PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 class CacheError(ValueError):
     """A target cache that cannot be used as asked; the message is one line naming what and why."""
+
+
+class PartCommittedError(CacheError):
+    """The part being opened or committed is already committed (by another writer, e.g. a retried
+    or orphaned task of the same cache). Parts are deterministic, so a caller that only wants the
+    part to exist may treat this as done; the committed copy is left untouched."""
+
+    def __init__(self, message: str, part: str):
+        super().__init__(message)
+        self.part = part
+
+    def __reduce__(self):
+        return type(self), (str(self), self.part)
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,26 @@ def build_manifest(spec: CacheSpec, *, base_model: dict, view_policy: dict, sour
         "complete": False,
         "part_status": {},
     }
+
+
+def _canonical_sha256(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_identity(manifest: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys) of the manifest's identity sections.
+
+    Every commit marker records it (``manifest_identity``), so a manifest edited after a part was
+    committed (view policy, base model, spec, source, part list) is detected by `verify_cache`
+    and refused by `open_cache`.
+    """
+    return _canonical_sha256({key: manifest.get(key) for key in IDENTITY_KEYS})
+
+
+def manifest_section_digests(manifest: dict) -> dict[str, str]:
+    """sha256 of each identity section alone (markers keep them to name an edited section)."""
+    return {key: _canonical_sha256(manifest.get(key)) for key in IDENTITY_KEYS}
 
 
 def identity_mismatch(existing: dict, wanted: dict) -> list[str]:

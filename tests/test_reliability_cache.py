@@ -152,15 +152,6 @@ def _edit_part_status(manifest: dict) -> None:
     manifest["part_status"][PART]["checksum"] = "0" * 64
 
 
-_MANIFEST_IDENTITY_BUG = (
-    "storage.integrity.verify_cache checks part files against their commit markers and the "
-    "manifest's part_status only; the manifest's identity sections (view_policy, base_model, "
-    "spec, source, parts) are covered by no checksum, so an edited manifest passes verify")
-_PART_STATUS_BUG = (
-    "storage.cache.CacheReader ignores manifest.part_status: a manifest whose part checksums "
-    "disagree with the commit markers (which verify reports) is trained on without complaint")
-
-
 @dataclass(frozen=True)
 class Damage:
     name: str
@@ -195,16 +186,15 @@ DAMAGES = [
     Damage("webdataset: deleted part directory", "webdataset", delete_part, (PART, "missing"),
            (PART,)),
     Damage("manifest: view policy seed edited", "zarr",
-           edit_manifest(_set("view_policy", "seed", 8)), ("manifest",), ("rebuild the cache",),
-           verify_bug=_MANIFEST_IDENTITY_BUG),
+           edit_manifest(_set("view_policy", "seed", 8)), ("manifest",), ("rebuild the cache",)),
     Damage("manifest: base-model checkpoint sha256 edited", "zarr",
            edit_manifest(_set("base_model", "checkpoint_sha256", "1" * 64)), ("manifest",),
-           ("different base model", "checkpoint_sha256"), verify_bug=_MANIFEST_IDENTITY_BUG),
+           ("different base model", "checkpoint_sha256")),
     Damage("manifest: part slot count edited", "zarr", edit_manifest(
         lambda m: m["parts"][1].__setitem__("slots", m["parts"][1]["slots"] + 1)),
-        ("manifest",), (PART,), verify_bug=_MANIFEST_IDENTITY_BUG),
+        ("manifest",), (PART,)),
     Damage("manifest: part status checksum edited", "zarr", edit_manifest(_edit_part_status),
-           (PART, "part status"), (PART,), train_bug=_PART_STATUS_BUG),
+           (PART, "part status"), (PART,)),
     Damage("manifest: schema version edited", "zarr", edit_manifest(_set("schema_version", 2)),
            ("manifest", "schema version"), ("schema version",)),
     Damage("manifest: cut in half (invalid JSON)", "zarr", cut_manifest, ("manifest",),

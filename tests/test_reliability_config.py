@@ -48,10 +48,7 @@ def _no_debug(monkeypatch):
 
 RELIABILITY_CASES: list[BadInput] = [
     BadInput("empty config file", ("plan", "{ws}/empty.yaml"), "missing required section"),
-    BadInput("binary config file", ("plan", "{ws}/binary.yaml"), "binary.yaml",
-             known_bug="pipeline.config.load_config lets UnicodeDecodeError through: the message "
-                       "(\"'utf-8' codec can't decode byte 0x89 ...\") names neither the file "
-                       "nor what to do"),
+    BadInput("binary config file", ("plan", "{ws}/binary.yaml"), "binary.yaml"),
     BadInput("tab-indented config file", ("plan", "{ws}/tabs.yaml"), "tabs.yaml"),
     BadInput("--set with an unclosed list", ("plan", "{cfg}", "--set", "targets.views=[1, 2"),
              "targets.views"),

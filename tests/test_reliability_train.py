@@ -244,10 +244,6 @@ def test_killed_twice_then_resumed_gives_identical_weights(world, reference, tmp
     _check(details)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a checkpoint write killed half-way leaves checkpoints/.step_<n>.pt.tmp-<pid> behind for "
-    "good: stages.checkpoint.Checkpointer cleans neither at start nor in _rotate, so every such "
-    "crash leaks a partial checkpoint (GBs for ViT-B with optimizer state)"))
 def test_a_resume_removes_the_temp_file_of_a_killed_checkpoint_write(world, reference, tmp_path):
     out = tmp_path / "run"
     assert run_killed(world, out, {"seed": None, "phase": "checkpoint_write", "step": 5}) \
@@ -311,10 +307,6 @@ def test_a_checkpoint_write_failing_midway_keeps_the_previous_one(world, referen
     assert not diffs, diffs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a full disk while writing a checkpoint escapes `tec train` as an OSError traceback: "
-    "pipeline.cli.user_errors handles ValueError/FileNotFoundError/... but not OSError(ENOSPC), "
-    "and stages.checkpoint.Checkpointer.save does not turn it into a one-line error"))
 def test_tec_train_on_a_full_disk_says_so_in_one_line(world, tmp_path, monkeypatch):
     """The CLI's view of the same failure: exit != 0 and one line naming the disk problem."""
     config = pipeline_yaml(tmp_path / "c.yaml", shards=world["shards"], base=world["base"],

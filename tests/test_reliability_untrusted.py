@@ -289,8 +289,9 @@ def test_a_planted_source_index_is_rebuilt_not_unpickled(world, cache, tmp_path)
 
 @category("untrusted_files")
 def test_a_webdataset_cache_never_unpickles_records_npy(world, tmp_path):
-    """records.npy replaced by a pickled object array (and the marker edited to match, as an
-    attacker with write access would): training refuses, nothing is unpickled."""
+    """records.npy replaced by a pickled object array (and the marker, then the manifest's part
+    status, edited to match, as an attacker with write access would): training refuses, nothing
+    is unpickled."""
     import hashlib
     import json
 
@@ -307,6 +308,16 @@ def test_a_webdataset_cache_never_unpickles_records_npy(world, tmp_path):
     commit["files"]["records.npy"] = {"bytes": len(data),
                                       "sha256": hashlib.sha256(data).hexdigest()}
     status.write_text(json.dumps(commit))
+    # the manifest's part status no longer matches the edited marker: refused before any read
+    with pytest.raises(ValueError, match="shard-000001 .*part status checksum"):
+        train(run_config(epochs=1), cache=str(tmp_path / "cache"), source=None, base=None,
+              out_dir=tmp_path / "run", progress=False)
+    from storage.cache import part_checksum
+
+    manifest_path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())  # ... so the attacker edits it too
+    manifest["part_status"]["shard-000001"]["checksum"] = part_checksum(commit["files"])
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="records.npy"):
         train(run_config(epochs=1), cache=str(tmp_path / "cache"), source=None, base=None,
               out_dir=tmp_path / "run", progress=False)

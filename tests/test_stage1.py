@@ -289,6 +289,47 @@ def test_process_shard_runs_without_ray(base, shards, tmp_path, reference):
             np.testing.assert_allclose(a["features"], b["features"], rtol=2e-3, atol=2e-3)
 
 
+def test_a_part_committed_by_another_writer_meanwhile_counts_as_already_committed(
+        base, shards, tmp_path, reference):
+    """A worker of a killed earlier run (its Ray workers outlive the driver a few seconds) may
+    commit a part while the resumed run's task computes it: the task then reports the part as
+    already committed (tasks are deterministic) instead of failing, and that copy is kept."""
+    import shutil
+
+    from storage import CacheSpec, layout
+
+    ref_root = Path(reference[0].cache)
+    ref = open_cache(ref_root).manifest
+    root = tmp_path / "cache"
+    writer = create_cache(root, CacheSpec.from_dict(ref["spec"]),
+                          base_model=ref["base_model"], view_policy=ref["view_policy"],
+                          source=ref["source"],
+                          parts=[(p["name"], p["slots"]) for p in ref["parts"]])
+    job = ShardJob(shard=str(shards / "shard-000001.tar"), part="shard-000001", index=1, slots=5,
+                   source_kind="webdataset", source_path=str(shards), shard_size=6,
+                   cache=str(root), views=VIEWS,
+                   policy={k: v for k, v in ref["view_policy"].items() if k != "views"},
+                   batch_size=4, max_in_flight=2)
+    actor = BaseModelActor(to_dict(base), 2, K_MAX, float16=True)
+    calls = []
+
+    def racing_actor(batch):
+        if not calls:  # during this task's first batch, the other writer commits the part
+            shutil.copytree(layout.part_dir(ref_root, job.part), layout.part_dir(root, job.part))
+            layout.marker_path(root, job.part).parent.mkdir(exist_ok=True)
+            shutil.copy(layout.marker_path(ref_root, job.part), layout.marker_path(root, job.part))
+        calls.append(len(batch))
+        return actor(batch)
+
+    result = process_shard(job, [racing_actor], writer)
+    assert len(calls) == 4  # the task ran to its commit
+    assert result.already_committed and (result.images, result.forward_passes) == (0, 0)
+    assert writer.part_marker(job.part) == json.loads(
+        layout.marker_path(ref_root, job.part).read_text())  # the other copy is kept as it was
+    assert not any(layout.part_tmp_root(root, job.part).glob("*"))  # this copy was dropped
+    assert verify_cache(root) == [f"part {p}: not committed"
+                                  for p in ("shard-000000", "shard-000002")]
+
 def test_rerun_skips_committed_parts(ray_session, base, reference):
     cfg, _ = reference
     summary = run_stage1(cfg, base, progress=False)

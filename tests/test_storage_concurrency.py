@@ -119,3 +119,41 @@ def test_aborted_part_stays_absent_and_committed_part_is_not_reopened_by_acciden
     assert not writer.is_committed("p0")  # invisible while it is rewritten
     pw.abort()
     assert not writer.is_committed("p0")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+def test_a_part_committed_by_another_writer_meanwhile_is_signalled_and_kept(tmp_path, backend):
+    """Two writers of the same part (a retried or orphaned task): the later commit raises
+    PartCommittedError (which stage 1 treats as done), drops its copy and leaves the committed
+    part as it was; opening a committed part raises the same error."""
+    import pickle
+
+    from storage import PartCommittedError
+
+    s = spec(backend=backend)
+    path = tmp_path / "cache"
+    first = new_cache(path, s, [("p0", 3)])
+    # the other writer's committed part, held aside until this writer is at work on its copy
+    # (opening a part clears the part's temp area, so the two cannot simply interleave here)
+    written = write_part(open_writer(path), "p0", seed=0)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    os.rename(layout.part_dir(path, "p0"), aside / "p0")
+    os.rename(layout.marker_path(path, "p0"), aside / "p0.json")
+    late = first.open_part("p0")
+    late.write(0, "p0-0000", make_views(np.random.default_rng(1), s))
+    os.rename(aside / "p0", layout.part_dir(path, "p0"))  # ... and commits meanwhile
+    os.rename(aside / "p0.json", layout.marker_path(path, "p0"))
+    marker = first.part_marker("p0")
+    with pytest.raises(PartCommittedError, match="committed by another writer") as info:
+        late.commit()
+    assert info.value.part == "p0" and isinstance(info.value, CacheError)
+    again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (Ray) intact
+    assert type(again) is PartCommittedError and again.part == "p0" and str(again) == str(info.value)
+    assert first.part_marker("p0") == marker
+    assert not any(layout.part_tmp_root(path, "p0").glob("*"))  # this copy was dropped
+    with pytest.raises(PartCommittedError, match="already committed"):
+        first.open_part("p0")
+    cache = open_cache(path)
+    assert sorted(cache.keys) == sorted(written)
+    assert verify_cache(path) == []

@@ -210,3 +210,73 @@ def test_manifest_status_disagreeing_with_a_rewritten_part_is_reported(tmp_path)
                                   "(rewritten after finalize?); run finalize again"]
     writer.finalize()
     assert verify_cache(path) == []
+    assert open_cache(path).num_samples == 7
+
+
+def test_a_part_rewritten_after_finalize_is_refused_on_open_until_finalize_runs_again(tmp_path):
+    path, writer = _cache(tmp_path)
+    writer.finalize()
+    writer.open_part("p1", overwrite=True).abort()
+    write_part(writer, "p1", seed=7)
+    with pytest.raises(CacheError, match=r"part p1 of cache .*part status checksum differs"):
+        open_cache(path)
+    writer.finalize()
+    assert open_cache(path).num_samples == 7
+
+
+def _edit_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+@pytest.mark.parametrize("section,edit", [
+    ("view_policy", lambda m: m["view_policy"].__setitem__("seed", 12345)),
+    ("base_model", lambda m: m["base_model"].__setitem__("checkpoint_sha256", "1" * 64)),
+    ("spec", lambda m: m["spec"].__setitem__("k_max", m["spec"]["k_max"] + 1)),
+    ("source", lambda m: m["source"].__setitem__("num_samples", 99)),
+])
+def test_a_manifest_edited_after_commit_is_found_by_verify_and_refused_on_open(tmp_path, section,
+                                                                               edit):
+    """Each commit marker records a checksum of the manifest's identity sections."""
+    from storage.schema import manifest_identity
+
+    path, writer = _cache(tmp_path)
+    writer.finalize()
+    assert writer.part_marker("p0")["manifest_identity"] == manifest_identity(
+        json.loads((path / "manifest.json").read_text()))
+    _edit_manifest(path, edit)
+    problems = verify_cache(path)
+    assert len(problems) == 1 and problems[0].startswith("manifest: manifest.json was edited "
+                                                         "after parts p0, p1 were committed")
+    assert f"changed: {section}" in problems[0]
+    with pytest.raises(CacheError, match=f"manifest.json was edited .*changed: {section}.*"
+                                         "rebuild the cache"):
+        open_cache(path)
+    reader = open_cache(path, check_identity=False)  # the caller checks it later
+    with pytest.raises(CacheError, match="was edited"):
+        reader.check_manifest_identity()
+
+
+def test_an_edited_slot_count_names_the_part(tmp_path):
+    path, writer = _cache(tmp_path)
+    _edit_manifest(path, lambda m: m["parts"][1].__setitem__("slots", 4))
+    problems = verify_cache(path)
+    assert problems[0] == ("part p1: manifest.json lists 4 sample slots, the part was committed "
+                           "with 3 (manifest edited?)")
+    assert problems[1].startswith("manifest: ") and "changed: parts" in problems[1]
+    with pytest.raises(CacheError, match="part p1 of cache .* lists 4 sample slots"):
+        open_cache(path)
+
+
+def test_markers_without_a_manifest_identity_are_accepted(tmp_path):
+    """Caches whose markers predate the identity checksum still verify and open."""
+    path, writer = _cache(tmp_path)
+    for part in ("p0", "p1"):
+        mp = path / "status" / f"{part}.json"
+        marker = json.loads(mp.read_text())
+        del marker["manifest_identity"], marker["manifest_sections"]
+        mp.write_text(json.dumps(marker))
+    _edit_manifest(path, lambda m: m["view_policy"].__setitem__("seed", 12345))
+    assert verify_cache(path) == []
+    assert open_cache(path).num_samples == 7

@@ -225,8 +225,13 @@ def test_export_checkpoint_rebuilds_the_model_from_any_checkpoint(world, tmp_pat
         export_checkpoint(out, tmp_path / "x.safetensors")
 
 
-def _copy_cache(src: str, dst: Path, **manifest_changes) -> str:
+def _copy_cache(src: str, dst: Path, restamp: bool = False, **manifest_changes) -> str:
+    """A copy of a cache with manifest sections changed. restamp: also record the changed
+    manifest in the commit markers, as a stage 1 that ran with those settings (but wrote the
+    records it did) would have: a consistent cache whose records disagree with its manifest."""
     import shutil
+
+    from storage.schema import manifest_identity, manifest_section_digests
 
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
@@ -236,6 +241,12 @@ def _copy_cache(src: str, dst: Path, **manifest_changes) -> str:
         else:
             manifest[key] = value
     (dst / "manifest.json").write_text(json.dumps(manifest))
+    if restamp:
+        for status in (dst / "status").glob("*.json"):
+            marker = json.loads(status.read_text())
+            marker["manifest_identity"] = manifest_identity(manifest)
+            marker["manifest_sections"] = manifest_section_digests(manifest)
+            status.write_text(json.dumps(marker))
     return str(dst)
 
 
@@ -250,7 +261,7 @@ def test_an_unknown_schema_is_refused(world, tmp_path):
 def test_a_replay_mismatch_in_a_loader_worker_is_one_line(world, tmp_path):
     from stages.data import ReplayMismatchError
 
-    cache = _copy_cache(world["cache"], tmp_path / "cache", view_policy={"seed": 5})
+    cache = _copy_cache(world["cache"], tmp_path / "cache", restamp=True, view_policy={"seed": 5})
     with pytest.raises(ReplayMismatchError) as info:
         train(run_config(num_workers=1), cache=cache, source=None, base=None,
               out_dir=tmp_path / "out", progress=False)
