@@ -1,0 +1,510 @@
+"""Quality benchmark: a miniature of the TEC paper's Tab. 4 / Tab. 6 on Fashion-MNIST.
+
+    python benchmarks/quality.py              # full: 2 seeds, < 90 min on a 2-core CPU
+    python benchmarks/quality.py --reduced    # 1 seed, 10k-image subset, < 15 min
+    python benchmarks/quality.py --sweep      # choose blr / tau / k on a held-out split
+
+Writes ``benchmarks/results/quality.json`` (``quality_reduced.json``, ``quality_sweep.json``).
+
+Rows (``benchmarks/configs/quality.yaml``): the base model (pixel-target MAE, E_b epochs), TEC
+from its cache (E_t epochs, K views), TEC fully online (``online_fraction: 1.0``, E_t epochs),
+MAE for E_b + E_t epochs, and ablations from the same cache (no attention target, no adapters,
+channel-dim normalisation). Each seed has its own base model, cache and runs (seed s of TEC
+learns from seed s of the base model).
+
+Everything is driven through the library: ``pipeline.config.parse_config`` and
+``pipeline.orchestrate`` (prepare_data, ensure_base_checkpoint, train_run) and
+``stages.stage1.run_stage1``; finished steps are reused, so an interrupted run resumes.
+
+Metrics: k-NN and linear-probe top-1 (percent) on the 10k test set, on the cls token and on
+mean-pooled patch tokens. For every model, k-NN's k and temperature, the probe's learning rate
+and the read-out (cls or mean) of the headline numbers are chosen on a held-out part of the
+training images (``stages.evaluate.split_holdout``), never on the test set.
+Benchmarks report, they never assert.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--progress" not in sys.argv:
+    # the runs' progress bars would flood the log file; tqdm reads this when it is imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (CONFIGS_DIR, REPO_ROOT, RESULTS_DIR, mean_spread, result_header,  # noqa: E402
+                    setup_logging, write_result)
+
+log = logging.getLogger("benchmarks.quality")
+
+MAIN_ROWS = ("base", "tec", "tec_online", "mae_long")
+ROW_LABELS = {
+    "base": "base model: pixel MAE, E_b epochs",
+    "tec": "TEC from its cache, E_t epochs",
+    "tec_online": "TEC fully online (online_fraction 1.0), E_t epochs",
+    "mae_long": "pixel MAE, E_b + E_t epochs",
+    "tec_no_attention": "ablation: no attention target",
+    "tec_no_adapters": "ablation: no input/encoder adapters",
+    "tec_channel_norm": "ablation: channel-dim feature normalisation",
+}
+
+
+# ----------------------------------------------------------------------------- configuration
+def load_raw(path: str, overrides: list[str]) -> tuple[dict, dict]:
+    """(pipeline mapping, quality settings) after the --set overrides."""
+    import yaml
+
+    from pipeline.config import apply_overrides
+
+    raw = yaml.safe_load(Path(path).read_text())
+    raw = json.loads(json.dumps(raw))  # YAML anchors share dicts; overrides must not leak
+    raw = apply_overrides(raw, overrides)
+    quality = raw.pop("quality", {}) or {}
+    return raw, quality
+
+
+def seed_config(raw: dict, seed: int, *, with_ablations: bool):
+    """The pipeline config of one seed: its own workdir, bootstrap seed, run seeds."""
+    from pipeline.config import parse_config
+
+    raw = copy.deepcopy(raw)
+    raw["workdir"] = str(Path(raw["workdir"]) / f"seed{seed}")
+    raw.setdefault("targets", {}).pop("cache", None)  # per seed: <workdir>/cache
+    raw["bootstrap"]["run"]["seed"] = seed
+    runs = []
+    for run in raw.get("runs") or []:
+        if not with_ablations and run["name"] not in MAIN_ROWS:
+            continue
+        runs.append({**run, "seed": seed})
+    raw["runs"] = runs
+    return parse_config(raw, source_file="benchmarks/configs/quality.yaml")
+
+
+def derive_epochs(raw: dict) -> dict:
+    """E_b, E_t, and runs.mae_long.epochs = E_b + E_t (the same epochs as base + TEC)."""
+    e_b = int(raw["bootstrap"]["run"]["epochs"])
+    tec = next(r for r in raw["runs"] if r["name"] == "tec")
+    e_t = int(tec["epochs"])
+    for run in raw["runs"]:
+        if run["name"] == "mae_long":
+            run["epochs"] = e_b + e_t
+    return {"E_b": e_b, "E_t": e_t, "mae_long": e_b + e_t}
+
+
+def absolute(path: str) -> str:
+    return path if Path(path).is_absolute() else str(REPO_ROOT / path)
+
+
+def make_paths_absolute(raw: dict, quality: dict) -> None:
+    raw["workdir"] = absolute(raw["workdir"])
+    data = raw["data"]
+    for key in ("train", "test", "prepare_dir"):
+        if data.get(key):
+            data[key] = absolute(data[key])
+    quality["eval_train_shards"] = absolute(quality.get("eval_train_shards") or data["train"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+class EvalData:
+    """Decoded evaluation images (uint8 [N,3,S,S]) and labels, loaded once."""
+
+    def __init__(self, quality: dict, test_shards: str | None, img_size: int):
+        from stages.evaluate import load_eval_images
+
+        start = time.perf_counter()
+        self.train_x, self.train_y = load_eval_images(
+            quality["eval_train_shards"], img_size, limit=int(quality["eval_train"]))
+        self.test_x = self.test_y = None
+        if test_shards is not None:  # None: held-out scores only (the sweep)
+            self.test_x, self.test_y = load_eval_images(test_shards, img_size,
+                                                        limit=int(quality["eval_test"]))
+        self.seconds = time.perf_counter() - start
+        log.info("eval images: %d train, %s test (%.0f s)", len(self.train_y),
+                 len(self.test_y) if self.test_y is not None else "no", self.seconds)
+
+
+def knn_grid(fit_x, fit_y, val_x, val_y, ks, temperatures, num_classes: int) -> dict:
+    """Held-out k-NN top-1 for every (k, T): the neighbours are found once for the largest k.
+
+    Same rule as stages.evaluate.knn_predict (cosine, exp(sim/T) weighted vote)."""
+    fit = F.normalize(fit_x.float(), dim=1)
+    kmax = min(max(ks), fit.shape[0])
+    sims, labels = [], []
+    for start in range(0, val_x.shape[0], 512):
+        val = F.normalize(val_x[start:start + 512].float(), dim=1)
+        top_sim, top_idx = (val @ fit.T).topk(kmax, dim=1)
+        sims.append(top_sim)
+        labels.append(fit_y[top_idx])
+    sims, labels = torch.cat(sims), torch.cat(labels)
+    scores = {}
+    for k in ks:
+        for t in temperatures:
+            votes = torch.zeros(sims.shape[0], num_classes)
+            votes.scatter_add_(1, labels[:, :k], (sims[:, :k] / t).exp())
+            scores[(k, t)] = 100.0 * (votes.argmax(1) == val_y).float().mean().item()
+    return scores
+
+
+def evaluate_export(path: Path, arch: str, data: EvalData, quality: dict, *,
+                    test_set: bool = True) -> dict:
+    """k-NN and linear probe, cls and mean; hyper-parameters and read-out chosen on held-out.
+
+    test_set False (the sweep): held-out scores only, the test images are never touched."""
+    from stages.evaluate import (choose_lr, extract_features, knn_classify, linear_probe,
+                                 split_holdout)
+    from tec.teacher import load_base_model
+
+    start = time.perf_counter()
+    model = load_base_model(arch, path)
+    train = extract_features(model, data.train_x, data.train_y)
+    test = extract_features(model, data.test_x, data.test_y) if test_set else None
+    fraction = float(quality["holdout_fraction"])
+    fit_idx, val_idx = split_holdout(len(data.train_y), fraction, seed=0)
+    num_classes = int(data.train_y.max()) + 1
+    if test_set:
+        num_classes = max(num_classes, int(data.test_y.max()) + 1)
+    epochs = int(quality["linear_epochs"])
+    out: dict = {"file": str(path), "holdout": {}}
+    for readout in ("cls", "mean"):
+        feats = train[readout]
+        grid = knn_grid(feats[fit_idx], data.train_y[fit_idx], feats[val_idx],
+                        data.train_y[val_idx], quality["knn_k"], quality["knn_temperature"],
+                        num_classes)
+        (k, t), knn_holdout = max(grid.items(), key=lambda kv: kv[1])  # ties: first listed
+        lr, lr_scores = choose_lr(feats, data.train_y, quality["linear_lrs"], fraction=fraction,
+                                  seed=0, epochs=epochs)
+        if test_set:
+            out[f"knn_{readout}"] = knn_classify(feats, data.train_y, test[readout],
+                                                 data.test_y, k=k, temperature=t,
+                                                 num_classes=num_classes)
+            out[f"linear_{readout}"] = linear_probe(feats, data.train_y, test[readout],
+                                                    data.test_y, epochs=epochs, lr=lr,
+                                                    num_classes=num_classes)
+        out["holdout"][readout] = {
+            "knn_k": k, "knn_temperature": t, "knn_top1": knn_holdout,
+            "knn_grid": {f"k={kk},T={tt}": v for (kk, tt), v in grid.items()},
+            "linear_lr": lr, "linear_top1": lr_scores[lr],
+            "linear_grid": {str(a): v for a, v in lr_scores.items()},
+        }
+    for metric in ("knn", "linear"):
+        # the read-out of the headline number: the better one on held-out data
+        chosen = max(("cls", "mean"), key=lambda r: out["holdout"][r][f"{metric}_top1"])
+        out[f"{metric}_readout"] = chosen
+        if test_set:
+            out[f"{metric}_top1"] = out[f"{metric}_{chosen}"]
+    out["eval_seconds"] = time.perf_counter() - start
+    if test_set:
+        log.info("evaluated %s: knn %.2f (%s) linear %.2f (%s) in %.0f s",
+                 path.parent.parent.name, out["knn_top1"], out["knn_readout"],
+                 out["linear_top1"], out["linear_readout"], out["eval_seconds"])
+    return out
+
+
+def evaluate_cached(path: Path, arch: str, data_fn, quality: dict, *,
+                    test_set: bool = True) -> dict:
+    """evaluate_export, reusing <export>.quality.json written for the same file and settings."""
+    from tec.teacher import file_sha256
+
+    settings = {k: quality[k] for k in ("eval_train_shards", "eval_train", "eval_test",
+                                         "holdout_fraction", "knn_k", "knn_temperature",
+                                         "linear_lrs", "linear_epochs")}
+    key = {"sha256": file_sha256(path), "settings": settings, "test_set": test_set}
+    memo = path.with_name(path.name + ".quality.json")
+    if memo.is_file():
+        saved = json.loads(memo.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    result = evaluate_export(path, arch, data_fn(), quality, test_set=test_set)
+    memo.write_text(json.dumps({"key": key, "result": result}, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------- one seed
+def run_seed(cfg, *, steps: dict) -> dict:
+    """Bootstrap the base model, build the cache, train every run; returns model files and
+    per-run training summaries (reused work shows as reused)."""
+    from pipeline.orchestrate import (PipelineSummary, bootstrap_dir, ensure_base_checkpoint,
+                                      find_export, train_run)
+    from stages.stage1 import run_stage1
+
+    summary = PipelineSummary()
+    t0 = time.perf_counter()
+    base = ensure_base_checkpoint(cfg, summary=summary)
+    steps["bootstrap_s"] = time.perf_counter() - t0
+    models = {"base": Path(base.checkpoint)}
+    info = {"base": _run_info(bootstrap_dir(cfg))}
+    needs_cache = any(r.model_config().target == "tec" and r.online_fraction < 1.0
+                      for r in cfg.runs)
+    if needs_cache:
+        t0 = time.perf_counter()
+        s1 = run_stage1(cfg.targets, base, progress=False)
+        steps["stage1_s"] = time.perf_counter() - t0
+        steps["stage1_images_rate"] = s1.images_per_s if s1.parts_done else None
+    for run in cfg.runs:
+        t0 = time.perf_counter()
+        result = train_run(cfg, run, base)
+        steps[f"train_{run.name}_s"] = time.perf_counter() - t0
+        if result is not None:
+            log.info("run %s: %d steps, %.0f samples/s", run.name, result.steps,
+                     result.samples_per_s)
+        models[run.name] = find_export(cfg.run_dir(run.name))
+        info[run.name] = _run_info(cfg.run_dir(run.name))
+    return {"models": models, "runs": info, "summary": summary.steps}
+
+
+def _run_info(run_dir: Path) -> dict:
+    """Samples/s and losses from the run's metrics.csv (present for fresh and reused runs)."""
+    import csv
+
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    rates = [float(r["samples_per_s"]) for r in rows if r.get("samples_per_s")]
+    last = rows[-1]
+    return {"steps": int(last["step"]), "final_loss": float(last["loss"]),
+            "samples_per_s_mean_logged": sum(rates) / len(rates) if rates else None}
+
+
+# ----------------------------------------------------------------------------- main modes
+def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
+    from pipeline.orchestrate import prepare_data
+
+    epochs = derive_epochs(raw)
+    seeds = [int(s) for s in quality["seeds"]]
+    ablation_seeds = [int(s) for s in quality.get("ablation_seeds", [seeds[0]])]
+    steps: dict = {}
+    data_cache: dict = {}
+    per_seed: dict = {}
+    arch = raw["base_model"]["arch"]
+    img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
+
+    def data_fn() -> EvalData:
+        if "data" not in data_cache:
+            data_cache["data"] = EvalData(quality, raw["data"]["test"], img_size)
+            steps["eval_images_s"] = data_cache["data"].seconds
+        return data_cache["data"]
+
+    if not set(ablation_seeds) <= set(seeds):
+        raise ValueError(f"quality.ablation_seeds {ablation_seeds} must be among quality.seeds "
+                         f"{seeds}")
+    for seed in seeds:
+        cfg = seed_config(raw, seed, with_ablations=seed in ablation_seeds)
+        if not per_seed:
+            t0 = time.perf_counter()
+            steps["data"] = prepare_data(cfg)
+            steps["data_s"] = time.perf_counter() - t0
+        seed_steps: dict = {}
+        trained = run_seed(cfg, steps=seed_steps)
+        evals = {}
+        for row, path in trained["models"].items():
+            t0 = time.perf_counter()
+            evals[row] = evaluate_cached(path, arch, data_fn, quality)
+            seed_steps[f"eval_{row}_s"] = time.perf_counter() - t0
+        per_seed[seed] = {"steps": seed_steps, "runs": trained["runs"], "eval": evals,
+                          "pipeline": trained["summary"]}
+    rows = []
+    for row in ROW_LABELS:
+        results = [(s, per_seed[s]["eval"][row]) for s in per_seed if row in per_seed[s]["eval"]]
+        if not results:
+            continue
+        entry = {
+            "name": row,
+            "description": ROW_LABELS[row],
+            "epochs": _row_epochs(row, epochs),
+            "seeds": [s for s, _ in results],
+        }
+        for metric in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
+                       "linear_mean"):
+            stats = mean_spread([r[metric] for _, r in results])
+            entry[metric] = stats["mean"]
+            entry[f"{metric}_std"] = stats["std"]
+            entry[f"{metric}_values"] = stats["values"]
+        entry["readouts"] = {"knn": [r["knn_readout"] for _, r in results],
+                             "linear": [r["linear_readout"] for _, r in results]}
+        entry["train"] = [per_seed[s]["runs"].get(row, {}) for s, _ in results]
+        rows.append(entry)
+    return {"epochs": epochs, "rows": rows, "goals": goals(rows, per_seed),
+            "per_seed": {str(s): v for s, v in per_seed.items()}, "steps": steps,
+            "files": {row: [str(per_seed[s]["eval"][row]["file"]) for s in per_seed
+                            if row in per_seed[s]["eval"]] for row in ROW_LABELS}}
+
+
+def _row_epochs(row: str, epochs: dict) -> int | str:
+    if row == "base":
+        return epochs["E_b"]
+    if row == "mae_long":
+        return epochs["mae_long"]
+    return epochs["E_t"]
+
+
+def goals(rows: list[dict], per_seed: dict) -> dict:
+    """The three goals, measured (means over seeds, and per seed where rows pair up)."""
+    by = {r["name"]: r for r in rows}
+    out = {}
+
+    def diff(a: str, b: str, metric: str):
+        if a in by and b in by:
+            paired = [per_seed[s]["eval"][a][metric] - per_seed[s]["eval"][b][metric]
+                      for s in per_seed if a in per_seed[s]["eval"] and b in per_seed[s]["eval"]]
+            return round(by[a][metric] - by[b][metric], 6), [round(p, 6) for p in paired]
+        return None, []
+
+    for metric in ("knn_top1", "linear_top1"):
+        d, paired = diff("tec", "base", metric)
+        out[f"tec_minus_base_{metric}"] = {"mean": d, "per_seed": paired, "goal": ">= 1.0",
+                                           "met": d is not None and d >= 1.0}
+        d, paired = diff("tec", "mae_long", metric)
+        out[f"tec_minus_mae_long_{metric}"] = {"mean": d, "per_seed": paired, "goal": "> 0",
+                                               "met": d is not None and d > 0}
+        d, paired = diff("tec", "tec_online", metric)
+        out[f"tec_minus_online_{metric}"] = {"mean": d, "per_seed": paired,
+                                             "goal": "abs(diff) <= 0.5",
+                                             "met": d is not None and abs(d) <= 0.5}
+    return out
+
+
+def run_sweep(raw: dict, quality: dict) -> dict:
+    """Held-out choice of the pretraining hyper-parameters (seed 0, the sweep's small setting).
+
+    Stage A: base-model blr (pixel MAE) -> the best base by held-out k-NN (read-out chosen on
+    held-out too). Stage B: TEC blr at the config's tau/k. Stage C: tau x k at the best blr.
+    Scores are k-NN top-1 on the held-out split of the training images only.
+    """
+    from pipeline.orchestrate import prepare_data
+
+    sweep = quality["sweep"]
+    arch = raw["base_model"]["arch"]
+    img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
+    data_cache: dict = {}
+
+    def data_fn() -> EvalData:
+        if "data" not in data_cache:
+            data_cache["data"] = EvalData(quality, None, img_size)
+        return data_cache["data"]
+
+    def holdout_score(path: Path) -> dict:
+        ev = evaluate_cached(path, arch, data_fn, quality, test_set=False)
+        best = {m: max(ev["holdout"][r][f"{m}_top1"] for r in ("cls", "mean"))
+                for m in ("knn", "linear")}
+        return {"knn_holdout": best["knn"], "linear_holdout": best["linear"]}
+
+    tec_run = next(r for r in raw["runs"] if r["name"] == "tec")
+    stages: dict = {"A_base_blr": {}, "B_tec_blr": {}, "C_tau_k": {}}
+    start = time.perf_counter()
+    # A: base blr
+    bases = {}
+    for blr in sweep["base_blr"]:
+        raw_a = copy.deepcopy(raw)
+        raw_a["workdir"] = str(Path(raw["workdir"]) / f"base_blr{blr:g}")
+        raw_a["bootstrap"]["run"]["blr"] = blr
+        raw_a["runs"] = []
+        cfg = seed_config(raw_a, 0, with_ablations=False)
+        if not bases:
+            prepare_data(cfg)
+        trained = run_seed(cfg, steps={})
+        bases[blr] = raw_a
+        stages["A_base_blr"][f"{blr:g}"] = holdout_score(trained["models"]["base"])
+    best_base = max(sweep["base_blr"], key=lambda b: stages["A_base_blr"][f"{b:g}"]["knn_holdout"])
+    raw_b = bases[best_base]
+
+    def tec_variant(**changes) -> dict:
+        run = copy.deepcopy(tec_run)
+        run["blr"] = changes.pop("blr", run["blr"])
+        run["model"] = {**run["model"], **changes}
+        # named by its values, so stage C reuses stage B's run with the same values
+        name = f"tec_blr{run['blr']:g}_tau{run['model']['tau']:g}_k{run['model']['k']}"
+        run["name"] = name
+        raw_v = copy.deepcopy(raw_b)
+        raw_v["runs"] = [run]
+        cfg = seed_config(raw_v, 0, with_ablations=True)
+        trained = run_seed(cfg, steps={})
+        return holdout_score(trained["models"][name])
+
+    for blr in sweep["tec_blr"]:
+        stages["B_tec_blr"][f"{blr:g}"] = tec_variant(blr=blr)
+    best_blr = max(sweep["tec_blr"], key=lambda b: stages["B_tec_blr"][f"{b:g}"]["knn_holdout"])
+    for tau in sweep["tau"]:
+        for k in sweep["k"]:
+            stages["C_tau_k"][f"tau={tau:g},k={k}"] = tec_variant(blr=best_blr, tau=tau, k=k)
+    best_tau_k = max(stages["C_tau_k"], key=lambda n: stages["C_tau_k"][n]["knn_holdout"])
+    return {"stages": stages, "chosen": {"base_blr": best_base, "tec_blr": best_blr,
+                                         "tau_k": best_tau_k},
+            "selection_metric": "k-NN top-1 on the held-out split of the training images",
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(CONFIGS_DIR / "quality.yaml"))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--reduced", action="store_true", help="the < 15 min version")
+    mode.add_argument("--sweep", action="store_true", help="held-out hyper-parameter sweep")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (as `tec run --set`)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--progress", action="store_true", help="show the training bars")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    started = time.perf_counter()
+
+    import yaml
+
+    base_raw = yaml.safe_load(Path(args.config).read_text())
+    q0 = base_raw.get("quality", {})
+    if args.reduced:
+        overrides, name = list(q0.get("reduced", [])) + args.set, "quality_reduced"
+    elif args.sweep:
+        overrides, name = list(q0.get("sweep", {}).get("overrides", [])) + args.set, \
+            "quality_sweep"
+    else:
+        overrides, name = list(args.set), "quality"
+    raw, quality = load_raw(args.config, overrides)
+    make_paths_absolute(raw, quality)
+    result = result_header(name)
+    config_record = {"file": str(Path(args.config)), "overrides": overrides,
+                     "pipeline": copy.deepcopy(raw), "quality": quality}
+    if args.sweep:
+        result.update(run_sweep(raw, quality))
+    else:
+        result.update(run_benchmark(raw, quality, name=name))
+    result["config"] = config_record
+    result["runtime_s"] = time.perf_counter() - started
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
+    write_result(result, out)
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['benchmark']} on {result['device']}, {result['runtime_s'] / 60:.1f} min")
+    if "rows" in result:
+        print(f"{'row':<18} {'epochs':>6} {'seeds':>5}  {'k-NN':>13}  {'linear':>13}")
+        for r in result["rows"]:
+            print(f"{r['name']:<18} {r['epochs']:>6} {len(r['seeds']):>5}  "
+                  f"{r['knn_top1']:6.2f} ± {r['knn_top1_std']:4.2f}  "
+                  f"{r['linear_top1']:6.2f} ± {r['linear_top1_std']:4.2f}")
+        for name, g in result["goals"].items():
+            mean = "n/a" if g["mean"] is None else f"{g['mean']:+.2f}"
+            print(f"  {name:<34} {mean:>7}  goal {g['goal']:<13} "
+                  f"{'met' if g['met'] else 'not met'}")
+    else:
+        print(json.dumps({"chosen": result["chosen"], "stages": result["stages"]}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

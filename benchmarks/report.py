@@ -1,0 +1,232 @@
+"""Render the result tables of benchmarks/README.md from benchmarks/results/*.json.
+
+    python benchmarks/report.py            # rewrite the tables in README.md in place
+    python benchmarks/report.py --print    # print them instead
+
+The README keeps hand-written findings outside the generated blocks, which sit between
+``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers (names: speed, quality,
+quality_reduced, quality_sweep). A block whose result file is missing says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, RESULTS_DIR  # noqa: E402
+
+README = REPO_ROOT / "benchmarks" / "README.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _provenance(r: dict) -> str:
+    git = r.get("git", {})
+    commit = (git.get("commit") or "unknown")[:10] + (" (dirty tree)" if git.get("dirty") else "")
+    m = r["machine"]
+    load = m.get("load_average_at_start")
+    return (f"_{r['benchmark']}: `{r['command']}` on {r['device']}, GPU: "
+            f"{m.get('gpu') or 'none'}; commit {commit}; {r['created']}; runtime "
+            f"{r['runtime_s'] / 60:.1f} min; load average at start {load}, at end "
+            f"{m.get('load_average_at_end')}._")
+
+
+def speed_block() -> str:
+    r = _load("speed")
+    if r is None:
+        return "_No result yet: run `python benchmarks/speed.py`._"
+    raw, sec, g = r["raw"], r["secondary"], r["goals"]
+
+    def verdict(name: str) -> str:
+        return "met" if r[name] >= g[name] else "**not met**"
+
+    fwd = raw["forward_only_before"]
+    lines = [
+        "| metric | definition (measured) | CPU (this machine) | GPU | goal |",
+        "|---|---|---|---|---|",
+        f"| stage-1 efficiency | {_fmt(raw['stage1_views_per_s'], 1)} views/s end to end "
+        f"(best steady part) ÷ {_fmt(raw['forward_only_views_per_s'], 1)} views/s forward only "
+        f"(best pass) "
+        f"({fwd['threads']} thread(s), batch {fwd['batch_size']}) | "
+        f"{_fmt(r['stage1_efficiency'])} | not measured | >= {g['stage1_efficiency']} "
+        f"({verdict('stage1_efficiency')}) |",
+        f"| stage-2 speedup | {_fmt(raw['train_cached_samples_per_s'])} samples/s from the cache "
+        f"÷ {_fmt(raw['train_online_samples_per_s'])} samples/s online (p90 steps) | "
+        f"{_fmt(r['stage2_speedup'])} | not measured | >= {g['stage2_speedup']} "
+        f"({verdict('stage2_speedup')}) |",
+        f"| loader headroom | {_fmt(raw['loader_samples_per_s'], 1)} samples/s loader alone ÷ "
+        f"{_fmt(raw['train_cached_samples_per_s'])} samples/s training | "
+        f"{_fmt(r['loader_headroom'], 1)} | not measured | >= {g['loader_headroom']} "
+        f"({verdict('loader_headroom')}) |",
+        f"| storage, float16 | {_fmt(raw['storage_fp16']['bytes_per_view'], 0)} B per view on "
+        f"disk ÷ {raw['storage_fp16']['float32_bytes_per_view']} B float32 tensors | "
+        f"{_fmt(r['bytes_per_view_ratio_fp16'], 3)} | (same) | report |",
+        f"| storage, int8 | {_fmt(raw['storage_int8']['bytes_per_view'], 0)} B per view on disk "
+        f"÷ {raw['storage_int8']['float32_bytes_per_view']} B float32 tensors | "
+        f"{_fmt(r['bytes_per_view_ratio_int8'], 3)} | (same) | report |",
+        "",
+        f"Estimator: {r['estimator']}",
+        "",
+        "Secondary ratios from the same run:",
+        "",
+        "| ratio | value |",
+        "|---|---|",
+        f"| stage-1 efficiency, median-based (mean of the two float16 runs' rates after their "
+        f"first part ÷ median forward-only pass) | {_fmt(sec['stage1_efficiency_median_based'])} |",
+        f"| stage-1 efficiency, all parts (first part included) ÷ median forward-only pass | "
+        f"{_fmt(sec['stage1_efficiency_all_parts_median_based'])} |",
+        f"| stage-1 first part's extra seconds (fresh Ray worker: imports, first calls) | "
+        f"{', '.join(_fmt(v, 1) for v in sec['stage1_first_part_extra_s'])} |",
+        f"| stage-2 speedup, median steps ({_fmt(raw['train_cached_samples_per_s_median'])} ÷ "
+        f"{_fmt(raw['train_online_samples_per_s_median'])} samples/s) | "
+        f"{_fmt(sec['stage2_speedup_median_step'])} |",
+        f"| loader headroom, median steps | {_fmt(sec['loader_headroom_median_step'], 1)} |",
+        f"| stage-1 efficiency incl. the driver's setup (Ray already up: actor start, model "
+        f"load, cache create/finalize) | {_fmt(sec['stage1_efficiency_incl_driver_setup'])} |",
+        f"| stage-1 efficiency incl. starting Ray | "
+        f"{_fmt(sec['stage1_efficiency_incl_ray_startup'])} |",
+        f"| stage-1 efficiency vs. forward + target extraction (the actor's own compute) | "
+        f"{_fmt(sec['stage1_efficiency_vs_forward_plus_targets'])} |",
+        f"| target extraction cost: forward-only ÷ forward+targets throughput | "
+        f"{_fmt(sec['targets_cost_vs_forward'])} |",
+        f"| stage-1 efficiency of each float16 run (all parts ÷ median forward pass) | "
+        f"{', '.join(_fmt(v) for v in sec['stage1_efficiency_each_fp16_run'])} |",
+        f"| stage-1 efficiency with the int8 codec | {_fmt(sec['stage1_efficiency_int8'])} |",
+        f"| forward-only views/s while another process decodes flat out ÷ alone | "
+        f"{_fmt(sec['forward_with_decode_vs_forward_alone'])} |",
+        f"| actor share of one shard's time, run serially in-process "
+        f"(actor / decode+views / write+commit ms per view: "
+        f"{', '.join(_fmt(v, 1) for v in raw['stage1_profile_serial']['ms_per_view'].values())})"
+        f" | {_fmt(sec['profile_actor_share_serial'])} |",
+        f"| stage-2 speedup over the whole fits (incl. start-up steps) | "
+        f"{_fmt(sec['stage2_speedup_whole_fit'])} |",
+        f"| stage-2 speedup from mean step times | "
+        f"{_fmt(sec['stage2_speedup_mean_step_time'])} |",
+        f"| stage-2 speedup of each cached/online segment pair (median steps) | "
+        f"{', '.join(_fmt(v) for v in sec['stage2_speedup_each_segment'])} |",
+        f"| loader headroom estimated inside the training run (worker busy time) | "
+        f"{_fmt(sec['loader_headroom_in_run_estimate'], 1)} |",
+        f"| int8 vs float16 cache: relative RMS error of features / attention logits | "
+        f"{_fmt(sec['int8_error']['features']['relative_rms'], 4)} / "
+        f"{_fmt(sec['int8_error']['attn_logits']['relative_rms'], 4)} |",
+        "",
+        f"Setup: {r['config']['images']} synthetic JPEGs of "
+        f"{r['config']['image_size_range'][0]}-{r['config']['image_size_range'][1]} px, "
+        f"K = {r['config']['targets']['views']} views, stage-1 batch "
+        f"{r['config']['targets']['batch_size']}, stage-1 plan {raw['stage1_plan']}; training "
+        f"batch {r['config']['train']['batch_size']}, {r['config']['train']['segments_per_mode']} "
+        f"segments of {r['config']['train']['epochs']} epoch(s) per mode run cached/online "
+        f"alternately, {r['config']['train']['num_workers']} loader worker(s), the median "
+        f"step rate after the first {r['config']['train']['warmup_steps_excluded']} steps of "
+        f"each segment; stage 1 {_fmt(raw['stage1_images_per_s'], 1)} source images/s.",
+        "",
+        _provenance(r),
+    ]
+    return "\n".join(lines)
+
+
+def quality_block(name: str) -> str:
+    r = _load(name)
+    if r is None:
+        flag = " --reduced" if name.endswith("reduced") else ""
+        return f"_No result yet: run `python benchmarks/quality.py{flag}`._"
+    lines = [
+        "| row | epochs | seeds | k-NN top-1 | linear top-1 | k-NN cls / mean | "
+        "linear cls / mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['name']} ({row['description']}) | {row['epochs']} | {len(row['seeds'])} | "
+            f"{_fmt(row['knn_top1'])} ± {_fmt(row['knn_top1_std'])} | "
+            f"{_fmt(row['linear_top1'])} ± {_fmt(row['linear_top1_std'])} | "
+            f"{_fmt(row['knn_cls'])} / {_fmt(row['knn_mean'])} | "
+            f"{_fmt(row['linear_cls'])} / {_fmt(row['linear_mean'])} |")
+    lines += ["", "| goal | measured (mean over seeds; per seed) | goal | |", "|---|---|---|---|"]
+    for goal, g in r["goals"].items():
+        per_seed = ", ".join(f"{v:+.2f}" for v in g["per_seed"])
+        mean = "n/a" if g["mean"] is None else f"{g['mean']:+.2f}"
+        lines.append(f"| {goal} | {mean} ({per_seed}) | {g['goal']} | "
+                     f"{'met' if g['met'] else '**not met**'} |")
+    q = r["config"]["quality"]
+    steps = r.get("per_seed", {})
+    timing = []
+    for seed, info in steps.items():
+        st = info["steps"]
+        parts = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in st.items()
+                          if k.endswith("_s") and isinstance(v, (int, float)))
+        timing.append(f"seed {seed}: {parts}")
+    lines += [
+        "",
+        f"± is the sample standard deviation over seeds (0 with one seed). Evaluation: "
+        f"{q['eval_train']} training images (k-NN bank / probe training), {q['eval_test']} "
+        f"test images; k in {q['knn_k']}, T in {q['knn_temperature']}, probe lr in "
+        f"{q['linear_lrs']} ({q['linear_epochs']} epochs) and the headline read-out chosen "
+        f"per model on a {q['holdout_fraction']:.0%} held-out split of those training images.",
+        "",
+        "Time per step: " + "; ".join(timing) + ".",
+        "",
+        _provenance(r),
+    ]
+    return "\n".join(lines)
+
+
+def sweep_block() -> str:
+    r = _load("quality_sweep")
+    if r is None:
+        return "_No result yet: run `python benchmarks/quality.py --sweep`._"
+    lines = ["| stage | setting | held-out k-NN top-1 | held-out linear top-1 |",
+             "|---|---|---|---|"]
+    for stage, entries in r["stages"].items():
+        for setting, score in entries.items():
+            lines.append(f"| {stage} | {setting} | {_fmt(score['knn_holdout'])} | "
+                         f"{_fmt(score['linear_holdout'])} |")
+    lines += ["", f"Chosen: {r['chosen']} (by {r['selection_metric']}).", "",
+              _provenance(r)]
+    return "\n".join(lines)
+
+
+BLOCKS = {
+    "speed": speed_block,
+    "quality": lambda: quality_block("quality"),
+    "quality_reduced": lambda: quality_block("quality_reduced"),
+    "quality_sweep": sweep_block,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--print", action="store_true", help="print instead of editing README")
+    args = parser.parse_args(argv)
+    rendered = {name: fn() for name, fn in BLOCKS.items()}
+    if args.print:
+        for name, text in rendered.items():
+            print(f"## {name}\n\n{text}\n")
+        return 0
+    text = README.read_text()
+    for name, block in rendered.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
+        if not pattern.search(text):
+            print(f"README has no block {name}; skipped", file=sys.stderr)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+    README.write_text(text)
+    print(f"updated {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
