@@ -253,9 +253,11 @@ def run_seed(cfg, *, steps: dict) -> dict:
         t0 = time.perf_counter()
         result = train_run(cfg, run, base)
         steps[f"train_{run.name}_s"] = time.perf_counter() - t0
-        if result is not None:
+        if result is not None and result.samples:
             log.info("run %s: %d steps, %.0f samples/s", run.name, result.steps,
                      result.samples_per_s)
+        elif result is not None:
+            log.info("run %s: reused (finished earlier, %d steps)", run.name, result.steps)
         models[run.name] = find_export(cfg.run_dir(run.name))
         info[run.name] = _run_info(cfg.run_dir(run.name))
     return {"models": models, "runs": info, "summary": summary.steps}

@@ -111,6 +111,8 @@ def speed_block() -> str:
         f"(actor / decode+views / write+commit ms per view: "
         f"{', '.join(_fmt(v, 1) for v in raw['stage1_profile_serial']['ms_per_view'].values())})"
         f" | {_fmt(sec['profile_actor_share_serial'])} |",
+        f"| stage-2 speedup if FLOP-bound: (new-model step + base forward) ÷ new-model step, "
+        f"counted as `tec plan` does | {_fmt(sec['stage2_speedup_flops_bound'])} |",
         f"| stage-2 speedup over the whole fits (incl. start-up steps) | "
         f"{_fmt(sec['stage2_speedup_whole_fit'])} |",
         f"| stage-2 speedup from mean step times | "

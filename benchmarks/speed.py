@@ -680,6 +680,17 @@ def main(argv: list[str] | None = None) -> int:
     s1_images = statistics.fmean(r.get("images_per_s_parts", r["images_per_s_wall"])
                                  for r in s1_fp16)
     s1_wall_views = statistics.fmean(r["views_per_s_wall"] for r in s1_fp16)
+    from pipeline.plan import new_model_forward_flops, vit_forward_flops
+    from tec.model import NewModelConfig
+
+    g = base_geometry
+    new_cfg = NewModelConfig(**run.model_config(img_size=g["img_size"], patch_size=g["patch_size"],
+                                                base_embed_dim=g["embed_dim"],
+                                                base_num_heads=g["num_heads"]).to_dict())
+    step_flops = 3 * new_model_forward_flops(new_cfg)  # forward + backward
+    base_flops = (vit_forward_flops(tokens=g["num_patches"] + 1, width=g["embed_dim"],
+                                    depth=g["depth"])
+                  + 2 * g["num_patches"] * 3 * g["patch_size"] ** 2 * g["embed_dim"])
     result.update({
         "device": result["device"],
         "gpu": result["machine"]["gpu"] or "not measured (no GPU on this machine)",
@@ -710,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
             "stage1_efficiency_vs_forward_with_decode": (
                 s1_views / fwd_contended["forward_views_per_s"]),
             "profile_actor_share_serial": profile["share"]["actor"],
+            "stage2_speedup_flops_bound": (step_flops + base_flops) / step_flops,
+            "flops_per_sample": {"new_model_train_step": step_flops,
+                                 "base_model_forward": base_flops},
             "stage2_speedup_whole_fit": cached["samples_per_s_fit"] / online["samples_per_s_fit"],
             "stage2_speedup_mean_step_time": (cached["samples_per_s_mean_step_time"]
                                               / online["samples_per_s_mean_step_time"]),
