@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     result["pytest_exit_code"] = int(code)
     categories, known_bugs = summarize(list(collector.tests.values()))
     result["categories"] = categories
+    # the contract: each category name maps to {"tried": N, "passed": M} at the top level
+    result.update({name: {"tried": c["tried"], "passed": c["passed"]}
+                   for name, c in categories.items()})
     result["known_bugs"] = known_bugs
     result["crashes"] = crash_facts(categories)
     result["totals"] = {"tried": sum(c["tried"] for c in categories.values()),
