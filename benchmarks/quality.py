@@ -249,6 +249,12 @@ def run_seed(cfg, *, steps: dict) -> dict:
         s1 = run_stage1(cfg.targets, base, progress=False)
         steps["stage1_s"] = time.perf_counter() - t0
         steps["stage1_images_rate"] = s1.images_per_s if s1.parts_done else None
+        from storage import inspect_cache
+
+        info = inspect_cache(cfg.cache_path)
+        steps["cache"] = {k: info[k] for k in ("samples", "records", "bytes_total",
+                                                "bytes_per_view", "raw_bytes_per_view",
+                                                "float32_bytes_per_view")}
     for run in cfg.runs:
         t0 = time.perf_counter()
         result = train_run(cfg, run, base)

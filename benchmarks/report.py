@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = README.read_text()
     for name, block in rendered.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
             print(f"README has no block {name}; skipped", file=sys.stderr)
             continue
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
     README.write_text(text)
     print(f"updated {README}")
     return 0
