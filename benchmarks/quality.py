@@ -48,6 +48,7 @@ log = logging.getLogger("benchmarks.quality")
 
 MAIN_ROWS = ("base", "tec", "tec_online", "mae_long")
 ROW_LABELS = {
+    "random_init": "reference: the untrained encoder (the runs' initialisation), 0 epochs",
     "base": "base model: pixel MAE, E_b epochs",
     "tec": "TEC from its cache, E_t epochs",
     "tec_online": "TEC fully online (online_fraction 1.0), E_t epochs",
@@ -89,15 +90,18 @@ def seed_config(raw: dict, seed: int, *, with_ablations: bool):
     return parse_config(raw, source_file="benchmarks/configs/quality.yaml")
 
 
-def derive_epochs(raw: dict) -> dict:
-    """E_b, E_t, and runs.mae_long.epochs = E_b + E_t (the same epochs as base + TEC)."""
-    e_b = int(raw["bootstrap"]["run"]["epochs"])
-    tec = next(r for r in raw["runs"] if r["name"] == "tec")
-    e_t = int(tec["epochs"])
+def derive_epochs(raw: dict, quality: dict | None = None) -> dict:
+    """E_b, E_t, and runs.mae_long.epochs = E_b + E_t (the same epochs as base + TEC).
+
+    E_b is the bootstrap's epochs, or ``quality.base_epochs`` for a given base checkpoint."""
+    e_b = int((quality or {}).get("base_epochs") or raw["bootstrap"]["run"]["epochs"])
+    tec = next((r for r in raw["runs"] if r["name"] == "tec"), None)
+    e_t = int(tec["epochs"]) if tec is not None else None
     for run in raw["runs"]:
-        if run["name"] == "mae_long":
+        if run["name"] == "mae_long" and e_t is not None:
             run["epochs"] = e_b + e_t
-    return {"E_b": e_b, "E_t": e_t, "mae_long": e_b + e_t}
+    return {"E_b": e_b, "E_t": e_t, "mae_long": e_b + e_t if e_t is not None else None,
+            "runs": {r["name"]: int(r["epochs"]) for r in raw["runs"]}}
 
 
 def absolute(path: str) -> str:
@@ -106,6 +110,8 @@ def absolute(path: str) -> str:
 
 def make_paths_absolute(raw: dict, quality: dict) -> None:
     raw["workdir"] = absolute(raw["workdir"])
+    if raw["base_model"].get("checkpoint"):
+        raw["base_model"]["checkpoint"] = absolute(raw["base_model"]["checkpoint"])
     data = raw["data"]
     for key in ("train", "test", "prepare_dir"):
         if data.get(key):
@@ -149,7 +155,8 @@ def knn_grid(fit_x, fit_y, val_x, val_y, ks, temperatures, num_classes: int) -> 
     for k in ks:
         for t in temperatures:
             votes = torch.zeros(sims.shape[0], num_classes)
-            votes.scatter_add_(1, labels[:, :k], (sims[:, :k] / t).exp())
+            weights = ((sims[:, :k] - sims[:, :1]) / t).exp()  # max-shifted: no overflow
+            votes.scatter_add_(1, labels[:, :k], weights)
             scores[(k, t)] = 100.0 * (votes.argmax(1) == val_y).float().mean().item()
     return scores
 
@@ -217,7 +224,8 @@ def evaluate_cached(path: Path, arch: str, data_fn, quality: dict, *,
     settings = {k: quality[k] for k in ("eval_train_shards", "eval_train", "eval_test",
                                          "holdout_fraction", "knn_k", "knn_temperature",
                                          "linear_lrs", "linear_epochs")}
-    key = {"sha256": file_sha256(path), "settings": settings, "test_set": test_set}
+    key = {"sha256": file_sha256(path), "settings": settings, "test_set": test_set,
+           "eval_version": 2}  # 2: k-NN votes max-shifted (no float32 overflow at T = 0.01)
     memo = path.with_name(path.name + ".quality.json")
     if memo.is_file():
         saved = json.loads(memo.read_text())
@@ -229,7 +237,22 @@ def evaluate_cached(path: Path, arch: str, data_fn, quality: dict, *,
 
 
 # ----------------------------------------------------------------------------- one seed
-def run_seed(cfg, *, steps: dict) -> dict:
+def random_init_export(cfg) -> Path:
+    """The encoder the bootstrap starts from (same seed, same initialisation), never trained:
+    the reference that tells how much pretraining moved the features."""
+    from pipeline.orchestrate import _bootstrap_run
+    from tec.export import export_timm
+    from tec.model import NewModel
+
+    run = _bootstrap_run(cfg)
+    path = Path(cfg.workdir) / "random_init" / "model.safetensors"
+    if not path.is_file():
+        torch.manual_seed(run.seed)  # what stages.train does before building the model
+        export_timm(NewModel(run.model_config()), path)
+    return path
+
+
+def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
     """Bootstrap the base model, build the cache, train every run; returns model files and
     per-run training summaries (reused work shows as reused)."""
     from pipeline.orchestrate import (PipelineSummary, bootstrap_dir, ensure_base_checkpoint,
@@ -255,6 +278,8 @@ def run_seed(cfg, *, steps: dict) -> dict:
         steps["cache"] = {k: info[k] for k in ("samples", "records", "bytes_total",
                                                 "bytes_per_view", "raw_bytes_per_view",
                                                 "float32_bytes_per_view")}
+    if with_reference:
+        models["random_init"] = random_init_export(cfg)
     for run in cfg.runs:
         t0 = time.perf_counter()
         result = train_run(cfg, run, base)
@@ -290,7 +315,7 @@ def _run_info(run_dir: Path) -> dict:
 def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
     from pipeline.orchestrate import prepare_data
 
-    epochs = derive_epochs(raw)
+    epochs = derive_epochs(raw, quality)
     seeds = [int(s) for s in quality["seeds"]]
     ablation_seeds = [int(s) for s in quality.get("ablation_seeds", [seeds[0]])]
     steps: dict = {}
@@ -315,7 +340,7 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             steps["data"] = prepare_data(cfg)
             steps["data_s"] = time.perf_counter() - t0
         seed_steps: dict = {}
-        trained = run_seed(cfg, steps=seed_steps)
+        trained = run_seed(cfg, steps=seed_steps, with_reference=seed in ablation_seeds)
         evals = {}
         for row, path in trained["models"].items():
             t0 = time.perf_counter()
@@ -324,13 +349,17 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
         per_seed[seed] = {"steps": seed_steps, "runs": trained["runs"], "eval": evals,
                           "pipeline": trained["summary"]}
     rows = []
-    for row in ROW_LABELS:
+    labels = dict(ROW_LABELS)
+    for run in raw["runs"]:  # extra runs (an investigation config) become rows too
+        labels.setdefault(run["name"], quality.get("descriptions", {}).get(run["name"],
+                                                                         run["name"]))
+    for row in labels:
         results = [(s, per_seed[s]["eval"][row]) for s in per_seed if row in per_seed[s]["eval"]]
         if not results:
             continue
         entry = {
             "name": row,
-            "description": ROW_LABELS[row],
+            "description": labels[row],
             "epochs": _row_epochs(row, epochs),
             "seeds": [s for s, _ in results],
         }
@@ -347,15 +376,15 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
     return {"epochs": epochs, "rows": rows, "goals": goals(rows, per_seed),
             "per_seed": {str(s): v for s, v in per_seed.items()}, "steps": steps,
             "files": {row: [str(per_seed[s]["eval"][row]["file"]) for s in per_seed
-                            if row in per_seed[s]["eval"]] for row in ROW_LABELS}}
+                            if row in per_seed[s]["eval"]] for row in labels}}
 
 
 def _row_epochs(row: str, epochs: dict) -> int | str:
     if row == "base":
         return epochs["E_b"]
-    if row == "mae_long":
-        return epochs["mae_long"]
-    return epochs["E_t"]
+    if row == "random_init":
+        return 0
+    return epochs["runs"].get(row, epochs["E_t"])
 
 
 def goals(rows: list[dict], per_seed: dict) -> dict:
@@ -474,13 +503,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base_raw = yaml.safe_load(Path(args.config).read_text())
     q0 = base_raw.get("quality", {})
+    stem = Path(args.config).stem  # results/<config stem>[_reduced|_sweep].json
     if args.reduced:
-        overrides, name = list(q0.get("reduced", [])) + args.set, "quality_reduced"
+        overrides, name = list(q0.get("reduced", [])) + args.set, f"{stem}_reduced"
     elif args.sweep:
         overrides, name = list(q0.get("sweep", {}).get("overrides", [])) + args.set, \
-            "quality_sweep"
+            f"{stem}_sweep"
     else:
-        overrides, name = list(args.set), "quality"
+        overrides, name = list(args.set), stem
     raw, quality = load_raw(args.config, overrides)
     make_paths_absolute(raw, quality)
     result = result_header(name)

@@ -143,7 +143,10 @@ def speed_block() -> str:
 def quality_block(name: str) -> str:
     r = _load(name)
     if r is None:
-        flag = " --reduced" if name.endswith("reduced") else ""
+        if name in ("quality", "quality_reduced"):
+            flag = " --reduced" if name.endswith("reduced") else ""
+        else:
+            flag = f" --config benchmarks/configs/{name}.yaml"
         return f"_No result yet: run `python benchmarks/quality.py{flag}`._"
     lines = [
         "| row | epochs | seeds | k-NN top-1 | linear top-1 | k-NN cls / mean | "
@@ -206,6 +209,8 @@ BLOCKS = {
     "quality": lambda: quality_block("quality"),
     "quality_reduced": lambda: quality_block("quality_reduced"),
     "quality_sweep": sweep_block,
+    "quality_long": lambda: quality_block("quality_long"),
+    "quality_strong_base": lambda: quality_block("quality_strong_base"),
 }
 
 

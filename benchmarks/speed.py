@@ -8,16 +8,24 @@ Writes ``benchmarks/results/speed.json`` (``--out`` to change). Every number is 
 throughputs measured in this one process, on this machine, one after the other (DESIGN §10):
 
 stage1_efficiency    stage-1 views/s end to end (decode, views, base model, targets, codec,
-                     commit; Ray already up) / the base model's forward-only views/s on
-                     pre-decoded uint8 tensors, same batch size and torch threads as the
-                     stage-1 base-model actor. A "view" is one image through the base model;
-                     stage 1 runs K views per source image.
+                     commit; Ray already up; steady state: a run's parts after its first) /
+                     the base model's forward-only views/s on pre-decoded uint8 tensors, same
+                     batch size and torch threads as the stage-1 base-model actor. A "view" is
+                     one image through the base model; stage 1 runs K views per source image.
 stage2_speedup       training samples/s from the cache / samples/s with online_fraction 1.0
-                     (same new model, base model, data, batch, loader workers; steady state).
-loader_headroom      the cache data loader's samples/s with no training (same loader settings
-                     as the training run) / training samples/s from the cache.
+                     (same new model, base model, data, batch, loader workers), the two modes
+                     run alternately in segments (cached, online, cached, online).
+loader_headroom      the cache data loader's samples/s with no training (the training run's
+                     own loader) / training samples/s from the cache.
 bytes_per_view_ratio_fp16 / _int8
                      bytes on disk per cached (sample, view) record / its float32 tensor bytes.
+
+The machine these run on is shared and noisy, and other work only ever slows a measurement
+down, so the headline ratios use best-of-repeats on both sides (timeit's rule: the best
+steady stage-1 part / the best forward-only pass; the p90 of the per-step training rates);
+the median-based ratios, the all-parts stage-1 ratio, the ratios including the driver's setup
+and Ray's start-up, a serial per-view profile of stage 1 and the FLOP bound of the stage-2
+speedup are recorded under ``secondary``.
 
 Config: ``benchmarks/configs/speed.yaml`` (pipeline.yaml schema, so ``tec plan`` reads it too).
 The script writes the synthetic JPEG shards and a random-init base checkpoint the config names.

@@ -211,8 +211,11 @@ def knn_predict(
 
     train_feats [N, D], train_labels int64 [N], test_feats [M, D]. Features are L2-normalised;
     each test row takes its ``k`` most cosine-similar training rows and votes for their labels with
-    weight ``exp(sim / temperature)``. The test set is processed ``chunk_size`` rows at a time so
-    memory stays O(chunk_size * N). Returns int64 [M] on CPU (ties go to the lower class index).
+    weight ``exp(sim / temperature)``, computed as ``exp((sim - max sim) / temperature)`` (the
+    same vote up to a per-row factor) so that small temperatures cannot overflow float32: at
+    T = 0.01 a similarity near 1 would give exp(100) = inf and a vote decided by ties. The test
+    set is processed ``chunk_size`` rows at a time so memory stays O(chunk_size * N). Returns
+    int64 [M] on CPU (ties go to the lower class index).
     """
     device = torch.device(device) if device is not None else train_feats.device
     train_labels = _check_labels("knn train", train_labels, train_feats.shape[0]).to(device)
@@ -224,7 +227,7 @@ def knn_predict(
         test = F.normalize(test_feats[start:start + chunk_size].to(device, torch.float32), dim=1)
         sim = test @ train.T  # [b, N]
         top_sim, top_idx = sim.topk(k, dim=1)  # [b, k]
-        weights = (top_sim / temperature).exp()
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # top_sim is sorted
         votes = torch.zeros(test.shape[0], num_classes, device=device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         preds.append(votes.argmax(dim=1).cpu())

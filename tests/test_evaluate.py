@@ -74,6 +74,19 @@ def test_knn_predictions_match_brute_force_loop_in_any_chunking():
         assert torch.equal(got, expected)
 
 
+def test_knn_small_temperature_does_not_overflow_on_near_parallel_features():
+    # A large shared offset puts every cosine similarity near 1: exp(sim / 0.01) ~ exp(100)
+    # overflows float32, and a naive vote becomes a tie of infinities won by class 0.
+    train, train_labels = clusters(12, 3, 8, noise=0.3, seed=6)
+    test, _ = clusters(6, 3, 8, noise=0.3, seed=7)
+    offset = 20.0 * torch.ones(8)
+    train, test = train + offset, test + offset
+    expected = brute_force_knn(train, train_labels, test, k=7, temperature=0.01, classes=3)
+    assert len(set(expected.tolist())) > 1  # the reference (float64 exp) does not collapse
+    got = knn_predict(train, train_labels, test, k=7, temperature=0.01, chunk_size=5)
+    assert torch.equal(got, expected)
+
+
 def test_knn_separable_clusters_near_100_and_random_labels_near_chance():
     train, train_labels = clusters(100, 10, 32, noise=0.1, seed=3)
     test, test_labels = clusters(50, 10, 32, noise=0.1, seed=4)
