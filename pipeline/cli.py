@@ -57,6 +57,31 @@ pickle_opt = click.option("--allow-pickle", is_flag=True,
                                "(runs code from the file: only for files you trust).")
 
 
+timm_kwargs_opt = click.option(
+    "--timm-kwargs", "timm_kwargs", default=None, metavar="MAPPING",
+    help="Geometry of a plain checkpoint as a YAML/JSON mapping, e.g. "
+         "'{img_size: 28, patch_size: 4, embed_dim: 96, depth: 6, num_heads: 3}' "
+         "(our exports carry their own).")
+
+
+def _parse_timm_kwargs(text: str | None) -> dict | None:
+    """--timm-kwargs: a mapping of timm.create_model keyword arguments, or a one-line error."""
+    if text is None:
+        return None
+    import yaml
+
+    from stages.configs import ConfigError
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--timm-kwargs: not YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"--timm-kwargs: expected a mapping like '{{img_size: 28, patch_size: "
+                          f"4}}', got {text!r}")
+    return value
+
+
 def _load(config: Path, overrides, allow_pickle: bool = False):
     from pipeline.config import load_config
 
@@ -238,6 +263,7 @@ def _eval_options(fn):
     fn = click.option("--test", "test_shards", required=True, help="Test shards (pattern).")(fn)
     fn = click.option("--arch", default=None, help="timm arch for a plain checkpoint "
                       "(our exports carry their own).")(fn)
+    fn = timm_kwargs_opt(fn)
     fn = click.option("--train-limit", type=int, default=None, help="Use N training images.")(fn)
     fn = click.option("--test-limit", type=int, default=None, help="Use N test images.")(fn)
     fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))(fn)
@@ -250,12 +276,13 @@ def _eval_options(fn):
 @click.option("-k", "k", default=20, show_default=True, help="Neighbours.")
 @click.option("--temperature", default=0.07, show_default=True, help="Vote temperature.")
 @user_errors
-def eval_knn(model, train_shards, test_shards, arch, train_limit, test_limit, device,
-             allow_pickle, k, temperature):
+def eval_knn(model, train_shards, test_shards, arch, timm_kwargs, train_limit, test_limit,
+             device, allow_pickle, k, temperature):
     """k-NN top-1 (cosine, temperature-weighted vote) of a checkpoint or export."""
     from pipeline.orchestrate import evaluate_file
 
-    result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
+    result = evaluate_file(model, train_shards, test_shards, arch=arch,
+                           timm_kwargs=_parse_timm_kwargs(timm_kwargs), train_limit=train_limit,
                            test_limit=test_limit, device=device, allow_pickle=allow_pickle,
                            metrics=("knn",), knn_k=k,
                            knn_temperature=temperature)
@@ -267,12 +294,13 @@ def eval_knn(model, train_shards, test_shards, arch, train_limit, test_limit, de
 @click.option("--epochs", default=50, show_default=True)
 @click.option("--lr", default=1e-2, show_default=True)
 @user_errors
-def eval_linear(model, train_shards, test_shards, arch, train_limit, test_limit, device,
-                allow_pickle, epochs, lr):
+def eval_linear(model, train_shards, test_shards, arch, timm_kwargs, train_limit, test_limit,
+                device, allow_pickle, epochs, lr):
     """Linear-probe top-1 on frozen features of a checkpoint or export."""
     from pipeline.orchestrate import evaluate_file
 
-    result = evaluate_file(model, train_shards, test_shards, arch=arch, train_limit=train_limit,
+    result = evaluate_file(model, train_shards, test_shards, arch=arch,
+                           timm_kwargs=_parse_timm_kwargs(timm_kwargs), train_limit=train_limit,
                            test_limit=test_limit, device=device, allow_pickle=allow_pickle,
                            metrics=("linear",),
                            linear_epochs=epochs, linear_lr=lr)
@@ -292,14 +320,16 @@ def viz():
               help="Output PNG.")
 @click.option("-n", "num_images", default=8, show_default=True)
 @click.option("--arch", default=None, help="timm arch for plain checkpoints.")
+@timm_kwargs_opt
 @pickle_opt
 @user_errors
-def viz_attention(models, shards, out, num_images, arch, allow_pickle):
+def viz_attention(models, shards, out, num_images, arch, timm_kwargs, allow_pickle):
     """PNG grid of last-block cls attention maps: one column per model (base vs new)."""
     from pipeline.orchestrate import attention_picture
 
     path = attention_picture(list(models), shards, out, num_images=num_images, arch=arch,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle,
+                             timm_kwargs=_parse_timm_kwargs(timm_kwargs))
     click.echo(f"wrote {path}")
 
 

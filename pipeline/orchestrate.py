@@ -147,18 +147,26 @@ def _already_done(result) -> bool:
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _load_model(path: Path, arch: str | None, allow_pickle: bool = False):
-    from tec.teacher import load_base_model
+def _load_model(path: Path, arch: str | None, allow_pickle: bool = False,
+                timm_kwargs: dict | None = None):
+    """A frozen encoder from a model file. ``arch`` and ``timm_kwargs`` (the geometry) apply to
+    plain checkpoints; our exports carry their own geometry and it wins."""
+    from tec.teacher import is_tec_export, load_base_model
 
-    return load_base_model(arch or "vit_base_patch16_224", path, allow_pickle=allow_pickle)
+    kwargs = {} if is_tec_export(path) else dict(timm_kwargs or {})
+    return load_base_model(arch or "vit_base_patch16_224", path, allow_pickle=allow_pickle,
+                           **kwargs)
 
 
 def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=None,
                     train_limit=None, test_limit=None, device="auto", knn_k=20,
                     knn_temperature=0.07, linear_epochs=50, linear_lr=1e-2,
                     batch_size=256, metrics=("knn", "linear"),
-                    allow_pickle=False) -> list[dict]:
-    """Top-1 rows (percent) for each named model file on the same train/test images."""
+                    allow_pickle=False, timm_kwargs: dict | None = None) -> list[dict]:
+    """Top-1 rows (percent) for each named model file on the same train/test images.
+
+    arch / timm_kwargs: the timm model and geometry of plain checkpoints (exports carry theirs).
+    """
     import torch
 
     from stages.evaluate import (extract_features, knn_classify, linear_probe,
@@ -167,7 +175,7 @@ def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     rows, images = [], {}
     for name, path in models.items():
-        model = _load_model(Path(path), arch, allow_pickle)
+        model = _load_model(Path(path), arch, allow_pickle, timm_kwargs)
         size = model.patch_embed.img_size[0]
         if size not in images:
             images[size] = (load_eval_images(train_shards, size, limit=train_limit),
@@ -210,7 +218,7 @@ def model_display_name(path: Path) -> str:
 
 def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *,
                       num_images: int = 8, arch: str | None = None,
-                      allow_pickle: bool = False) -> Path:
+                      allow_pickle: bool = False, timm_kwargs: dict | None = None) -> Path:
     """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2).
 
     models: model files (named by :func:`model_display_name`) or a mapping name -> file.
@@ -225,7 +233,7 @@ def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *
     for name, path in models.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        model = _load_model(Path(path), arch, allow_pickle)
+        model = _load_model(Path(path), arch, allow_pickle, timm_kwargs)
         size = model.patch_embed.img_size[0]
         images, _ = load_eval_images(shards, size, limit=num_images)
         if shown is None:
@@ -298,7 +306,7 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
         train_limit=ev.train_limit, test_limit=ev.test_limit, device=ev.device,
         knn_k=ev.knn_k, knn_temperature=ev.knn_temperature, linear_epochs=ev.linear_epochs,
         linear_lr=ev.linear_lr, batch_size=ev.batch_size,
-        allow_pickle=cfg.base_model.allow_pickle)
+        allow_pickle=cfg.base_model.allow_pickle, timm_kwargs=cfg.base_model.timm_kwargs)
     summary.eval_table = format_table(rows)
     results = Path(cfg.workdir) / "eval.json"
     results.write_text(json.dumps(rows, indent=2))
@@ -309,7 +317,8 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
             png = attention_picture(models, cfg.data.test,
                                     Path(cfg.workdir) / "attention.png",
                                     num_images=ev.viz_images, arch=cfg.base_model.arch,
-                                    allow_pickle=cfg.base_model.allow_pickle)
+                                    allow_pickle=cfg.base_model.allow_pickle,
+                                    timm_kwargs=cfg.base_model.timm_kwargs)
             summary.add("viz", f"attention maps -> {png}")
         except ConfigError as exc:
             summary.add("viz", f"skipped: {exc}")

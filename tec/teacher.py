@@ -219,6 +219,21 @@ _FILTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+def is_tec_export(path: str | Path) -> bool:
+    """True for a ``.safetensors`` file written by :func:`tec.export.export_timm` (it carries its
+    own geometry); False for anything else, including unreadable files (loading reports those)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == TEC_EXPORT_FORMAT
+    except Exception:  # safetensors raises its own error types
+        return False
+
+
 def detect_format(content: Any, metadata: dict[str, str]) -> str:
     """Name of the checkpoint format (a key of the filter table), or CheckpointError."""
     if metadata.get("format") == TEC_EXPORT_FORMAT:
