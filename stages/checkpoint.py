@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.layout import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -185,7 +187,7 @@ class Checkpointer:
             if link_tmp.is_symlink():
                 link_tmp.unlink(missing_ok=True)
             raise self._write_error(exc, self.last_path) from exc
-        self._fsync_dir()
+        fsync_directory(self.directory)
         self._rotate(keep_also=path)
         logger.info("saved checkpoint %s", path)
         return path
@@ -227,14 +229,3 @@ class Checkpointer:
                 old.unlink(missing_ok=True)
         self._remove_stale_temp_files()
 
-    def _fsync_dir(self) -> None:
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)

@@ -56,8 +56,13 @@ def new_part_tmp(root: Path, part: str) -> Path:
 
 
 def fsync_dir(path: Path) -> None:
-    if not fsync_enabled():
-        return
+    """fsync a directory (its entries: renames into it) unless TEC_CACHE_FSYNC=0."""
+    if fsync_enabled():
+        fsync_directory(path)
+
+
+def fsync_directory(path: Path) -> None:
+    """fsync a directory; file systems that cannot (or a missing folder) are not an error."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
