@@ -48,6 +48,7 @@ log = logging.getLogger("benchmarks.quality")
 
 MAIN_ROWS = ("base", "tec", "tec_online", "mae_long")
 ROW_LABELS = {
+    "pixels": "reference: raw pixels (784 grey values), no model",
     "random_init": "reference: the untrained encoder (the runs' initialisation), 0 epochs",
     "base": "base model: pixel MAE, E_b epochs",
     "tec": "TEC from its cache, E_t epochs",
@@ -166,23 +167,58 @@ def evaluate_export(path: Path, arch: str, data: EvalData, quality: dict, *,
     """k-NN and linear probe, cls and mean; hyper-parameters and read-out chosen on held-out.
 
     test_set False (the sweep): held-out scores only, the test images are never touched."""
-    from stages.evaluate import (choose_lr, extract_features, knn_classify, linear_probe,
-                                 split_holdout)
+    from stages.evaluate import extract_features
     from tec.teacher import load_base_model
 
     start = time.perf_counter()
     model = load_base_model(arch, path)
     train = extract_features(model, data.train_x, data.train_y)
     test = extract_features(model, data.test_x, data.test_y) if test_set else None
+    out = evaluate_features({r: train[r] for r in ("cls", "mean")},
+                            {r: test[r] for r in ("cls", "mean")} if test_set else None,
+                            data, quality)
+    out["file"] = str(path)
+    out["eval_seconds"] = time.perf_counter() - start
+    if test_set:
+        log.info("evaluated %s: knn %.2f (%s) linear %.2f (%s) in %.0f s",
+                 path.parent.parent.name, out["knn_top1"], out["knn_readout"],
+                 out["linear_top1"], out["linear_readout"], out["eval_seconds"])
+    return out
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """The raw-pixel reference's features: the grey image (uint8 [N, 3, S, S], channels equal
+    for Fashion-MNIST) flattened to [N, S*S] in [0, 1]."""
+    return images.float().mean(dim=1).flatten(1) / 255.0
+
+
+def evaluate_pixels(data: EvalData, quality: dict) -> dict:
+    """k-NN and linear probe on raw pixels, chosen on held-out like the models' numbers."""
+    start = time.perf_counter()
+    out = evaluate_features({"pixels": pixel_features(data.train_x)},
+                            {"pixels": pixel_features(data.test_x)}, data, quality)
+    out["file"] = "raw pixels"
+    out["eval_seconds"] = time.perf_counter() - start
+    log.info("evaluated raw pixels: knn %.2f linear %.2f in %.0f s", out["knn_top1"],
+             out["linear_top1"], out["eval_seconds"])
+    return out
+
+
+def evaluate_features(train: dict, test: dict | None, data: EvalData, quality: dict) -> dict:
+    """The protocol on given features per read-out ({'cls': [N, D], 'mean': [N, D]} or any
+    other names): per read-out k-NN (k, T) and probe lr chosen on the held-out split, then the
+    headline read-out chosen on held-out; test numbers only when ``test`` is given."""
+    from stages.evaluate import choose_lr, knn_classify, linear_probe, split_holdout
+
+    test_set = test is not None
     fraction = float(quality["holdout_fraction"])
     fit_idx, val_idx = split_holdout(len(data.train_y), fraction, seed=0)
     num_classes = int(data.train_y.max()) + 1
     if test_set:
         num_classes = max(num_classes, int(data.test_y.max()) + 1)
     epochs = int(quality["linear_epochs"])
-    out: dict = {"file": str(path), "holdout": {}}
-    for readout in ("cls", "mean"):
-        feats = train[readout]
+    out: dict = {"holdout": {}}
+    for readout, feats in train.items():
         grid = knn_grid(feats[fit_idx], data.train_y[fit_idx], feats[val_idx],
                         data.train_y[val_idx], quality["knn_k"], quality["knn_temperature"],
                         num_classes)
@@ -204,15 +240,10 @@ def evaluate_export(path: Path, arch: str, data: EvalData, quality: dict, *,
         }
     for metric in ("knn", "linear"):
         # the read-out of the headline number: the better one on held-out data
-        chosen = max(("cls", "mean"), key=lambda r: out["holdout"][r][f"{metric}_top1"])
+        chosen = max(train, key=lambda r: out["holdout"][r][f"{metric}_top1"])
         out[f"{metric}_readout"] = chosen
         if test_set:
             out[f"{metric}_top1"] = out[f"{metric}_{chosen}"]
-    out["eval_seconds"] = time.perf_counter() - start
-    if test_set:
-        log.info("evaluated %s: knn %.2f (%s) linear %.2f (%s) in %.0f s",
-                 path.parent.parent.name, out["knn_top1"], out["knn_readout"],
-                 out["linear_top1"], out["linear_readout"], out["eval_seconds"])
     return out
 
 
@@ -340,12 +371,17 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             steps["data"] = prepare_data(cfg)
             steps["data_s"] = time.perf_counter() - t0
         seed_steps: dict = {}
-        trained = run_seed(cfg, steps=seed_steps, with_reference=seed in ablation_seeds)
+        references = bool(quality.get("references", True)) and seed in ablation_seeds
+        trained = run_seed(cfg, steps=seed_steps, with_reference=references)
         evals = {}
         for row, path in trained["models"].items():
             t0 = time.perf_counter()
             evals[row] = evaluate_cached(path, arch, data_fn, quality)
             seed_steps[f"eval_{row}_s"] = time.perf_counter() - t0
+        if references:
+            t0 = time.perf_counter()
+            evals["pixels"] = evaluate_pixels(data_fn(), quality)
+            seed_steps["eval_pixels_s"] = time.perf_counter() - t0
         per_seed[seed] = {"steps": seed_steps, "runs": trained["runs"], "eval": evals,
                           "pipeline": trained["summary"]}
     rows = []
@@ -365,7 +401,7 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
         }
         for metric in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
                        "linear_mean"):
-            stats = mean_spread([r[metric] for _, r in results])
+            stats = mean_spread([r[metric] for _, r in results if r.get(metric) is not None])
             entry[metric] = stats["mean"]
             entry[f"{metric}_std"] = stats["std"]
             entry[f"{metric}_values"] = stats["values"]
@@ -382,7 +418,7 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
 def _row_epochs(row: str, epochs: dict) -> int | str:
     if row == "base":
         return epochs["E_b"]
-    if row == "random_init":
+    if row in ("random_init", "pixels"):
         return 0
     return epochs["runs"].get(row, epochs["E_t"])
 
@@ -523,9 +559,30 @@ def main(argv: list[str] | None = None) -> int:
     result["config"] = config_record
     result["runtime_s"] = time.perf_counter() - started
     out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
+    earlier = earlier_invocations(out, config_record)
+    if earlier:
+        result["earlier_invocations"] = earlier
     write_result(result, out)
     print_table(result)
     return 0
+
+
+def earlier_invocations(out: Path, config_record: dict) -> list[dict]:
+    """When ``out`` holds a result of the same config, the invocations that wrote it (and theirs):
+    a rerun reuses their finished models, so their runtimes are part of the work behind the
+    new file (an interrupted run resumed, or a rerun that only added a row)."""
+    if not out.is_file():
+        return []
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if previous.get("config") != json.loads(json.dumps(config_record)):
+        return []
+    mine = {k: previous.get(k) for k in ("created", "git", "command", "runtime_s")}
+    mine["load_average"] = [previous.get("machine", {}).get("load_average_at_start"),
+                            previous.get("machine", {}).get("load_average_at_end")]
+    return list(previous.get("earlier_invocations", [])) + [mine]
 
 
 def print_table(result: dict) -> None:

@@ -38,10 +38,16 @@ def _provenance(r: dict) -> str:
     commit = (git.get("commit") or "unknown")[:10] + (" (dirty tree)" if git.get("dirty") else "")
     m = r["machine"]
     load = m.get("load_average_at_start")
-    return (f"_{r['benchmark']}: `{r['command']}` on {r['device']}, GPU: "
+    text = (f"_{r['benchmark']}: `{r['command']}` on {r['device']}, GPU: "
             f"{m.get('gpu') or 'none'}; commit {commit}; {r['created']}; runtime "
             f"{r['runtime_s'] / 60:.1f} min; load average at start {load}, at end "
             f"{m.get('load_average_at_end')}._")
+    for inv in r.get("earlier_invocations", []):
+        sha = ((inv.get("git") or {}).get("commit") or "unknown")[:10]
+        text += (f" _This file was written by a rerun that reused the finished work of an "
+                 f"earlier invocation: `{inv['command']}`, commit {sha}, {inv['created']}, "
+                 f"runtime {inv['runtime_s'] / 60:.1f} min._")
+    return text
 
 
 def speed_block() -> str:
