@@ -268,6 +268,37 @@ def evaluate_cached(path: Path, arch: str, data_fn, quality: dict, *,
 
 
 # ----------------------------------------------------------------------------- one seed
+def attention_target_entropy(cache_path, *, k: int, tau: float, samples: int = 500) -> dict:
+    """How informative the cached attention target is: the mean entropy (nats) of
+    softmax(logits / tau) over the L patch columns, for the cls row and the top-k rows, over the
+    heads and every view of ``samples`` evenly spaced samples. A uniform map has entropy log L."""
+    import math
+
+    import numpy as np
+
+    from storage.cache import open_cache
+
+    reader = open_cache(cache_path)
+    rows, cls_rows = [], []
+    step = max(1, len(reader) // samples)
+    for i in range(0, len(reader), step):
+        for view in range(reader.views_per_sample):
+            logits = torch.as_tensor(np.asarray(reader.read(i, view)["attn_logits"],
+                                                dtype=np.float32))[:, :k + 1]  # [H, 1+k, L]
+            p = torch.softmax(logits / tau, dim=-1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [H, 1+k]
+            cls_rows.append(entropy[:, 0].mean().item())
+            rows.append(entropy.mean().item())
+    reader.close()
+    num_patches = int(logits.shape[-1])
+    out = {"k": k, "tau": tau, "records": len(rows), "num_patches": num_patches,
+           "uniform_entropy": math.log(num_patches), "entropy": float(np.mean(rows)),
+           "cls_row_entropy": float(np.mean(cls_rows))}
+    log.info("attention target (k=%d, tau=%g): entropy %.3f nats, cls row %.3f, uniform %.3f",
+             k, tau, out["entropy"], out["cls_row_entropy"], out["uniform_entropy"])
+    return out
+
+
 def random_init_export(cfg) -> Path:
     """The encoder the bootstrap starts from (same seed, same initialisation), never trained:
     the reference that tells how much pretraining moved the features."""
@@ -309,6 +340,11 @@ def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
         steps["cache"] = {k: info[k] for k in ("samples", "records", "bytes_total",
                                                 "bytes_per_view", "raw_bytes_per_view",
                                                 "float32_bytes_per_view")}
+        tec_run = next((r for r in cfg.runs if r.model_config().target == "tec"), None)
+        if tec_run is not None:
+            mc = tec_run.model_config()
+            steps["attention_target"] = attention_target_entropy(cfg.cache_path, k=mc.k,
+                                                                 tau=mc.tau)
     if with_reference:
         models["random_init"] = random_init_export(cfg)
     for run in cfg.runs:

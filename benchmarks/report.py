@@ -180,6 +180,15 @@ def quality_block(name: str) -> str:
         parts = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in st.items()
                           if k.endswith("_s") and isinstance(v, (int, float)))
         timing.append(f"seed {seed}: {parts}")
+    entropy = [f"seed {seed}: {info['steps']['attention_target']['entropy']:.3f}"
+               for seed, info in steps.items() if "attention_target" in info["steps"]]
+    if entropy:
+        a = next(info["steps"]["attention_target"] for info in steps.values()
+                 if "attention_target" in info["steps"])
+        lines += ["", f"Attention target of the cache (softmax(logits / {a['tau']:g}) over the "
+                      f"{a['num_patches']} patches, cls row + top-{a['k']} rows, mean entropy; "
+                      f"a uniform map has {a['uniform_entropy']:.3f} nats): "
+                      + "; ".join(entropy) + " nats."]
     lines += [
         "",
         f"± is the sample standard deviation over seeds (0 with one seed). Evaluation: "
