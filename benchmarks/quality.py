@@ -302,15 +302,17 @@ def attention_target_entropy(cache_path, *, k: int, tau: float, samples: int = 5
 def random_init_export(cfg) -> Path:
     """The encoder the bootstrap starts from (same seed, same initialisation), never trained:
     the reference that tells how much pretraining moved the features."""
-    from pipeline.orchestrate import _bootstrap_run
+    from pipeline.orchestrate import _bootstrap_run, _view_policy
     from tec.export import export_timm
     from tec.model import NewModel
 
     run = _bootstrap_run(cfg)
+    # the bootstrap's geometry: its img_size is the views' size (stages.train derives it so)
+    model_cfg = run.model_config(img_size=_view_policy(cfg).output_size)
     path = Path(cfg.workdir) / "random_init" / "model.safetensors"
     if not path.is_file():
         torch.manual_seed(run.seed)  # what stages.train does before building the model
-        export_timm(NewModel(run.model_config()), path)
+        export_timm(NewModel(model_cfg), path)
     return path
 
 
