@@ -181,9 +181,15 @@ def evaluate_export(path: Path, arch: str, data: EvalData, quality: dict, *,
     out["eval_seconds"] = time.perf_counter() - start
     if test_set:
         log.info("evaluated %s: knn %.2f (%s) linear %.2f (%s) in %.0f s",
-                 path.parent.parent.name, out["knn_top1"], out["knn_readout"],
+                 _model_name(path), out["knn_top1"], out["knn_readout"],
                  out["linear_top1"], out["linear_readout"], out["eval_seconds"])
     return out
+
+
+def _model_name(path: Path) -> str:
+    """<seed>/runs/<run>/export/model.safetensors -> <run>; <seed>/<name>/model.safetensors ->
+    <name> (bootstrap, random_init)."""
+    return path.parent.parent.name if path.parent.name == "export" else path.parent.name
 
 
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
