@@ -166,8 +166,11 @@ def quality_block(name: str) -> str:
             f"{_fmt(row['linear_top1'])} ± {_fmt(row['linear_top1_std'])} | "
             f"{_fmt(row['knn_cls'])} / {_fmt(row['knn_mean'])} | "
             f"{_fmt(row['linear_cls'])} / {_fmt(row['linear_mean'])} |")
-    lines += ["", "| goal | measured (mean over seeds; per seed) | goal | |", "|---|---|---|---|"]
-    for goal, g in r["goals"].items():
+    measured = {goal: g for goal, g in r["goals"].items() if g["mean"] is not None}
+    if measured:
+        lines += ["", "| goal | measured (mean over seeds; per seed) | goal | |",
+                  "|---|---|---|---|"]
+    for goal, g in measured.items():
         per_seed = ", ".join(f"{v:+.2f}" for v in g["per_seed"])
         mean = "n/a" if g["mean"] is None else f"{g['mean']:+.2f}"
         lines.append(f"| {goal} | {mean} ({per_seed}) | {g['goal']} | "
