@@ -9,8 +9,10 @@ Writes ``benchmarks/results/quality.json`` (``quality_reduced.json``, ``quality_
 Rows (``benchmarks/configs/quality.yaml``): the base model (pixel-target MAE, E_b epochs), TEC
 from its cache (E_t epochs, K views), TEC fully online (``online_fraction: 1.0``, E_t epochs),
 MAE for E_b + E_t epochs, and ablations from the same cache (no attention target, no adapters,
-channel-dim normalisation). Each seed has its own base model, cache and runs (seed s of TEC
-learns from seed s of the base model).
+channel-dim normalisation), plus two references (raw pixels, the untrained encoder). Each seed
+has its own base model, cache and runs (seed s of TEC learns from seed s of the base model).
+``--config`` runs another config of the same schema (``benchmarks/configs/quality_long.yaml``,
+``quality_strong_base.yaml``: investigations) and writes ``results/<config stem>.json``.
 
 Everything is driven through the library: ``pipeline.config.parse_config`` and
 ``pipeline.orchestrate`` (prepare_data, ensure_base_checkpoint, train_run) and
