@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,29 @@ def test_load_eval_images_resizes_whole_images_and_skips_bad_samples(tmp_path):
 
     first, _ = load_eval_images(str(tmp_path), 16, limit=1)
     assert first.shape == (1, 3, 16, 16)
+
+
+def test_benchmark_knn_grid_agrees_with_knn_classify_at_every_k_and_temperature():
+    """benchmarks/quality.py scores a whole (k, T) grid from one neighbour search; every cell
+    must equal stages.evaluate.knn_classify, also at T = 0.01 on near-parallel features."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_quality", root / "quality.py")
+        quality = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(quality)
+    finally:
+        sys.path.remove(str(root))
+    train, train_labels = clusters(30, 4, 8, noise=0.6, seed=8)
+    val, val_labels = clusters(10, 4, 8, noise=0.6, seed=9)
+    train, val = train + 10.0, val + 10.0  # cosine similarities crowd near 1
+    ks, temperatures = [1, 5, 20], [0.01, 0.07, 0.5]
+    grid = quality.knn_grid(train, train_labels, val, val_labels, ks, temperatures, 4)
+    for k in ks:
+        for t in temperatures:
+            expected = knn_classify(train, train_labels, val, val_labels, k=k, temperature=t,
+                                    num_classes=4)
+            assert grid[(k, t)] == pytest.approx(expected), (k, t)
