@@ -76,8 +76,10 @@ def load_raw(path: str, overrides: list[str]) -> tuple[dict, dict]:
     return raw, quality
 
 
-def seed_config(raw: dict, seed: int, *, with_ablations: bool):
-    """The pipeline config of one seed: its own workdir, bootstrap seed, run seeds."""
+def seed_config(raw: dict, seed: int, *, with_ablations: bool,
+                main_rows: tuple[str, ...] = MAIN_ROWS):
+    """The pipeline config of one seed: its own workdir, bootstrap seed, run seeds. Seeds
+    without ablations run only ``main_rows`` (``quality.main_rows`` of the config)."""
     from pipeline.config import parse_config
 
     raw = copy.deepcopy(raw)
@@ -86,7 +88,7 @@ def seed_config(raw: dict, seed: int, *, with_ablations: bool):
     raw["bootstrap"]["run"]["seed"] = seed
     runs = []
     for run in raw.get("runs") or []:
-        if not with_ablations and run["name"] not in MAIN_ROWS:
+        if not with_ablations and run["name"] not in main_rows:
             continue
         runs.append({**run, "seed": seed})
     raw["runs"] = runs
@@ -411,7 +413,8 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
         raise ValueError(f"quality.ablation_seeds {ablation_seeds} must be among quality.seeds "
                          f"{seeds}")
     for seed in seeds:
-        cfg = seed_config(raw, seed, with_ablations=seed in ablation_seeds)
+        cfg = seed_config(raw, seed, with_ablations=seed in ablation_seeds,
+                          main_rows=tuple(quality.get("main_rows", MAIN_ROWS)))
         if not per_seed:
             t0 = time.perf_counter()
             steps["data"] = prepare_data(cfg)
@@ -492,6 +495,10 @@ def goals(rows: list[dict], per_seed: dict) -> dict:
         out[f"tec_minus_online_{metric}"] = {"mean": d, "per_seed": paired,
                                              "goal": "abs(diff) <= 0.5",
                                              "met": d is not None and abs(d) <= 0.5}
+        # investigation (quality_long.yaml): the new model given as many epochs as mae_long
+        d, paired = diff("tec_long", "mae_long", metric)
+        out[f"tec_long_minus_mae_long_{metric}"] = {"mean": d, "per_seed": paired, "goal": "> 0",
+                                                    "met": d is not None and d > 0}
     # a config without one of the rows (an investigation) has no such goal
     return {name: g for name, g in out.items() if g["mean"] is not None}
 
