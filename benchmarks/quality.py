@@ -352,9 +352,8 @@ def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
         steps["cache"] = {k: info[k] for k in ("samples", "records", "bytes_total",
                                                 "bytes_per_view", "raw_bytes_per_view",
                                                 "float32_bytes_per_view")}
-        tec_run = next((r for r in cfg.runs if r.model_config().target == "tec"), None)
-        if tec_run is not None:
-            mc = tec_run.model_config()
+        mc = next((m for m in (r.model_config() for r in cfg.runs) if m.target == "tec"), None)
+        if mc is not None:  # the first TEC run's k and tau
             steps["attention_target"] = attention_target_entropy(cfg.cache_path, k=mc.k,
                                                                  tau=mc.tau)
     if with_reference:
@@ -648,10 +647,7 @@ def print_table(result: dict) -> None:
                   f"{r['knn_top1']:6.2f} ± {r['knn_top1_std']:4.2f}  "
                   f"{r['linear_top1']:6.2f} ± {r['linear_top1_std']:4.2f}")
         for name, g in result["goals"].items():
-            if g["mean"] is None:
-                continue
-            mean = f"{g['mean']:+.2f}"
-            print(f"  {name:<34} {mean:>7}  goal {g['goal']:<13} "
+            print(f"  {name:<34} {g['mean']:+7.2f}  goal {g['goal']:<13} "
                   f"{'met' if g['met'] else 'not met'}")
     else:
         print(json.dumps({"chosen": result["chosen"], "stages": result["stages"]}, indent=1))

@@ -172,8 +172,7 @@ def quality_block(name: str) -> str:
                   "|---|---|---|---|"]
     for goal, g in measured.items():
         per_seed = ", ".join(f"{v:+.2f}" for v in g["per_seed"])
-        mean = "n/a" if g["mean"] is None else f"{g['mean']:+.2f}"
-        lines.append(f"| {goal} | {mean} ({per_seed}) | {g['goal']} | "
+        lines.append(f"| {goal} | {g['mean']:+.2f} ({per_seed}) | {g['goal']} | "
                      f"{'met' if g['met'] else '**not met**'} |")
     q = r["config"]["quality"]
     steps = r.get("per_seed", {})

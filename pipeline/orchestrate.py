@@ -151,11 +151,10 @@ def _load_model(path: Path, arch: str | None, allow_pickle: bool = False,
                 timm_kwargs: dict | None = None):
     """A frozen encoder from a model file. ``arch`` and ``timm_kwargs`` (the geometry) apply to
     plain checkpoints; our exports carry their own geometry and it wins."""
-    from tec.teacher import is_tec_export, load_base_model
+    from tec.teacher import load_base_model
 
-    kwargs = {} if is_tec_export(path) else dict(timm_kwargs or {})
     return load_base_model(arch or "vit_base_patch16_224", path, allow_pickle=allow_pickle,
-                           **kwargs)
+                           plain_kwargs=timm_kwargs)
 
 
 def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=None,

@@ -219,21 +219,6 @@ _FILTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def is_tec_export(path: str | Path) -> bool:
-    """True for a ``.safetensors`` file written by :func:`tec.export.export_timm` (it carries its
-    own geometry); False for anything else, including unreadable files (loading reports those)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == TEC_EXPORT_FORMAT
-    except Exception:  # safetensors raises its own error types
-        return False
-
-
 def detect_format(content: Any, metadata: dict[str, str]) -> str:
     """Name of the checkpoint format (a key of the filter table), or CheckpointError."""
     if metadata.get("format") == TEC_EXPORT_FORMAT:
@@ -321,13 +306,14 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module, where: str) -
 
 
 def load_base_model(arch: str, checkpoint: str | Path | None = None, *, allow_pickle: bool = False,
-                    **timm_kwargs) -> nn.Module:
+                    plain_kwargs: dict[str, Any] | None = None, **timm_kwargs) -> nn.Module:
     """Create a frozen timm ViT (``num_classes=0``, eval mode) and load ``checkpoint`` into it.
 
     arch: timm model name, e.g. ``vit_base_patch16_224``; timm_kwargs (img_size, patch_size,
     embed_dim, depth, num_heads, ...) override its defaults. For our own exports the kwargs stored
-    in the file are the defaults (explicit kwargs still win). ``checkpoint=None`` gives a randomly
-    initialised model (tests, dry runs) and logs a warning.
+    in the file are the defaults (explicit kwargs still win). plain_kwargs: geometry used only for
+    checkpoints that do not carry their own (everything but our exports). ``checkpoint=None``
+    gives a randomly initialised model (tests, dry runs) and logs a warning.
     """
     kwargs: dict[str, Any] = {}
     state_dict = None
@@ -340,6 +326,8 @@ def load_base_model(arch: str, checkpoint: str | Path | None = None, *, allow_pi
             raise CheckpointError(f"{checkpoint}: {e}") from None
         if fmt == TEC_EXPORT_FORMAT:
             kwargs.update(_export_timm_kwargs(metadata))
+        else:
+            kwargs.update(plain_kwargs or {})
         state_dict = _FILTERS[fmt](content)
         where = f"{checkpoint} ({fmt} format)"
         logger.info("loading base model %s from %s", arch, where)
