@@ -16,7 +16,9 @@ Writes ``benchmarks/results/reliability.json``::
 
     {..common header.., "categories": {"stage1_crashes": {"tried": N, "passed": M,
      "cases": [...]}, "bad_input": ..., "damaged_caches": ..., "stage2_crashes": ...,
-     "bad_config": ..., "untrusted_files": ...}, "known_bugs": [...], "pytest_exit_code": 0}
+     "bad_config": ..., "untrusted_files": ..., "duplicate_keys": ..., "missing_records": ...,
+     "stale_reuse": ..., "deterministic_failures": ..., "deep_damage": ...}, "known_bugs": [...],
+     "pytest_exit_code": 0}
 
 and the table between ``<!-- BEGIN reliability -->`` / ``<!-- END reliability -->`` in
 ``benchmarks/README.md``. Like the other benchmarks it reports and never asserts; the exit code
@@ -48,6 +50,16 @@ CATEGORIES = {
     "bad_config": "bad configuration and CLI input: exit != 0, one line naming the key or file",
     "untrusted_files": "pickles in shards, base-model and training checkpoints, indexes: "
                        "never unpickled without an explicit opt-in",
+    "duplicate_keys": "shards sharing member names, image folders with x.jpg beside x.png: "
+                      "every sample cached under its own key, never two samples on one record",
+    "missing_records": "a committed part lacking records for its shard (a part folder linked "
+                       "to another): refused naming the part, or counted fall-backs to online",
+    "stale_reuse": "`tec run` after the cache, base model or a run setting changed: trains "
+                   "anew and says what changed, never old results for new settings",
+    "deterministic_failures": "failures a retry cannot change (a base model giving NaN): "
+                              "fail once, say what to change, never 'rerun to resume'",
+    "deep_damage": "records that keep their checksums but do not decode or hold NaN/inf: "
+                   "`tec cache verify --deep` names the part, `tec cache repair` fixes it",
 }
 
 

@@ -236,6 +236,38 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
     )
 
 
+def check_duplicate_keys(text: str, where: str = "config") -> None:
+    """Refuse a YAML document in which a mapping gives the same key twice.
+
+    PyYAML keeps the last value and silently drops the first (a second ``targets:`` block
+    replaces the first). The error names the dotted key and both lines.
+    """
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = key_node.value
+                    dotted = f"{path}.{key}" if path else str(key)
+                    if key in seen:
+                        raise ConfigError(
+                            f"{where}: key {dotted} is given twice (lines {seen[key]} and "
+                            f"{key_node.start_mark.line + 1}); the first would be silently "
+                            "dropped - keep one")
+                    seen[key] = key_node.start_mark.line + 1
+                else:
+                    dotted = path
+                walk(value_node, dotted)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}.{i}" if path else str(i))
+
+    if root is not None:
+        walk(root, "")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate a pipeline YAML file."""
     path = Path(path)
@@ -246,6 +278,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; give a YAML pipeline file") from None
     try:
+        check_duplicate_keys(text, str(path))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

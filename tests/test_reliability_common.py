@@ -29,7 +29,8 @@ from image_helpers import make_shards
 from stages.configs import BaseModelConfig, from_dict, to_dict
 
 CATEGORIES = ("stage1_crashes", "bad_input", "damaged_caches", "stage2_crashes", "bad_config",
-              "untrusted_files")
+              "untrusted_files", "duplicate_keys", "missing_records", "stale_reuse",
+              "deterministic_failures", "deep_damage")
 
 ARCH = "vit_base_patch16_224"
 BASE_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)

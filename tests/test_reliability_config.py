@@ -35,6 +35,10 @@ def ws(tmp_path_factory) -> Path:
     (ws / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe garbage \x00")
     (ws / "tabs.yaml").write_text("targets:\n\tviews: 2\n")
     (ws / "a_file").write_text("not a folder\n")
+    # two targets: blocks; PyYAML alone keeps the second and drops the first without a word
+    (ws / "dup_keys.yaml").write_text(
+        "data:\n  train: shards\ntargets:\n  views: 2\nbase_model:\n  arch: vit_tiny\n"
+        "targets:\n  views: 4\n")
     # the shards tiny_pipeline names, so that stage-1 cases get past the source
     make_shards(ws / "shards", n_shards=2, per_shard=2, size_range=(20, 40), prefix="train")
     return ws
@@ -50,6 +54,8 @@ RELIABILITY_CASES: list[BadInput] = [
     BadInput("empty config file", ("plan", "{ws}/empty.yaml"), "missing required section"),
     BadInput("binary config file", ("plan", "{ws}/binary.yaml"), "binary.yaml"),
     BadInput("tab-indented config file", ("plan", "{ws}/tabs.yaml"), "tabs.yaml"),
+    BadInput("YAML key given twice (two targets: blocks)", ("plan", "{ws}/dup_keys.yaml"),
+             "key targets is given twice (lines 3 and 7)"),
     BadInput("--set with an unclosed list", ("plan", "{cfg}", "--set", "targets.views=[1, 2"),
              "targets.views"),
     BadInput("run with zero epochs", ("plan", "{cfg}"), "epochs", _set("runs", 0, "epochs", 0)),
