@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import time
 import zlib
 from pathlib import Path
 
@@ -49,11 +48,20 @@ def tar_key(key: str) -> str:
     return key.replace("%", "%25").replace(".", "%2E").lstrip("/")
 
 
-def _member(name: str, data: bytes, mtime: int) -> bytes:
+# Fixed member metadata: two runs that compute the same records write byte-identical tars
+# (as the Zarr backend does), whatever the clock, user or umask of the writer.
+MEMBER_MTIME = 0
+MEMBER_MODE = 0o644
+
+
+def _member(name: str, data: bytes, mtime: int = MEMBER_MTIME) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = mtime
-    info.mode = 0o644
+    info.mode = MEMBER_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
     header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     pad = (-len(data)) % tarfile.BLOCKSIZE
     return header + data + b"\0" * pad
@@ -72,7 +80,7 @@ class WdsPartWriter:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize + 128
             self._comp[name] = Compressor(spec.compression, dt, nbytes)
         self._rows: list[tuple[int, np.ndarray]] = []
-        self._mtime = int(time.time())
+        self._mtime = MEMBER_MTIME
 
     def write(self, slot: int, key: str, stored: dict[str, np.ndarray], sample: dict) -> None:
         tkey = tar_key(key)

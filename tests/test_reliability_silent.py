@@ -44,3 +44,25 @@ def test_yaml_same_key_in_different_mappings_is_fine(tmp_path):
     from pipeline.config import check_duplicate_keys
 
     check_duplicate_keys("a:\n  x: 1\nb:\n  x: 2\nc: [{x: 1}, {x: 2}]\n")
+
+
+# ------------------------------------------------------------------------------ WebDataset bytes
+def test_webdataset_parts_are_byte_reproducible(tmp_path, monkeypatch, no_fsync, one_thread):
+    """Two identical stage-1 runs (at other times) write byte-identical WebDataset parts."""
+    import hashlib
+    import time
+
+    from test_reliability_common import (make_data, save_base_model, stage1_config,
+                                         stage1_in_process)
+
+    make_data(tmp_path / "shards", n_shards=1, per_shard=3)
+    base = save_base_model(tmp_path / "base.safetensors")
+    digests = []
+    for run, clock in enumerate((1.0e9, 2.0e9)):
+        monkeypatch.setattr(time, "time", lambda clock=clock: clock)
+        cfg = stage1_config(tmp_path / "shards", tmp_path / f"cache{run}", backend="webdataset")
+        stage1_in_process(cfg, base)
+        parts = tmp_path / f"cache{run}" / "parts"
+        digests.append({p.relative_to(parts).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(parts.rglob("*")) if p.is_file()})
+    assert digests[0] and digests[0] == digests[1]
