@@ -307,6 +307,40 @@ def eval_linear(model, train_shards, test_shards, arch, timm_kwargs, train_limit
     click.echo(result)
 
 
+@eval_group.command("finetune")
+@_eval_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (checkpoints, logs, result.json; resumed when it exists). "
+                   "Default: runs/finetune/<model name>.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Take the settings from this pipeline file's eval.finetune.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a fine-tuning setting, e.g. --set epochs=5 --set layer_decay=0.75.")
+@user_errors
+def eval_finetune(model, train_shards, test_shards, arch, timm_kwargs, train_limit, test_limit,
+                  device, allow_pickle, out, config, overrides):
+    """Full fine-tuning top-1 (MAE/TEC recipe: layer decay, RandAugment, mixup/cutmix, drop path).
+
+    Defaults are the paper's Tab. 10 (ViT-B). Works under torchrun:
+    `torchrun --nproc-per-node 8 -m pipeline.cli eval finetune MODEL --train ... --test ...`.
+    """
+    from pipeline.orchestrate import model_display_name
+    from stages.configs import to_dict
+    from stages.finetune import finetune, finetune_config
+
+    base = to_dict(_load(config, ()).eval.finetune) if config is not None else None
+    cfg = finetune_config(base, overrides, train_limit=train_limit, test_limit=test_limit,
+                          device=None if device == "auto" else device)
+    name = model_display_name(model)
+    summary = finetune(cfg, model_path=model, train_shards=train_shards, test_shards=test_shards,
+                       out_dir=out or Path("runs") / "finetune" / name,
+                       arch=arch or "vit_base_patch16_224",
+                       timm_kwargs=_parse_timm_kwargs(timm_kwargs), allow_pickle=allow_pickle,
+                       name=name)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(summary.format())
+
+
 @main.group()
 def viz():
     """Pictures of what the models attend to."""

@@ -69,6 +69,7 @@ class EvalConfig:
     test_limit: int | None = None
     viz_images: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    finetune: object = None  # stages.finetune.FinetuneConfig (built by parse_config)
 
     def validate(self) -> None:
         if self.knn_k < 1:
@@ -230,6 +231,9 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
                 model.setdefault(key, base.timm_kwargs[key])
         from_dict(TrainConfig, {**boot, "model": model}, "bootstrap.run")
     evaluation = from_dict(EvalConfig, raw.get("eval"), "eval")
+    from stages.finetune import FinetuneConfig
+
+    evaluation.finetune = from_dict(FinetuneConfig, evaluation.finetune, "eval.finetune")
     return PipelineConfig(
         workdir=workdir, data=data, base_model=base, targets=targets, runs=runs,
         bootstrap=bootstrap, eval=evaluation, source_file=source_file,

@@ -1,0 +1,239 @@
+"""End-to-end fine-tuning (stages.finetune): timm's recipe really applied, exact resume, CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from image_helpers import make_shards
+from tec_helpers import ARCH, BASE_KWARGS, tiny_vit
+
+from stages.configs import ConfigError, from_dict
+from stages.finetune import (
+    FinetuneConfig,
+    FinetuneSetupError,
+    Finetuner,
+    build_finetune_model,
+    finetune,
+)
+from stages.train import DistEnv
+
+
+def tiny_cfg(**overrides) -> FinetuneConfig:
+    values = dict(epochs=2, batch_size=8, blr=1e-3, min_lr=1e-6, warmup_epochs=0.5,
+                  layer_decay=0.5, drop_path=0.1, num_workers=0, eval_crop_pct=1.0,
+                  log_every=1, eval_batch_size=16)
+    values.update(overrides)
+    cfg = FinetuneConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    train = make_shards(root / "train", n_shards=2, per_shard=12, size_range=(32, 40), seed=3,
+                        num_classes=3)
+    test = make_shards(root / "test", n_shards=1, per_shard=10, size_range=(32, 40), seed=4,
+                       num_classes=3)
+    ckpt = root / "base.safetensors"
+    save_file(tiny_vit(seed=5).state_dict(), str(ckpt))
+    return {"root": root, "train": train, "test": test, "ckpt": ckpt}
+
+
+def run(data, out, cfg):
+    return finetune(cfg, model_path=data["ckpt"], train_shards=data["train"],
+                    test_shards=data["test"], out_dir=out, arch=ARCH,
+                    timm_kwargs=dict(BASE_KWARGS), progress=False)
+
+
+def final_state(out) -> dict:
+    from stages.checkpoint import load_checkpoint
+
+    return load_checkpoint(out)["model"]
+
+
+def test_resumed_finetuning_equals_an_uninterrupted_run(data, tmp_path):
+    cfg = tiny_cfg()
+    full = run(data, tmp_path / "full", cfg)
+    assert full.steps == full.total_steps == 6  # 24 images / batch 8 x 2 epochs
+    assert full.top1 is not None and full.test_samples == 10
+    assert json.loads((tmp_path / "full" / "result.json").read_text())["summary"]["top1"] == full.top1
+
+    part = run(data, tmp_path / "split", dataclasses.replace(cfg, max_steps=4))
+    assert part.steps == 4
+    rest = run(data, tmp_path / "split", cfg)
+    assert rest.resumed_from_step == 4 and rest.steps == 6
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert rest.top1 == full.top1
+    # the weights moved away from the pretrained ones
+    start = tiny_vit(seed=5).state_dict()
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_or_another_model(data, tmp_path):
+    cfg = tiny_cfg(max_steps=1)
+    run(data, tmp_path / "ft", cfg)
+    with pytest.raises(FinetuneSetupError, match="other fine-tuning settings"):
+        run(data, tmp_path / "ft", dataclasses.replace(cfg, layer_decay=0.9))
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_vit(seed=6).state_dict(), str(other))
+    with pytest.raises(FinetuneSetupError, match="different pretrained file"):
+        finetune(cfg, model_path=other, train_shards=data["train"], test_shards=data["test"],
+                 out_dir=tmp_path / "ft", arch=ARCH, timm_kwargs=dict(BASE_KWARGS),
+                 progress=False)
+
+
+def test_pretrained_encoder_is_loaded_with_a_fresh_pooled_head(data):
+    model, kwargs = build_finetune_model(data["ckpt"], arch=ARCH, num_classes=3, cfg=tiny_cfg(),
+                                         timm_kwargs=dict(BASE_KWARGS))
+    source = tiny_vit(seed=5).state_dict()
+    state = model.state_dict()
+    for key in ("patch_embed.proj.weight", "blocks.2.mlp.fc2.weight", "cls_token", "pos_embed"):
+        assert torch.equal(state[key], source[key]), key
+    assert model.global_pool == "avg" and "norm.weight" not in state  # fc_norm after the pool
+    assert torch.equal(state["fc_norm.weight"], torch.ones(BASE_KWARGS["embed_dim"]))
+    assert state["head.weight"].shape == (3, BASE_KWARGS["embed_dim"])
+    assert 0 < state["head.weight"].std() < 1e-4  # MAE's trunc_normal(2e-5) head
+    assert model.blocks[2].drop_path1.drop_prob == pytest.approx(0.1)  # drop path really on
+    assert kwargs["drop_path_rate"] == 0.1
+
+
+def test_wrong_geometry_is_a_one_line_error(data):
+    with pytest.raises(ValueError, match="embed_dim|shape|kwargs"):
+        build_finetune_model(data["ckpt"], arch=ARCH, num_classes=3, cfg=tiny_cfg(),
+                             timm_kwargs=dict(BASE_KWARGS, embed_dim=64, num_heads=2))
+
+
+def make_runner(data, tmp_path, cfg) -> Finetuner:
+    from stages.finetune import _open_split
+
+    train = _open_split(data["train"], tmp_path, None, "--train", write=True)
+    test = _open_split(data["test"], tmp_path, None, "--test", write=True)
+    return Finetuner(cfg, model_path=data["ckpt"], arch=ARCH, train_index=train,
+                     test_index=test, out_dir=tmp_path, dist=DistEnv(),
+                     timm_kwargs=dict(BASE_KWARGS), progress=False)
+
+
+def test_layer_decay_scales_each_blocks_lr_and_schedule_warms_up_then_decays(data, tmp_path):
+    cfg = tiny_cfg(layer_decay=0.5, epochs=4, warmup_epochs=1)
+    runner = make_runner(data, tmp_path, cfg)
+    depth = BASE_KWARGS["depth"]
+    names = {id(p): n for n, p in runner.model.named_parameters()}
+
+    def lr_of(name: str) -> float:
+        for group in runner.optimizer.param_groups:
+            if any(names[id(p)] == name for p in group["params"]):
+                return group["lr"], group["weight_decay"]
+        raise KeyError(name)
+
+    peak = cfg.blr * cfg.batch_size / 256
+    runner.global_step = runner.steps_per_epoch  # end of warm-up: the peak lr
+    runner.lr_update()
+    assert lr_of("head.weight") == (pytest.approx(peak), 0.05)
+    assert lr_of("blocks.2.mlp.fc1.weight")[0] == pytest.approx(peak * 0.5)
+    assert lr_of("blocks.0.mlp.fc1.weight")[0] == pytest.approx(peak * 0.5 ** depth)
+    assert lr_of("patch_embed.proj.weight")[0] == pytest.approx(peak * 0.5 ** (depth + 1))
+    assert lr_of("blocks.0.norm1.weight")[1] == 0.0  # no weight decay on 1-D parameters
+    assert lr_of("pos_embed")[1] == 0.0 and lr_of("cls_token")[1] == 0.0
+    runner.global_step = 0
+    assert runner.lr_update() == 0.0  # warm-up starts at 0, as MAE's
+    runner.global_step = 1  # linear warm-up over the first epoch's steps
+    assert runner.lr_update() == pytest.approx(peak / runner.steps_per_epoch)
+    runner.global_step = runner.total_steps
+    assert runner.lr_update() == pytest.approx(cfg.min_lr)
+
+
+def test_mixup_cutmix_and_label_smoothing_reach_the_loss(data, tmp_path):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    runner = make_runner(data, tmp_path, tiny_cfg(mixup=0.8, cutmix=1.0, smoothing=0.1))
+    assert isinstance(runner.criterion, SoftTargetCrossEntropy)
+    seen = []
+    criterion = runner.criterion
+
+    def recording(logits, target):
+        seen.append(target.detach().clone())
+        return criterion(logits, target)
+
+    runner.criterion = recording
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    runner.train_step([(images, labels)])
+    (target,) = seen
+    assert target.shape == (8, 3)
+    assert torch.allclose(target.sum(dim=1), torch.ones(8))
+    assert target.max() < 1.0 - 0.1 / 3 + 1e-6  # smoothed, and mixed with another sample
+    mixed = (target > 0.1 / 3 + 1e-6).sum(dim=1)
+    assert (mixed >= 2).any()  # two classes share the target: mixup / cutmix happened
+
+    plain = make_runner(data, tmp_path / "plain", tiny_cfg(mixup=0.0, cutmix=0.0, smoothing=0.1))
+    assert plain.mixup is None and isinstance(plain.criterion, LabelSmoothingCrossEntropy)
+
+
+def test_training_augmentation_is_randaugment_and_a_function_of_epoch_and_sample(data, tmp_path):
+    from stages.data import PlanItem
+
+    runner = make_runner(data, tmp_path, tiny_cfg())
+    names = repr(runner.train_set.transform)
+    assert "RandAugment" in names and "RandomErasing" in names
+    ds = runner.train_set
+    a = ds[PlanItem(0, 3, 0, True)][0]
+    torch.manual_seed(123)  # the caller's RNG state must not matter, nor be changed
+    state = torch.get_rng_state()
+    b = ds[PlanItem(0, 3, 0, True)][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    c = ds[PlanItem(1, 3, 0, True)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 32, 32)
+
+
+def test_finetune_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="eval.finetune.layer_decay"):
+        from_dict(FinetuneConfig, {"layer_decay": 1.5}, "eval.finetune")
+    with pytest.raises(ConfigError, match="unknown key eval.finetune.lr_decay"):
+        from_dict(FinetuneConfig, {"lr_decay": 0.5}, "eval.finetune")
+    with pytest.raises(ConfigError, match="even"):
+        from_dict(FinetuneConfig, {"batch_size": 9}, "eval.finetune")
+    paper = FinetuneConfig()
+    assert (paper.blr, paper.batch_size, paper.betas, paper.mixup, paper.cutmix,
+            paper.smoothing, paper.drop_path) == (1e-3, 1024, (0.9, 0.999), 0.8, 1.0, 0.1, 0.1)
+
+
+def test_unlabelled_data_is_refused(tmp_path, data):
+    from image_helpers import encode, smooth_image, write_tar
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "nolabels-000000.tar"
+    write_tar(shard, [(f"k{i}.png", encode(smooth_image(rng, 32, 32), "PNG")) for i in range(8)])
+    with pytest.raises(FinetuneSetupError, match="no class label"):
+        finetune(tiny_cfg(), model_path=data["ckpt"], train_shards=str(shard),
+                 test_shards=data["test"], out_dir=tmp_path / "o", arch=ARCH,
+                 timm_kwargs=dict(BASE_KWARGS), progress=False)
+
+
+def test_cli_eval_finetune_prints_top1_and_rejects_a_missing_model(data, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    args = ["eval", "finetune", str(data["ckpt"]), "--train", data["train"][0], "--test",
+            data["test"][0], "--arch", ARCH, "--timm-kwargs", json.dumps(BASE_KWARGS),
+            "--out", str(tmp_path / "cli"), "--set", "epochs=1", "--set", "batch_size=4",
+            "--set", "warmup_epochs=0", "--set", "num_workers=0", "--set", "eval_crop_pct=1.0"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "test top-1" in result.output and "3/3 steps" in result.output
+    bad = runner.invoke(main, ["eval", "finetune", str(tmp_path / "missing.safetensors"),
+                               "--train", data["train"][0], "--test", data["test"][0]])
+    assert bad.exit_code == 2 and "model file not found" in bad.output
+    bad = runner.invoke(main, args[:-2] + ["--set", "layer_decay=2"])
+    assert bad.exit_code == 2 and "layer_decay" in bad.output
