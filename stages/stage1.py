@@ -134,12 +134,19 @@ class Stage1Config:
     rows stored (any k <= k_max can be trained with); batch_size: views per base-model forward
     pass; max_in_flight: batches a shard task keeps queued on the actors (>= 2 overlaps decoding
     with the forward pass); strict: fail (after finishing) if any sample was bad.
+    codec: float16 | int8 | lowrank (compact, lossy; ``codec_params`` see storage/compact.py).
+    precision: the base model's forward pass on a GPU (autocast dtype; float16 by measurement,
+    benchmarks/README.md "Storage"); on a CPU it is always float32. The precision used is part of
+    the cache's identity, and the target error of codec and precision against float32 is measured
+    on the first samples and stored in the manifest (``target_error``).
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
     cache: str = ""
     backend: Literal["zarr", "webdataset"] = "zarr"
-    codec: Literal["float16", "int8"] = "float16"
+    codec: Literal["float16", "int8", "lowrank"] = "float16"
+    codec_params: dict = field(default_factory=dict)
+    precision: Literal["float32", "float16", "bfloat16"] = "float16"
     views: int = 10
     last_n: int = 2
     k_max: int = 16
@@ -156,6 +163,16 @@ class Stage1Config:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"targets.{name}: must be >= 1, got {value}")
+        from storage.compact import NAME as LOWRANK, CodecParamError, check_params
+
+        if self.codec == LOWRANK:
+            try:
+                check_params(self.codec_params)
+            except CodecParamError as exc:
+                raise ConfigError(f"targets.{exc}") from None
+        elif self.codec_params:
+            raise ConfigError(f"targets.codec_params: codec {self.codec} takes no parameters; "
+                              f"remove codec_params or use codec: {LOWRANK}")
         self.source.validate()
         self.ray.validate()
         if isinstance(self.view_policy, dict):
@@ -237,7 +254,7 @@ class BaseModelActor:
     """
 
     def __init__(self, base: dict, last_n: int, k_max: int, *, threads: int | None = None,
-                 float16: bool = False):
+                 float16: bool = False, precision: str = "float32"):
         import torch
 
         from stages.configs import from_dict
@@ -249,6 +266,9 @@ class BaseModelActor:
         self.last_n = last_n
         self.k_max = k_max
         self.float16 = float16
+        # autocast dtype of the forward pass; float32 (none) on a CPU
+        self.autocast = None if self.device.type != "cuda" or precision == "float32" else \
+            {"float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
 
     def info(self) -> dict:
         """Where the actor runs (also used to wait until the model is loaded)."""
@@ -272,8 +292,8 @@ class BaseModelActor:
         # Arrays from the object store are read-only; a uint8 copy is cheap.
         x = torch.from_numpy(np.array(views, dtype=np.uint8, copy=True)).to(self.device)
         x = normalize_images(x)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                            enabled=self.device.type == "cuda"):
+        with torch.autocast(device_type="cuda", dtype=self.autocast or torch.float16,
+                            enabled=self.autocast is not None):
             targets = extract_targets(self.model, x, last_n=self.last_n, k_max=self.k_max)
         big = torch.float16 if self.float16 else torch.float32
         return {
@@ -604,7 +624,7 @@ def _start_actors(cfg: Stage1Config, base: BaseModelConfig, plan: _Plan) -> tupl
         base_dict["checkpoint"] = _absolute(base_dict["checkpoint"])
     actors = [
         actor_cls.remote(base_dict, cfg.last_n, cfg.k_max, threads=plan.threads,
-                         float16=cfg.codec == "float16")
+                         float16=cfg.codec == "float16", precision=resolve_precision(cfg))
         for _ in range(plan.num_actors)
     ]
     return actors, [a.info.remote() for a in actors]
@@ -736,7 +756,7 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     strict = cfg.strict if strict is None else strict
     start = time.perf_counter()
     geometry, fingerprint = _check_base_model(cfg, base)
-    writer, jobs = _prepare_cache(cfg, geometry, fingerprint)
+    writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base)
     summary = Stage1Summary(cache=_absolute(cfg.cache), backend=cfg.backend,
                             parts_total=len(writer.parts),
                             parts_skipped=len(writer.parts) - len(jobs))
@@ -799,7 +819,8 @@ def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, d
     return geometry, base.fingerprint(model, last_n=cfg.last_n, k_max=cfg.k_max)
 
 
-def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict):
+def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
+                   base: BaseModelConfig | None = None):
     """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts)."""
     from storage import CacheSpec, create_cache
 
@@ -812,9 +833,18 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict):
     policy = cfg.view_policy
     spec = CacheSpec(num_patches=geometry["num_patches"], channels=geometry["embed_dim"],
                      heads=geometry["num_heads"], k_max=cfg.k_max, views=cfg.views,
-                     codec=cfg.codec, backend=cfg.backend)
+                     codec=cfg.codec, codec_params=cfg.codec_params or None,
+                     backend=cfg.backend)
+    precision = resolve_precision(cfg)
+    extra = None
+    if base is not None and not (Path(cfg.cache) / "manifest.json").exists():
+        # a new cache: measure the target error of its codec and precision on the first samples
+        from stages.target_error import measure_stage1_error
+
+        extra = {"target_error": measure_stage1_error(cfg, base, spec, precision, source,
+                                                      shards[0])}
     writer = create_cache(
-        cfg.cache, spec, base_model=fingerprint,
+        cfg.cache, spec, base_model=fingerprint, targets={"precision": precision}, extra=extra,
         view_policy={**policy.to_dict(), "views": cfg.views},
         source={"kind": cfg.source.kind, "path": cfg.source.path, "shards": shards,
                 "num_samples": sum(counts)},
@@ -835,6 +865,16 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict):
         if name not in committed
     ]
     return writer, jobs
+
+
+def resolve_precision(cfg: Stage1Config) -> str:
+    """The precision stage 1 runs the base model at: ``targets.precision`` on a GPU, float32 on
+    a CPU (this process decides; the actors use what it decided, so the manifest is true)."""
+    import torch
+
+    if cfg.precision != "float32" and not torch.cuda.is_available():
+        return "float32"
+    return cfg.precision
 
 
 def _absolute(path) -> str:

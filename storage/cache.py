@@ -18,9 +18,9 @@ import numpy as np
 
 from . import layout
 from .codecs import codec_config, decode_view, prepare_views
-from .schema import (IDENTITY_KEYS, CacheError, CacheSpec, PartCommittedError, build_manifest,
+from .schema import (CacheError, CacheSpec, PartCommittedError, build_manifest,
                      check_manifest_readable, fingerprint_mismatch, identity_mismatch, jsonable,
-                     manifest_identity, manifest_section_digests)
+                     identity_keys, manifest_identity, manifest_section_digests)
 from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
 from .wds_backend import WdsPartReader, WdsPartWriter
 from .zarr_backend import ZarrPartReader, ZarrPartWriter
@@ -42,7 +42,8 @@ def _now() -> str:
 # writing
 
 def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_policy: dict,
-                 source: dict, parts: list[tuple[str, int]]) -> "CacheWriter":
+                 source: dict, parts: list[tuple[str, int]], targets: dict | None = None,
+                 extra: dict | None = None) -> "CacheWriter":
     """Create a cache at `path` (manifest.json written atomically), or reopen the same one.
 
     parts: (part name, number of sample slots) per input shard, in source order.
@@ -50,12 +51,15 @@ def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_po
     view_policy, source, parts) equals the requested one, it is reopened so committed parts are
     kept (resume). A different cache there is refused with a CacheError naming the fields.
     Safe to call from several processes at once with the same arguments.
+    targets: stage-1 settings that shape the targets (``{'precision': ...}``), part of the
+    identity. extra: sections recorded in a new manifest that are not part of the identity
+    (``target_error`` measured by stage 1, ``transcode`` history); a reopened cache keeps its own.
     """
     root = Path(path)
     if not isinstance(spec, CacheSpec):
         raise CacheError(f"create_cache: spec must be a CacheSpec, got {type(spec).__name__}")
     wanted = build_manifest(spec, base_model=base_model, view_policy=view_policy, source=source,
-                            parts=parts, codec_config=codec_config(spec))
+                            parts=parts, codec_config=codec_config(spec), targets=targets)
     mpath = layout.manifest_path(root)
     if mpath.exists():
         existing = layout.read_json(mpath, "manifest")
@@ -72,6 +76,10 @@ def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_po
         raise CacheError(f"{root} exists and is not a target cache (no {layout.MANIFEST}); "
                          f"choose an empty or new output path")
     root.mkdir(parents=True, exist_ok=True)
+    for key, value in (extra or {}).items():
+        if key in wanted:
+            raise CacheError(f"create_cache: extra section {key!r} would replace a manifest section")
+        wanted[key] = jsonable(value)
     wanted["created"] = _now()
     layout.write_json_atomic(mpath, wanted)
     # another process may have created it at the same moment: what is there now must match
@@ -151,7 +159,7 @@ def manifest_edits(manifest: dict, markers: dict[str, dict]) -> tuple[list[str],
             recorded = markers[p].get("manifest_sections")
             if not isinstance(recorded, dict):
                 continue
-            sections.extend(k for k in IDENTITY_KEYS
+            sections.extend(k for k in identity_keys(manifest)
                             if k in recorded and recorded[k] != now[k] and k not in sections)
     return parts, sections
 

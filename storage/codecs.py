@@ -1,4 +1,7 @@
-"""Codecs: how a record's tensors are encoded (float16 / int8) and compressed (blosc / none).
+"""Codecs: how a record's tensors are encoded (float16 / int8 / lowrank) and compressed.
+
+The compact lossy ``lowrank`` codec (a ViT-B view in <= 48 KiB) lives in ``compact.py``; its
+rate-distortion table is benchmarks/results/storage.json (benchmarks/storage.py).
 
 Value codecs
 ------------
@@ -49,6 +52,7 @@ import json
 import numpy as np
 from numcodecs import Blosc
 
+from . import compact
 from .schema import CacheError, CacheSpec, index_dtype, stored_fields
 
 BLOSC_CNAME = "zstd"
@@ -60,6 +64,9 @@ _blosc_decoder = Blosc()
 def codec_config(spec: CacheSpec) -> dict:
     """The codec section of the manifest (what a reader needs to know, in words and numbers)."""
     cfg: dict = {"values": spec.codec}
+    if spec.codec == compact.NAME:
+        cfg[compact.NAME] = compact.describe(spec.codec_params, spec.num_patches, spec.channels,
+                                             spec.heads, spec.rows)
     if spec.codec == "int8":
         cfg["int8"] = {"scheme": "symmetric absmax/127", "features_scale": "per patch row (over C)",
                        "attn_logits_scale": "per (head, row) (over L)", "scale_dtype": "float32"}
@@ -119,12 +126,15 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # writing: caller's view records -> stored arrays
 
-def prepare_views(spec: CacheSpec, key: str, view_records: dict) -> tuple[dict[str, np.ndarray], dict]:
+def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
+                  first_view: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     """Validate one sample's K view records and encode them to stored arrays.
 
     view_records: features [K,L,C], feature_mean [K,C], feature_std [K,C],
         attn_logits [K,H,k_max+1,L], attn_index [K,k_max], crop [K,4], flip [K],
         source_size (h, w), label int (optional, default -1).
+    first_view: the view index of the first record (seeds the lowrank codec's dither per view:
+        a caller encoding views one at a time passes each view's index).
     Returns (stored: name -> [K, ...] arrays in the stored dtypes of ``stored_fields``,
              sample: {'label': int, 'source_size': [h, w]}).
     """
@@ -163,8 +173,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict) -> tuple[dict[s
 
     fields = stored_fields(spec)
     out: dict[str, np.ndarray] = {
-        "feature_mean": arrs["feature_mean"].astype("<f4"),
-        "feature_std": arrs["feature_std"].astype("<f4"),
+        "feature_mean": arrs["feature_mean"].astype(fields["feature_mean"][1]),
+        "feature_std": arrs["feature_std"].astype(fields["feature_std"][1]),
         "attn_index": arrs["attn_index"].astype(index_dtype(spec)),
         "crop": arrs["crop"].astype("<i4"),
         "flip": arrs["flip"].astype(bool),
@@ -176,6 +186,18 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict) -> tuple[dict[s
             if not np.isfinite(a).all():
                 raise CacheError(f"record {key!r}: {name} overflows float16 (|x| > 65504); use codec int8")
             out[name] = a
+    elif spec.codec == compact.NAME:
+        for name in ("feature_mean", "feature_std"):
+            if not np.isfinite(out[name]).all():
+                raise CacheError(f"record {key!r}: {name} overflows float16 (|x| > 65504)")
+        try:
+            views = [compact.encode_view(arrs["features"][v], arrs["attn_logits"][v],
+                                         spec.codec_params, key=key, view=first_view + v)
+                     for v in range(K)]
+        except ValueError as e:
+            raise CacheError(f"record {key!r}: {e}") from None
+        for name in views[0]:
+            out[name] = np.stack([v[name] for v in views])
     else:
         out["features"], out["features_scale"] = quantize_rows(arrs["features"])
         out["attn_logits"], out["attn_logits_scale"] = quantize_rows(arrs["attn_logits"])
@@ -187,14 +209,29 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict) -> tuple[dict[s
 # ---------------------------------------------------------------------------------------------
 # reading: stored arrays of one view -> record
 
-def decode_view(stored: dict[str, np.ndarray], decode: bool) -> dict[str, np.ndarray]:
+def decode_view(stored: dict[str, np.ndarray], decode: bool | str) -> dict[str, np.ndarray]:
     """Stored arrays of one view -> the record the reader returns.
 
-    decode=True: features [L,C] and attn_logits [H,k_max+1,L] float32 (int8 dequantised, scales
-    dropped), attn_index int64, crop int64, flip bool (0-d). decode=False: the stored arrays as is.
+    decode=True: features [L,C] and attn_logits [H,k_max+1,L] float32 (int8 / lowrank
+    dequantised, scales dropped), attn_index int64, crop int64, flip bool (0-d).
+    decode=False: the stored arrays as is. decode='payload': the lowrank codec's quantised payload
+    unpacked to integer codes and float32 scales (``compact.unpack_payload``), to be dequantised
+    on the training device; other codecs as decode=True.
     """
     if not decode:
         return dict(stored)
+    if "features_u" in stored:
+        out = {"feature_mean": stored["feature_mean"].astype(np.float32),
+               "feature_std": stored["feature_std"].astype(np.float32),
+               "attn_index": stored["attn_index"].astype(np.int64),
+               "crop": stored["crop"].astype(np.int64),
+               "flip": np.asarray(stored["flip"], dtype=bool)}
+        payload = compact.unpack_payload(stored)
+        if decode == "payload":
+            out.update(payload)
+        else:
+            out["features"], out["attn_logits"] = compact.dequantize_payload(payload)
+        return out
     out = {
         "feature_mean": stored["feature_mean"].astype(np.float32),
         "feature_std": stored["feature_std"].astype(np.float32),

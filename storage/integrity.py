@@ -56,6 +56,9 @@ def inspect_cache(path: str | Path) -> dict:
         "finalized": manifest.get("finalized"),
         "spec": manifest["spec"],
         "codec": manifest.get("codec", {}),
+        "targets": manifest.get("targets", {}),
+        "target_error": manifest.get("target_error"),
+        "transcode": manifest.get("transcode"),
         "base_model": manifest.get("base_model", {}),
         "view_policy": manifest.get("view_policy", {}),
         "source": manifest.get("source", {}),
@@ -90,6 +93,34 @@ def _kv(d: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in d.items())
 
 
+def _codec_lines(s: dict) -> list[str]:
+    """Codec parameters, stage-1 precision and the target error measured by stage 1 (v2)."""
+    lines = []
+    low = s.get("codec", {}).get("lowrank")
+    if low:
+        lines.append(f"codec params  {_kv(low.get('params', {}))}; rank {low.get('rank')}, "
+                     f"{low.get('bits_per_feature_value')} bits per feature value, "
+                     f"{low.get('bits_per_attention_value')} per attention logit")
+    if s.get("targets"):
+        lines.append(f"stage 1       base-model forward in {s['targets'].get('precision', '?')}")
+    err = s.get("target_error")
+    if isinstance(err, dict) and "total" in err:
+        t = err["total"]
+        lines.append(
+            f"target error  vs float32 on {err.get('views')} views of the first part "
+            f"({err.get('codec')}, {err.get('precision')}): feature rel. RMS "
+            f"{t['feature_rel_rms']:.4f}, attention excess CE {t['attn_excess_ce_tau1.0']:.4f} / "
+            f"{t['attn_excess_ce_tau1.8']:.4f} nats (tau 1.0 / 1.8), top-k agreement "
+            f"{t['topk_agreement']:.3f}")
+    elif isinstance(err, dict):
+        lines.append(f"target error  {err.get('error', '?')}")
+    for step in s.get("transcode") or []:
+        lines.append(f"transcoded    from {step.get('from_codec')} ({step.get('source')}) at "
+                     f"{step.get('at')}" + (f"; WARNING: {step['warning']}" if step.get("warning")
+                                            else ""))
+    return lines
+
+
 def format_inspect(summary: dict) -> str:
     """Human-readable multi-line text of an `inspect_cache` summary."""
     s = summary
@@ -104,6 +135,7 @@ def format_inspect(summary: dict) -> str:
         f"format        {s['format']} schema v{s['schema_version']}  created {s.get('created') or '?'}"
         f"  finalized {s.get('finalized') or 'no'}",
         f"backend       {spec['backend']}   values {spec['codec']}   compression {comp_txt}",
+        *_codec_lines(s),
         f"record        L={spec['num_patches']} C={spec['channels']} H={spec['heads']} "
         f"k_max={spec['k_max']}  views per sample K={spec['views']}",
         f"base model    {_kv(s['base_model'])}",

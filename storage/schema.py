@@ -14,7 +14,14 @@ plus, per sample, ``key`` (str), ``label`` (int, -1 if none) and ``source_size``
 
 What is stored per view depends on the codec (see ``stored_fields``): float16 keeps
 ``features``/``attn_logits`` as float16; int8 keeps them as int8 with one float32 scale per row
-(``features_scale`` [L], ``attn_logits_scale`` [H, k_max+1]).
+(``features_scale`` [L], ``attn_logits_scale`` [H, k_max+1]); lowrank (schema v2, see
+``storage/compact.py``) keeps quantised low-rank feature factors, packed attention codes and
+float16 feature statistics.
+
+Schema versions: v1 (float16 and int8 only) and v2 (adds the lowrank codec, ``spec.codec_params``
+and the ``targets`` manifest section: the stage-1 precision, part of the identity, and the measured
+target error). float16 / int8 records are laid out the same in both; this code reads both and
+writes v2.
 
 The manifest (``manifest.json`` at the cache root) is plain JSON: format name, schema version,
 spec, base-model fingerprint, view policy, source fingerprint, codec, the part list and, after
@@ -30,15 +37,25 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_NAME = "tec-target-cache"
-SCHEMA_VERSION = 1
+from . import compact
 
-CODECS = ("float16", "int8")
+FORMAT_NAME = "tec-target-cache"
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+
+CODECS = ("float16", "int8", compact.NAME)
 BACKENDS = ("zarr", "webdataset")
 COMPRESSIONS = ("blosc", "none")
 
 # Manifest sections that define a cache's identity (resume compares exactly these).
 IDENTITY_KEYS = ("format", "schema_version", "spec", "base_model", "view_policy", "source", "parts")
+# v2 adds the stage-1 settings that shape the targets (the base model's forward precision)
+IDENTITY_KEYS_V2 = IDENTITY_KEYS + ("targets",)
+
+
+def identity_keys(manifest: dict) -> tuple[str, ...]:
+    """The identity sections of a manifest of its schema version (v1 caches keep theirs)."""
+    return IDENTITY_KEYS if manifest.get("schema_version") == 1 else IDENTITY_KEYS_V2
 
 _PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
@@ -65,7 +82,8 @@ class CacheSpec:
     """Shapes and encoding of a cache.
 
     num_patches: L; channels: C; heads: H; k_max: attention rows besides cls; views: K per sample.
-    codec: 'float16' (default) or 'int8' (per-row absmax scales).
+    codec: 'float16' (default), 'int8' (per-row absmax scales) or 'lowrank' (compact, lossy;
+    ``codec_params`` as in storage/compact.py, defaults filled in; None for the other codecs).
     backend: 'zarr' (random access) or 'webdataset' (streaming tar shards).
     compression: 'blosc' (zstd level 1 with byte shuffle, lossless; default) or 'none'.
     """
@@ -78,6 +96,7 @@ class CacheSpec:
     codec: str = "float16"
     backend: str = "zarr"
     compression: str = "blosc"
+    codec_params: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_patches", "channels", "heads", "k_max", "views"):
@@ -88,6 +107,18 @@ class CacheSpec:
             raise CacheError(f"CacheSpec.k_max={self.k_max} exceeds num_patches={self.num_patches}")
         if self.codec not in CODECS:
             raise CacheError(f"CacheSpec.codec={self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.codec == compact.NAME:
+            try:
+                params = compact.check_params(self.codec_params)
+                compact.rank_for(params, int(self.num_patches), int(self.channels))
+            except compact.CodecParamError as e:
+                raise CacheError(str(e)) from None
+            object.__setattr__(self, "codec_params", params)
+        elif self.codec_params:
+            raise CacheError(f"CacheSpec.codec_params: codec {self.codec} takes no parameters "
+                             f"(got {', '.join(sorted(self.codec_params))})")
+        else:
+            object.__setattr__(self, "codec_params", None)
         if self.backend not in BACKENDS:
             raise CacheError(f"CacheSpec.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.compression not in COMPRESSIONS:
@@ -100,7 +131,10 @@ class CacheSpec:
         return self.k_max + 1
 
     def to_dict(self) -> dict:
-        return {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in asdict(self).items()}
+        d = {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in asdict(self).items()}
+        if self.codec_params is None:  # likewise a float16 / int8 cache (no codec parameters)
+            d.pop("codec_params")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheSpec":
@@ -119,6 +153,12 @@ def index_dtype(spec: CacheSpec) -> np.dtype:
 def stored_fields(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-view stored arrays: name -> (shape without the [slot, view] axes, little-endian dtype)."""
     L, C, H, R = spec.num_patches, spec.channels, spec.heads, spec.rows
+    if spec.codec == compact.NAME:
+        out = {"feature_mean": ((C,), np.dtype("<f2")), "feature_std": ((C,), np.dtype("<f2"))}
+        out.update(compact.stored_fields(L, C, H, R, spec.codec_params))
+        out.update({"attn_index": ((spec.k_max,), index_dtype(spec)), "crop": ((4,), np.dtype("<i4")),
+                    "flip": ((), np.dtype("bool"))})
+        return out
     big = np.dtype("<f2") if spec.codec == "float16" else np.dtype("i1")
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {
         "features": ((L, C), big),
@@ -189,14 +229,23 @@ def record_schema(spec: CacheSpec) -> dict:
     names = {"features": "[L,C]", "feature_mean": "[C]", "feature_std": "[C]",
              "attn_logits": "[H,k_max+1,L]", "attn_index": "[k_max]", "crop": "[4] top,left,height,width",
              "flip": "[]", "features_scale": "[L] absmax/127 over C",
-             "attn_logits_scale": "[H,k_max+1] absmax/127 over L"}
+             "attn_logits_scale": "[H,k_max+1] absmax/127 over L",
+             "features_u": "[L,ceil(r*fb/8)] packed codes of A (Y ~ A B)",
+             "features_u_scale": "[r] per column of A", "features_v": "[r,ceil(C*fb/8)] packed codes of B",
+             "features_v_scale": "[r] per row of B",
+             "attn_codes": "[H,k_max+1,ceil(L*ab/8)] packed codes of row max - logit",
+             "attn_max": "[H,k_max+1] row maxima", "attn_step": "[H,k_max+1] row steps"}
     return {name: {"shape": list(shape), "dtype": dt.name, "axes": names[name]}
             for name, (shape, dt) in stored_fields(spec).items()}
 
 
 def build_manifest(spec: CacheSpec, *, base_model: dict, view_policy: dict, source: dict,
-                   parts: list[tuple[str, int]], codec_config: dict) -> dict:
-    """The manifest written at create time (no part status yet)."""
+                   parts: list[tuple[str, int]], codec_config: dict,
+                   targets: dict | None = None) -> dict:
+    """The manifest written at create time (no part status yet).
+
+    targets: the stage-1 settings that shape the targets besides the base model (e.g.
+    ``{'precision': 'float32'}``); part of the identity."""
     seen: set[str] = set()
     part_list = []
     for entry in parts:
@@ -219,6 +268,7 @@ def build_manifest(spec: CacheSpec, *, base_model: dict, view_policy: dict, sour
         "view_policy": jsonable(dict(view_policy)),
         "source": jsonable(dict(source)),
         "parts": part_list,
+        "targets": jsonable(dict(targets or {})),
         "codec": codec_config,
         "record": record_schema(spec),
         "complete": False,
@@ -238,18 +288,19 @@ def manifest_identity(manifest: dict) -> str:
     committed (view policy, base model, spec, source, part list) is detected by `verify_cache`
     and refused by `open_cache`.
     """
-    return _canonical_sha256({key: manifest.get(key) for key in IDENTITY_KEYS})
+    return _canonical_sha256({key: manifest.get(key) for key in identity_keys(manifest)})
 
 
 def manifest_section_digests(manifest: dict) -> dict[str, str]:
     """sha256 of each identity section alone (markers keep them to name an edited section)."""
-    return {key: _canonical_sha256(manifest.get(key)) for key in IDENTITY_KEYS}
+    return {key: _canonical_sha256(manifest.get(key)) for key in identity_keys(manifest)}
 
 
 def identity_mismatch(existing: dict, wanted: dict) -> list[str]:
     """Dotted names of the identity fields that differ between two manifests ([] = same cache)."""
     diffs: list[str] = []
-    for key in IDENTITY_KEYS:
+    keys = identity_keys(existing)
+    for key in keys + tuple(k for k in identity_keys(wanted) if k not in keys):
         _diff(key, existing.get(key, "<absent>"), wanted.get(key, "<absent>"), diffs)
     return diffs
 
@@ -294,7 +345,14 @@ def check_manifest_readable(manifest: Any, where: str) -> None:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise CacheError(f"{where} is not a {FORMAT_NAME} manifest (format={fmt!r})")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise CacheError(
-            f"{where}: unknown cache schema version {version!r}; this code reads version "
-            f"{SCHEMA_VERSION} only - rebuild the cache or use the pipeline version that wrote it")
+            f"{where}: unknown cache schema version {version!r}; this code reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))} - rebuild the cache or use the "
+            f"pipeline version that wrote it")
+    spec = manifest.get("spec")
+    codec = spec.get("codec") if isinstance(spec, dict) else None
+    if codec not in CODECS:
+        raise CacheError(
+            f"{where}: the cache's codec {codec!r} cannot be decoded by this version (it decodes "
+            f"{', '.join(CODECS)}) - use the pipeline version that wrote it")

@@ -37,6 +37,8 @@ from .schema import CacheError, CacheSpec, index_dtype, stored_fields
 RECORDS_FILE = "records.npy"
 SAMPLES_FILE = "samples.json"
 _BIG = ("features", "attn_logits")
+# members stored inside meta.json instead of as arrays
+_IN_META = ("crop", "flip", "attn_index")
 
 
 def view_tar_name(view: int) -> str:
@@ -75,7 +77,9 @@ class WdsPartWriter:
         self._fields = stored_fields(spec)
         self._tars = [HashingWriter(directory / view_tar_name(v)) for v in range(spec.views)]
         self._comp = {}
-        for name in _BIG:
+        self._big = [n for n in _BIG + ("features_u", "features_v", "attn_codes") if n in self._fields]
+        self._small = [n for n in self._fields if n not in self._big and n not in _IN_META]
+        for name in self._big:
             shape, dt = self._fields[name]
             nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize + 128
             self._comp[name] = Compressor(spec.compression, dt, nbytes)
@@ -87,14 +91,14 @@ class WdsPartWriter:
         rows = np.zeros((self.spec.views, 3), dtype=np.int64)
         for v in range(self.spec.views):
             parts = []
-            for name in _BIG:
+            for name in self._big:
                 raw = npy_bytes(stored[name][v])
                 if self.spec.compression == "blosc":
                     parts.append(_member(f"{tkey}.{name}.npy.blosc",
                                          self._comp[name].encode(np.frombuffer(raw, np.uint8)), self._mtime))
                 else:
                     parts.append(_member(f"{tkey}.{name}.npy", raw, self._mtime))
-            for name in ("feature_mean", "feature_std", "features_scale", "attn_logits_scale"):
+            for name in self._small:
                 if name in stored:
                     parts.append(_member(f"{tkey}.{name}.npy", npy_bytes(stored[name][v]), self._mtime))
             meta = {"key": key, "view": v, "slot": slot, "crop": stored["crop"][v].tolist(),

@@ -45,6 +45,14 @@ _DIM_NAMES = {
     "attn_index": ["slot", "view", "rank"],
     "crop": ["slot", "view", "box"],
     "flip": ["slot", "view"],
+    # lowrank codec (storage/compact.py)
+    "features_u": ["slot", "view", "patch", "byte"],
+    "features_u_scale": ["slot", "view", "component"],
+    "features_v": ["slot", "view", "component", "byte"],
+    "features_v_scale": ["slot", "view", "component"],
+    "attn_codes": ["slot", "view", "head", "row", "byte"],
+    "attn_max": ["slot", "view", "head", "row"],
+    "attn_step": ["slot", "view", "head", "row"],
 }
 
 

@@ -100,7 +100,7 @@ def test_unknown_schema_version_is_refused(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="unknown cache schema version 2"):
+    with pytest.raises(CacheError, match=f"unknown cache schema version {SCHEMA_VERSION + 1}"):
         open_cache(path)
     assert "unknown cache schema version" in verify_cache(path)[0]
     with pytest.raises(CacheError, match="not a tec-target-cache manifest"):
@@ -170,7 +170,7 @@ def test_finalize_records_part_status_and_checksums_in_the_manifest(tmp_path):
     assert status["samples"] == 4 and status["files"] == len(marker["files"]) > 0
     assert all(len(f["sha256"]) == 64 for f in marker["files"].values())
     assert status["checksum"] == part_checksum(marker["files"])
-    assert m["format"] == "tec-target-cache" and m["schema_version"] == 1
+    assert m["format"] == "tec-target-cache" and m["schema_version"] == SCHEMA_VERSION == 2
     assert m["base_model"] == BASE_MODEL and m["codec"]["values"] == "float16"
 
 
