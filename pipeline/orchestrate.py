@@ -288,6 +288,34 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     return summary
 
 
+def finetune_rows(cfg: PipelineConfig, models: dict[str, Path], rows: list[dict],
+                  summary: PipelineSummary) -> None:
+    """Add ``finetune_top1`` to each row: every model fine-tuned end to end (``eval.finetune``).
+
+    Each model gets ``<workdir>/finetune/<name>-<sha256[:12]>`` (a retrained export gets a new
+    folder; an interrupted fine-tuning resumes, a finished one is re-evaluated only).
+    """
+    from stages.finetune import finetune
+    from tec.teacher import file_sha256
+
+    ev = cfg.eval
+    # its own train_limit / test_limit (null: every image); the device follows eval.device
+    ft = dataclasses.replace(
+        ev.finetune, device=ev.finetune.device if ev.finetune.device != "auto" else ev.device)
+    start = time.time()
+    for row in rows:
+        path = Path(models[row["model"]])
+        out = Path(cfg.workdir) / "finetune" / f"{row['model']}-{file_sha256(path)[:12]}"
+        result = finetune(ft, model_path=path, train_shards=cfg.data.train,
+                          test_shards=cfg.data.test, out_dir=out, arch=cfg.base_model.arch,
+                          timm_kwargs=cfg.base_model.timm_kwargs,
+                          allow_pickle=cfg.base_model.allow_pickle, name=row["model"])
+        row["finetune_top1"] = result.top1
+        row["finetune_dir"] = str(out)
+    summary.add("finetune", f"{len(rows)} models fine-tuned end to end ({ft.epochs} epochs, "
+                            f"{(time.time() - start) / 60:.1f} min) -> {cfg.workdir}/finetune")
+
+
 def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSummary) -> None:
     from stages.evaluate import format_table
 
@@ -306,6 +334,8 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
         knn_k=ev.knn_k, knn_temperature=ev.knn_temperature, linear_epochs=ev.linear_epochs,
         linear_lr=ev.linear_lr, batch_size=ev.batch_size,
         allow_pickle=cfg.base_model.allow_pickle, timm_kwargs=cfg.base_model.timm_kwargs)
+    if ev.finetune is not None and ev.finetune.enabled:
+        finetune_rows(cfg, models, rows, summary)
     summary.eval_table = format_table(rows)
     results = Path(cfg.workdir) / "eval.json"
     results.write_text(json.dumps(rows, indent=2))

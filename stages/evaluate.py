@@ -439,15 +439,18 @@ _HEADERS = {
     "knn_mean": "kNN mean",
     "linear_cls": "linear cls",
     "linear_mean": "linear mean",
+    "finetune_top1": "fine-tune",  # shown only when a row has it (eval.finetune enabled)
 }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table, one line per row: ``model`` name then the four top-1 percents.
 
-    A row is ``{'model': name, 'knn_cls': float, ...}``; missing metrics print as ``-``.
+    A row is ``{'model': name, 'knn_cls': float, ...}``; missing metrics print as ``-``. A
+    ``finetune_top1`` column (full fine-tuning top-1) follows when any row has that key.
     """
-    columns = list(_HEADERS)
+    columns = [c for c in _HEADERS
+               if c != "finetune_top1" or any("finetune_top1" in row for row in rows)]
     cells = [[_HEADERS[c] for c in columns]]
     for row in rows:
         line = [str(row.get("model", row.get("name", "?")))]

@@ -237,3 +237,64 @@ def test_cli_eval_finetune_prints_top1_and_rejects_a_missing_model(data, tmp_pat
     assert bad.exit_code == 2 and "model file not found" in bad.output
     bad = runner.invoke(main, args[:-2] + ["--set", "layer_decay=2"])
     assert bad.exit_code == 2 and "layer_decay" in bad.output
+
+
+def test_tec_run_finetune_column_fine_tunes_every_model_and_reuses_finished_runs(data, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.orchestrate import PipelineSummary, finetune_rows
+    from stages.evaluate import format_table
+
+    raw = {
+        "workdir": str(tmp_path / "work"),
+        "data": {"train": "::".join(data["train"]), "test": data["test"][0]},
+        "base_model": {"arch": ARCH, "checkpoint": str(data["ckpt"]),
+                       "timm_kwargs": dict(BASE_KWARGS)},
+        "targets": {"views": 1},
+        "eval": {"device": "cpu", "finetune": {
+            "enabled": True, "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
+            "num_workers": 0, "eval_crop_pct": 1.0}},
+    }
+    cfg = parse_config(raw)
+    assert cfg.eval.finetune.enabled and cfg.eval.finetune.batch_size == 8
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_vit(seed=7).state_dict(), str(other))
+    models = {"base": data["ckpt"], "tec": other}
+    rows = [{"model": "base", "knn_cls": 50.0}, {"model": "tec", "knn_cls": 60.0}]
+    summary = PipelineSummary()
+    finetune_rows(cfg, models, rows, summary)
+    assert all(0.0 <= r["finetune_top1"] <= 100.0 for r in rows)
+    assert rows[0]["finetune_dir"] != rows[1]["finetune_dir"]
+    table = format_table(rows)
+    assert "fine-tune" in table.splitlines()[0]
+    assert f"{rows[1]['finetune_top1']:.2f}" in table.splitlines()[-1]
+    assert "fine-tune" not in format_table([{"model": "x", "knn_cls": 1.0}])
+
+    again = [{"model": "base"}, {"model": "tec"}]
+    finetune_rows(cfg, models, again, PipelineSummary())
+    assert [r["finetune_top1"] for r in again] == [r["finetune_top1"] for r in rows]
+    from stages.checkpoint import load_checkpoint
+
+    assert load_checkpoint(rows[0]["finetune_dir"])["step"] == 3  # finished: nothing retrained
+
+
+@pytest.mark.parametrize("stem,layer_decay,epochs,warmup,min_lr", [
+    ("imagenet_mae_vitb", 0.55, 100, 20, 1e-6),
+    ("imagenet_ibot_vitb", 0.65, 100, 20, 1e-6),
+    ("imagenet_mae_vitl", 0.65, 50, 5, 1e-5),
+])
+def test_imagenet_configs_fine_tune_with_the_papers_tab10_settings(stem, layer_decay, epochs,
+                                                                   warmup, min_lr):
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{stem}.yaml")
+    ft = cfg.eval.finetune
+    assert ft.enabled
+    assert (ft.layer_decay, ft.epochs, ft.warmup_epochs, ft.min_lr) == (
+        layer_decay, epochs, warmup, pytest.approx(min_lr))
+    assert (ft.blr, ft.batch_size, ft.weight_decay, ft.betas) == (1e-3, 1024, 0.05, (0.9, 0.999))
+    assert (ft.smoothing, ft.mixup, ft.cutmix, ft.drop_path) == (0.1, 0.8, 1.0, 0.1)
+    assert ft.auto_augment == "rand-m9-mstd0.5-inc1" and ft.global_pool == "avg"
+    if stem == "imagenet_mae_vitl":  # the reference's ViT-L new model: decoder width 768
+        assert cfg.runs[0].model_config().decoder_embed_dim == 768
