@@ -162,21 +162,65 @@ def targets(config, overrides, ray_address, strict, allow_pickle):
 
 @main.command()
 @config_arg
+@click.argument("run_arg", metavar="RUN", required=False)
 @set_opt
-@click.option("--run", "run_name", required=True, help="Name of the run in the config's runs.")
+@click.option("--run", "run_opt", default=None, hidden=True,
+              help="Same as RUN (kept for old scripts; torchrun claims --run, so use RUN).")
+@click.option("--nproc-per-node", "nproc", type=click.IntRange(min=1), default=None,
+              help="Launch N ranks on this machine (torchrun --standalone) and train with DDP.")
 @pickle_opt
 @user_errors
-def train(config, overrides, run_name, allow_pickle):
-    """Stage 2: train one new model from the cache (resumes from its last checkpoint).
+def train(config, run_arg, overrides, run_opt, nproc, allow_pickle):
+    """Stage 2: train the run RUN of the config from the cache (resumes from its last checkpoint).
 
-    Works under torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train CONFIG --run NAME`.
+    One process: `tec train CONFIG RUN`. All GPUs of one machine: `tec train CONFIG RUN
+    --nproc-per-node 8`, or under torchrun: `torchrun --nproc-per-node 8 -m pipeline.cli train
+    CONFIG RUN` (multi-node: add torchrun's --nnodes/--node-rank/--rdzv-endpoint). Only rank 0
+    prints the summary.
     """
     from pipeline.orchestrate import train_run
+    from stages.configs import ConfigError
 
+    run_name = _run_name(run_arg, run_opt)
+    if nproc is not None:
+        sys.exit(_launch_ranks(nproc, config, run_name, overrides, allow_pickle))
     cfg = _load(config, overrides, allow_pickle)
+    if run_name is None:
+        raise ConfigError(f"tec train: name the run to train (one of: "
+                          f"{', '.join(r.name for r in cfg.runs)}), e.g. tec train CONFIG "
+                          f"{cfg.runs[0].name if cfg.runs else 'NAME'}")
     summary = train_run(cfg, cfg.run_named(run_name))
-    if summary is not None:
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         click.echo(summary.format())
+
+
+def _run_name(run_arg: str | None, run_opt: str | None) -> str | None:
+    from stages.configs import ConfigError
+
+    if run_arg is not None and run_opt is not None and run_arg != run_opt:
+        raise ConfigError(f"tec train: the run is named twice ({run_arg!r} and --run {run_opt!r})")
+    return run_arg if run_arg is not None else run_opt
+
+
+def _launch_ranks(nproc: int, config: Path, run_name: str | None, overrides, allow_pickle) -> int:
+    """``tec train ... --nproc-per-node N``: start N ranks of this command under torchrun."""
+    import subprocess
+
+    from stages.configs import ConfigError
+
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ConfigError("tec train: --nproc-per-node given inside torchrun; drop one of them")
+    if run_name is None:
+        raise ConfigError("tec train: name the run to train, e.g. tec train CONFIG tec "
+                          "--nproc-per-node 2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "pipeline.cli", "train", str(config), run_name]
+    for item in overrides:
+        cmd.append(f"--set={item}")
+    if allow_pickle:
+        cmd.append("--allow-pickle")
+    log.info("launching %d ranks: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd).returncode
 
 
 @main.command()

@@ -544,13 +544,19 @@ def _connect_ray(cfg: Stage1Config, ray_address: str | None) -> tuple[bool, str]
     address = ray_address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
         _check_reachable(address)
+        token_given = _use_given_auth_token()
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = ("check that $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH hold the head's token"
+                    if token_given else
+                    "if the cluster uses token authentication, give the driver the head's token: "
+                    "RAY_AUTH_TOKEN_PATH=FILE (a copy of the head's ~/.ray/auth_token)")
             raise Stage1Error(
                 f"cannot join the Ray cluster at {address} ({first}); check --ray-address / "
-                "$RAY_ADDRESS (host:port of the head node, or 'local' to start one here)"
+                f"$RAY_ADDRESS (host:port of the head node, or 'local' to start one here); "
+                f"{hint}"
             ) from None
         return True, address
     kwargs: dict[str, Any] = dict(address="local", include_dashboard=False,
@@ -562,6 +568,24 @@ def _connect_ray(cfg: Stage1Config, ray_address: str | None) -> tuple[bool, str]
         kwargs["num_gpus"] = cfg.ray.num_gpus
     ray.init(**kwargs)
     return True, ray.get_runtime_context().gcs_address
+
+
+def _use_given_auth_token() -> bool:
+    """A cluster token given in the environment turns on token authentication for this driver.
+
+    Ray sends a token only in ``RAY_AUTH_MODE=token``; a driver that was handed the head's token
+    (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) but not the mode would otherwise connect
+    without it and be refused. An explicit ``RAY_AUTH_MODE`` is left as it is.
+    """
+    given = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if given and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray reads its config once at import: re-read it, as ray's own token setup does
+        from ray._raylet import Config
+
+        Config.initialize("")
+        logger.info("Ray cluster token given in the environment: token authentication on")
+    return given
 
 
 def _check_reachable(address: str) -> None:

@@ -453,13 +453,32 @@ def test_killed_driver_then_rerun_resumes_without_recomputing(ray_session, base,
     assert not any(p.is_file() for p in tmp.rglob("*"))  # the dead attempt's files are gone
 
 
-@pytest.mark.slow
-def test_joins_a_separately_started_ray_head(base, shards, tmp_path, reference):
-    """`ray start --head` in another process, then a driver that joins it by address."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        return s.getsockname()[1]
+
+
+def _ray_env(home: Path, **extra) -> dict:
+    """The environment of a Ray process on a separate 'machine': its own HOME (so no token of
+    this machine's ~/.ray leaks in) and no inherited RAY_AUTH_* setting."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    return {**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+@pytest.mark.slow
+def test_joins_a_token_authenticated_ray_head(base, shards, tmp_path, reference):
+    """`ray start --head` with token authentication on (as the README shows), then a driver
+    that gets only the head's token file (RAY_AUTH_TOKEN_PATH) joins it by address; a driver
+    without the token is refused with a one-line error that says how to give it."""
+    import secrets
+
+    port = _free_port()
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    head_env = _ray_env(tmp_path / "head_home", RAY_AUTH_MODE="token",
+                        RAY_AUTH_TOKEN_PATH=str(token))
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
@@ -476,8 +495,19 @@ def test_joins_a_separately_started_ray_head(base, shards, tmp_path, reference):
                 assert head.poll() is None and time.time() < deadline, "ray start failed"
                 time.sleep(0.2)
         cfg = make_cfg(shards, tmp_path / "cache")
-        out = subprocess.run(driver_cmd(cfg, base, f"127.0.0.1:{port}"), env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+        # no token: refused, and the message says how to pass it
+        refused = subprocess.run(driver_cmd(cfg, base, f"127.0.0.1:{port}"),
+                                 env=_ray_env(tmp_path / "stranger_home"), cwd=REPO,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0
+        assert "RAY_AUTH_TOKEN_PATH" in refused.stderr, refused.stderr[-3000:]
+        assert not (Path(cfg.cache) / "status").is_dir() or not any(
+            (Path(cfg.cache) / "status").glob("*.json"))
+        # with the head's token file: joins and writes the cache
+        out = subprocess.run(driver_cmd(cfg, base, f"127.0.0.1:{port}"),
+                             env=_ray_env(tmp_path / "driver_home",
+                                          RAY_AUTH_TOKEN_PATH=str(token)),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         line = next(l for l in out.stdout.splitlines() if l.startswith("SUMMARY"))
         assert json.loads(line.split(" ", 1)[1]) == {"parts_done": 3, "images": 15}
@@ -490,3 +520,41 @@ def test_joins_a_separately_started_ray_head(base, shards, tmp_path, reference):
             pass
         kill_session(head.pid)  # whatever did not stop
         head.wait()
+
+
+LOCAL_RAY_PROBE = r'''
+import json, subprocess
+from types import SimpleNamespace
+import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from stages.stage1 import _connect_ray
+cfg = SimpleNamespace(ray=SimpleNamespace(address=None, num_cpus=1, num_gpus=None))
+started, address = _connect_ray(cfg, None)
+ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+ours = [l.split()[3] for l in ss.splitlines() if "gcs_server" in l or "raylet" in l]
+print("PROBE", json.dumps({"started": started, "address": address, "listen": ours,
+                           "token": get_authentication_mode() == AuthenticationMode.TOKEN}))
+ray.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_local_ray_instance_keeps_token_authentication_on(tmp_path):
+    """The local Ray that stage 1 starts has token authentication on. This Ray (2.60) listens
+    on all interfaces whatever node IP it is given (README, security notes), so the token is
+    what guards it: if a Ray release ever binds loopback only, this test says so."""
+    import shutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE],
+                         env=_ray_env(tmp_path / "home"), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(next(l for l in out.stdout.splitlines()
+                            if l.startswith("PROBE")).split(" ", 1)[1])
+    assert probe["started"] and probe["token"], probe
+    assert probe["listen"], probe
+    loopback_only = all(a.startswith(("127.", "[::1]")) for a in probe["listen"])
+    # documented in the README: not loopback-only with this Ray; update the notes if it changes
+    assert not loopback_only, f"Ray now binds loopback only ({probe}): update the README notes"
