@@ -484,7 +484,8 @@ def test_joins_a_token_authenticated_ray_head(base, shards, tmp_path, reference)
         [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
          f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=head_env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while True:  # wait for the head's GCS port
