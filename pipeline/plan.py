@@ -95,10 +95,11 @@ class _meta_device:
 
 
 def bytes_per_view(*, num_patches: int, channels: int, heads: int, k_max: int,
-                   codec: str) -> dict:
+                   codec: str, codec_params: dict | None = None) -> dict:
     """Stored bytes of one (sample, view) record before compression, and the raw tensor bytes.
 
     Raw = the float32 tensors a record stands for (features, mean, std, attention logits, index).
+    lowrank: the layout of storage/compact.py with ``codec_params`` (defaults filled in).
     """
     L, C, H, R = num_patches, channels, heads, k_max + 1
     raw = 4 * (L * C + 2 * C + H * R * L) + 8 * k_max
@@ -108,8 +109,17 @@ def bytes_per_view(*, num_patches: int, channels: int, heads: int, k_max: int,
     elif codec == "int8":
         # int8 values with one float32 scale per feature row (patch) and per attention row
         stored = (L * C + 4 * L) + 2 * 4 * C + (H * R * L + 4 * H * R) + 2 * k_max + view_record
+    elif codec == "lowrank":
+        from storage import CacheError, CacheSpec, record_nbytes
+
+        try:
+            spec = CacheSpec(num_patches=L, channels=C, heads=H, k_max=k_max, views=1,
+                             codec=codec, codec_params=codec_params or None)
+        except CacheError as exc:
+            raise ConfigError(f"targets.{exc}") from None
+        stored = record_nbytes(spec) + 2 * 4 + 4  # + source size, label
     else:
-        raise ConfigError(f"targets.codec: unknown codec {codec!r}; use float16 or int8")
+        raise ConfigError(f"targets.codec: unknown codec {codec!r}; use float16, int8 or lowrank")
     return {"stored": stored, "raw": raw}
 
 
@@ -125,6 +135,7 @@ class Plan:
     stage1_flops: float
     runs: list[dict] = field(default_factory=list)
     measured: dict | None = None
+    codecs: dict = field(default_factory=dict)  # codec -> stored bytes per view at this geometry
 
     @property
     def cache_bytes(self) -> float:
@@ -142,6 +153,10 @@ class Plan:
             f"tensors)",
             f"cache size       {_human(self.cache_bytes)} (tensor bytes: lossless compression "
             f"shrinks it, file framing adds about 1-3%)",
+            *(f"  codec {name:<8} {n:,} B per view ({n / 1024:.1f} KiB), "
+              f"{_human(self.samples * self.views * n)} in all"
+              + ("  <- targets.codec" if name == self.codec else "")
+              for name, n in self.codecs.items()),
             f"stage 1 compute  {self.stage1_flops / 1e15:,.2f} PFLOP "
             f"(base-model forward over every view)",
         ]
@@ -206,15 +221,24 @@ def make_plan(cfg: PipelineConfig) -> Plan:
                                                      cfg.base_model.arch)}
     grid = base["img_size"] // base["patch_size"]
     L = grid * grid
-    sizes = bytes_per_view(num_patches=L, channels=base["embed_dim"], heads=base["num_heads"],
-                           k_max=t.k_max, codec=t.codec)
+    geometry = dict(num_patches=L, channels=base["embed_dim"], heads=base["num_heads"],
+                    k_max=t.k_max)
+    sizes = bytes_per_view(**geometry, codec=t.codec, codec_params=t.codec_params)
+    # every codec at this geometry (lowrank with the configured parameters, else its defaults)
+    codecs = {}
+    for c in ("float16", "int8", "lowrank"):
+        try:
+            codecs[c] = bytes_per_view(**geometry, codec=c, codec_params=t.codec_params
+                                       if c == t.codec else None)["stored"]
+        except ConfigError:  # lowrank needs L, C >= 8: not available at this geometry
+            continue
     samples, known = count_samples(cfg)
     base_fwd = vit_forward_flops(tokens=L + 1, width=base["embed_dim"], depth=base["depth"],
                                  mlp_ratio=base["mlp_ratio"])
     base_fwd += 2 * L * 3 * base["patch_size"] ** 2 * base["embed_dim"]
     plan = Plan(samples=samples, samples_known=known, views=t.views, codec=t.codec,
                 bytes_per_view=sizes["stored"], raw_bytes_per_view=sizes["raw"], base=base,
-                stage1_flops=samples * t.views * base_fwd)
+                stage1_flops=samples * t.views * base_fwd, codecs=codecs)
     for run in cfg.runs:
         m = run.model_config(img_size=base["img_size"], patch_size=base["patch_size"],
                              base_embed_dim=base["embed_dim"], base_num_heads=base["num_heads"])

@@ -1,0 +1,62 @@
+"""`tec plan` and the compact codec (issue #16): bytes per view and cache size for every codec."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.plan import bytes_per_view, make_plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_plan_prints_bytes_per_view_and_cache_size_for_every_codec():
+    cfg = load_config(REPO / "configs" / "imagenet_mae_vitb.yaml")
+    plan = make_plan(cfg)
+    assert set(plan.codecs) == {"float16", "int8", "lowrank"}
+    assert plan.codecs["lowrank"] <= 48 * 1024 < plan.codecs["int8"] < plan.codecs["float16"]
+    text = plan.format()
+    for name, n in plan.codecs.items():
+        assert f"codec {name:<8} {n:,} B per view" in text
+    assert "codec lowrank  47,269 B per view (46.2 KiB), 484.5 GB in all" in text
+
+
+def test_plan_uses_the_configured_lowrank_parameters_and_refuses_bad_ones():
+    from stages.configs import ConfigError
+
+    small = bytes_per_view(num_patches=196, channels=768, heads=12, k_max=16, codec="lowrank",
+                           codec_params={"feature_bits": 0.5, "attn_bits": 2})["stored"]
+    default = bytes_per_view(num_patches=196, channels=768, heads=12, k_max=16,
+                             codec="lowrank")["stored"]
+    assert small < default <= 48 * 1024
+    with pytest.raises(ConfigError, match="targets.codec_params.rank=999"):
+        bytes_per_view(num_patches=196, channels=768, heads=12, k_max=16, codec="lowrank",
+                       codec_params={"rank": 999})
+
+
+def test_lowrank_bytes_per_view_matches_a_written_cache(tmp_path):
+    import storage
+
+    L, C, H, k_max, K, n = 64, 96, 3, 16, 2, 16
+    spec = storage.CacheSpec(num_patches=L, channels=C, heads=H, k_max=k_max, views=K,
+                             codec="lowrank", backend="zarr", compression="none")
+    planned = bytes_per_view(num_patches=L, channels=C, heads=H, k_max=k_max, codec="lowrank")
+    writer = storage.create_cache(
+        tmp_path / "cache", spec, base_model={"arch": "test"}, view_policy={"seed": 0},
+        source={"kind": "webdataset", "shards": ["s0"], "num_samples": n}, parts=[("p0", n)])
+    rng = np.random.default_rng(0)
+    part = writer.open_part("p0")
+    for slot in range(n):
+        part.write(slot, f"sample{slot:03d}", {
+            "features": rng.standard_normal((K, L, C)).astype(np.float32),
+            "feature_mean": rng.standard_normal((K, C)).astype(np.float32),
+            "feature_std": (rng.random((K, C)) + 0.5).astype(np.float32),
+            "attn_logits": rng.standard_normal((K, H, k_max + 1, L)).astype(np.float32),
+            "attn_index": np.stack([rng.permutation(L)[:k_max] for _ in range(K)]),
+            "crop": np.tile([0, 0, 30, 30], (K, 1)), "flip": np.zeros(K, bool),
+            "source_size": (30, 30), "label": 1})
+    part.commit()
+    on_disk = storage.inspect_cache(tmp_path / "cache")["bytes_per_view"]
+    assert planned["stored"] <= on_disk <= 1.15 * planned["stored"]
