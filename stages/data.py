@@ -627,8 +627,10 @@ class TargetBuilder:
                      "feature_std": t.feature_std, "attn_logits": t.attn_logits[:, :, : self.k + 1],
                      "attn_index": t.attn_index[:, : self.k]}
         else:
-            cached = {k: v.to(device, non_blocking=True) for k, v in batch.cached.items()}
-            cached = {k: (v.float() if v.is_floating_point() else v) for k, v in cached.items()}
+            from .loader import cached_to_device
+
+            # stored dtypes (float16, int8 + scales) become float32 targets here, on the device
+            cached = cached_to_device(batch.cached, device, k=self.k)
             if n_fresh == 0:
                 parts = cached
             else:

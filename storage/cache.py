@@ -60,6 +60,10 @@ def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_po
         raise CacheError(f"create_cache: spec must be a CacheSpec, got {type(spec).__name__}")
     wanted = build_manifest(spec, base_model=base_model, view_policy=view_policy, source=source,
                             parts=parts, codec_config=codec_config(spec), targets=targets)
+    if spec.pixels != "none":
+        from .pixels import pixel_config
+
+        wanted["codec"]["pixels"] = pixel_config(spec.pixels, spec.pixels_quality)
     mpath = layout.manifest_path(root)
     if mpath.exists():
         existing = layout.read_json(mpath, "manifest")
@@ -263,6 +267,22 @@ class CacheWriter:
         return manifest
 
 
+def _check_pixels(spec: CacheSpec, key: str, pixels) -> list[bytes]:
+    """K encoded view images (bytes) of a cache with pixels, checked for count and format."""
+    from .pixels import looks_like
+
+    if pixels is None:
+        raise CacheError(f"record {key!r}: the cache stores view pixels ({spec.pixels}) but the "
+                         f"record has no 'pixels' (K encoded images, storage.pixels.encode_pixels)")
+    out = [bytes(p) for p in pixels]
+    if len(out) != spec.views:
+        raise CacheError(f"record {key!r}: {len(out)} encoded view images, expected {spec.views}")
+    for v, data in enumerate(out):
+        if not looks_like(spec.pixels, data):
+            raise CacheError(f"record {key!r}: view {v} pixels are not {spec.pixels} data")
+    return out
+
+
 class PartWriter:
     """Writes one part (one input shard) into a temp directory; visible only after commit().
 
@@ -306,6 +326,8 @@ class PartWriter:
         if key in self._seen_keys:
             raise CacheError(f"part {self.part}: key {key!r} is written twice")
         stored, sample = prepare_views(self.spec, key, view_records)
+        if self.spec.pixels != "none":
+            stored["pixels"] = _check_pixels(self.spec, key, view_records.get("pixels"))
         try:
             if self.spec.backend == "zarr":
                 self._backend.write(slot, stored)
@@ -705,6 +727,8 @@ class CacheReader:
         rec["key"] = self.keys[i]
         rec["view"] = view
         rec["label"] = np.asarray(self.labels[i], dtype=np.int64)
+        if "pixels" in stored:  # encoded view image (storage.pixels.decode_pixels)
+            rec["pixels"] = stored["pixels"]
         rec["source_size"] = self._sizes[i].copy()
         return rec
 
@@ -724,6 +748,14 @@ class CacheReader:
                      per_sample: np.ndarray | Iterable[int] | None = None,
                      parts: Iterable[str] | None = None, decode: bool = True) -> Iterator[dict]:
         """Stream records in storage order (part, slot, view), each as `read` plus 'sample'.
+    def read_batch(self, samples, views, fields: list[str] | None = None, *, pixels: bool = False,
+                   out: dict | None = None) -> dict:
+        """Records (samples[i], views[i]) stacked in their stored dtypes, without per-record
+        dicts or float32 copies (see storage/batch.py); 'pixels': the encoded view images."""
+        from .batch import read_batch
+
+        return read_batch(self, samples, views, fields, pixels=pixels, out=out)
+
 
         views: None -> all K views of every sample; an int or a list of ints -> those views.
         per_sample: instead of views, an int array [num_samples] giving the one view to read for

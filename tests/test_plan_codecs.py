@@ -36,12 +36,13 @@ def test_plan_uses_the_configured_lowrank_parameters_and_refuses_bad_ones():
                        codec_params={"rank": 999})
 
 
-def test_lowrank_bytes_per_view_matches_a_written_cache(tmp_path):
+@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+def test_a_written_vit_b_lowrank_view_takes_at_most_48_kib_on_disk(tmp_path, backend):
     import storage
 
-    L, C, H, k_max, K, n = 64, 96, 3, 16, 2, 16
+    L, C, H, k_max, K, n = 196, 768, 12, 16, 2, 4
     spec = storage.CacheSpec(num_patches=L, channels=C, heads=H, k_max=k_max, views=K,
-                             codec="lowrank", backend="zarr", compression="none")
+                             codec="lowrank", backend=backend)
     planned = bytes_per_view(num_patches=L, channels=C, heads=H, k_max=k_max, codec="lowrank")
     writer = storage.create_cache(
         tmp_path / "cache", spec, base_model={"arch": "test"}, view_policy={"seed": 0},
@@ -59,4 +60,6 @@ def test_lowrank_bytes_per_view_matches_a_written_cache(tmp_path):
             "source_size": (30, 30), "label": 1})
     part.commit()
     on_disk = storage.inspect_cache(tmp_path / "cache")["bytes_per_view"]
-    assert planned["stored"] <= on_disk <= 1.15 * planned["stored"]
+    # the planned tensor bytes, less what blosc finds in the codes (Gaussian-like values use the
+    # middle levels more often), plus framing (zarr: checksums, shard index, metadata; tar headers)
+    assert 0.8 * planned["stored"] <= on_disk <= 48 * 1024, on_disk
