@@ -147,6 +147,9 @@ class Stage1Config:
     codec: Literal["float16", "int8", "lowrank"] = "float16"
     codec_params: dict = field(default_factory=dict)
     precision: Literal["float32", "float16", "bfloat16"] = "float16"
+    pixels: store each view's rendered pixels in the cache ('jpeg' at ``pixels_quality``, or
+    lossless 'png'), making it self-contained: stage 2 then reads no source image except for
+    fresh (online) views. With jpeg the base model sees the decode of the stored bytes.
     views: int = 10
     last_n: int = 2
     k_max: int = 16
@@ -155,6 +158,8 @@ class Stage1Config:
     view_policy: ViewPolicy = field(default_factory=ViewPolicy)
     ray: RayConfig = field(default_factory=RayConfig)
     strict: bool = False
+    pixels: Literal["none", "jpeg", "png"] = "none"
+    pixels_quality: int = 90
 
     def validate(self) -> None:
         if not self.cache:
@@ -171,6 +176,9 @@ class Stage1Config:
             except CodecParamError as exc:
                 raise ConfigError(f"targets.{exc}") from None
         elif self.codec_params:
+        if not 1 <= self.pixels_quality <= 100:
+            raise ConfigError(f"targets.pixels_quality: must be in [1, 100], got "
+                              f"{self.pixels_quality}")
             raise ConfigError(f"targets.codec_params: codec {self.codec} takes no parameters; "
                               f"remove codec_params or use codec: {LOWRANK}")
         self.source.validate()
@@ -387,6 +395,8 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     from storage import PartCommittedError
 
     start = time.perf_counter()
+                if "pixels" in meta:
+                    record["pixels"] = meta["pixels"]
     writer = writer if writer is not None else _open_writer(job.cache)
     result = PartResult(part=job.part, worker=f"{socket.gethostname()}:{os.getpid()}")
     if writer.is_committed(job.part):  # a retried task whose first attempt had committed
@@ -412,6 +422,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
         return _committed_elsewhere(result, start)
     assembler = _SampleAssembler(job.views, part.write)
     in_flight: collections.deque = collections.deque()
+    stored_pixels = writer.spec.pixels
     buffer: list[torch.Tensor] = []  # uint8 [K,3,S,S] per sample, not yet submitted
     buffered = 0
     calls = 0
@@ -457,8 +468,12 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
             views = [view_params(policy, sample.key, v, h, w) for v in range(job.views)]
             pixels = render_views(image, views, size, policy.interpolation)  # [K,3,S,S]
             crop, flip = views_to_arrays(views)
-            assembler.expect({"slot": slot, "key": sample.key, "crop": crop, "flip": flip,
-                              "source_size": (h, w), "label": int(sample.label)})
+            meta = {"slot": slot, "key": sample.key, "crop": crop, "flip": flip,
+                    "source_size": (h, w), "label": int(sample.label)}
+            if stored_pixels != "none":
+                meta["pixels"], pixels = _stored_view_pixels(pixels, stored_pixels,
+                                                             writer.spec.pixels_quality)
+            assembler.expect(meta)
             buffer.append(pixels)
             buffered += len(pixels)
             result.images += 1
@@ -512,6 +527,21 @@ def _shard_source(job: ShardJob):
 
 def _open_writer(cache: str):
     """Reopen the cache the driver created, for writing parts (inside a worker)."""
+def _stored_view_pixels(pixels, fmt: str, quality: int):
+    """Encode rendered views uint8 [K,3,S,S] for the cache; returns (K encoded images, the
+    pixels the base model is fed [K,3,S,S]): for jpeg the decode of the stored bytes (the view's
+    pixels by definition, bit-identical to what stage 2 decodes), for png the views themselves."""
+    import torch
+
+    from storage.pixels import decode_pixels, encode_pixels
+
+    encoded = [encode_pixels(view.numpy(), fmt, quality) for view in pixels]
+    if fmt == "jpeg":
+        decoded = np.stack([decode_pixels(data) for data in encoded])  # [K,S,S,3]
+        pixels = torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous()
+    return encoded, pixels
+
+
     from storage import open_writer
 
     return open_writer(cache)
@@ -858,7 +888,9 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
     spec = CacheSpec(num_patches=geometry["num_patches"], channels=geometry["embed_dim"],
                      heads=geometry["num_heads"], k_max=cfg.k_max, views=cfg.views,
                      codec=cfg.codec, codec_params=cfg.codec_params or None,
-                     backend=cfg.backend)
+                     backend=cfg.backend, pixels=cfg.pixels,
+                     pixels_quality=cfg.pixels_quality,
+                     image_size=policy.output_size if cfg.pixels != "none" else 0)
     precision = resolve_precision(cfg)
     extra = None
     if base is not None and not (Path(cfg.cache) / "manifest.json").exists():

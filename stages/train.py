@@ -52,6 +52,7 @@ from .data import (
     collate,
     index_digest,
 )
+from .loader import BatchedTrainDataset, loader_settings, passthrough
 from .metrics import LoaderMeter, MetricsLogger, ProgressBar, Throughput, WindowMean
 from .optim import LRSchedule, build_optimizer, scaled_lr
 from .views import ViewPolicy
@@ -102,7 +103,9 @@ class TrainConfig:
     linear warm-up over warmup_epochs then half-cycle cosine to min_lr. online_fraction: share
     of samples trained on a fresh view with targets computed online (1.0 = the reference fully
     online training). checkpoint_every: optimizer steps between checkpoints (0 = epoch ends
-    only). max_steps: stop early (the schedule still spans ``epochs``).
+    only). max_steps: stop early (the schedule still spans ``epochs``). num_workers,
+    prefetch_factor, persistent_workers, pin_memory: the DataLoader's, chosen from the machine
+    when null (stages.loader.loader_settings; the choice is logged).
     """
 
     name: str
@@ -116,7 +119,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = None
+    prefetch_factor: int | None = None
+    persistent_workers: bool | None = None
+    pin_memory: bool | None = None
     online_fraction: float = 0.0
     view_selection: Literal["uniform", "round_robin"] = "uniform"
     feature_norm: Literal["patch", "channel", "none"] = "patch"
@@ -139,7 +145,7 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("num_workers", "checkpoint_every", "seed"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 fail(key, f"must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.accum_steps:
             fail("batch_size", f"{self.batch_size} is not divisible by accum_steps "
@@ -347,7 +353,8 @@ class RunInputs:
     last_n: int = 2
     codec: str | None = None
     base_model: nn.Module | None = None
-    source_index: SourceIndex | None = None
+    source_index: SourceIndex | None = None  # None: a self-contained cache, no source read
+    cache_reader: Any = None  # the open storage.CacheReader (handed to the loader workers)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -528,8 +535,43 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
     return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
                      cache_path=str(cache) if cache is not None else None,
                      cache_index=cache_index, views=views, k_max=k_max, last_n=last_n,
-                     codec=codec, base_model=base_model, source_index=source_index)
+                     codec=codec, base_model=base_model, source_index=source_index,
+                     cache_reader=reader)
 
+
+def _self_contained(reader, run: TrainConfig, needs_targets: bool) -> bool:
+    """Whether the run trains from the cache alone: the cache stores the view pixels and every
+    sample is a cached view (online_fraction 0). Fresh views need the source images."""
+    return reader.spec.pixels != "none" and needs_targets and run.online_fraction == 0.0
+
+
+def _check_source_exists(shards: list[str], reader, run: TrainConfig, cache) -> None:
+    """One line naming the first missing source shard and why the run needs it."""
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if not missing:
+        return
+    first = f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if reader is not None and reader.spec.pixels != "none":
+        raise TrainSetupError(
+            f"run {run.name}: online_fraction {run.online_fraction} draws fresh views, which need "
+            f"the source images, but source shard {first} does not exist (cache {cache} is "
+            "self-contained only for cached views); restore the source or set online_fraction: 0")
+    if reader is not None:
+        raise TrainSetupError(
+            f"run {run.name}: source shard {first} does not exist; cache {cache} stores no view "
+            "pixels (targets.pixels: none), so stage 2 renders every view from the source - restore "
+            "the source, or rebuild the cache with targets.pixels: jpeg to train without it")
+
+
+    if reader is not None and _self_contained(reader, run, needs_targets):
+        logger.info("run %s: cache %s stores the view pixels (%s); no source image is read",
+                    run.name, cache, reader.spec.pixels)
+        return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
+                         cache_path=str(cache), cache_index=np.arange(reader.num_samples),
+                         views=views, k_max=k_max, last_n=last_n, codec=codec,
+                         base_model=base_model, source_index=None, cache_reader=reader)
+    if kind == "webdataset":
+        _check_source_exists(shards, reader, run, cache)
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
@@ -564,7 +606,7 @@ class Trainer:
 
         # data
         self.plan = SamplePlan(
-            len(inputs.source_index), cache_index=inputs.cache_index, views=inputs.views,
+            num_samples, cache_index=inputs.cache_index, views=inputs.views,
             seed=run.seed, online_fraction=run.online_fraction,
             view_selection=run.view_selection, needs_targets=self.needs_targets,
             can_compute_online=inputs.base_model is not None)
@@ -582,17 +624,38 @@ class Trainer:
         if self.needs_targets and self.plan.cache_index is not None:
             cache_read = CacheRead(path=inputs.cache_path, index=inputs.cache_index, k=cfg.k,
                                    attention=cfg.use_attention, half=inputs.codec == "float16")
-        self.dataset = TrainDataset(inputs.source_index, inputs.policy, seed=run.seed,
-                                    num_patches=cfg.num_patches, cache=cache_read)
-        workers = run.num_workers
+        self.dataset = None
+        if inputs.source_index is not None:
+            self.dataset = TrainDataset(inputs.source_index, inputs.policy, seed=run.seed,
+                                        num_patches=cfg.num_patches, cache=cache_read)
+        keys = (inputs.source_index.keys if inputs.source_index is not None
+                else inputs.cache_reader.keys)
+        # one micro-batch per call (__getitems__): cached views of a cache with pixels are read
+        # in batches, the rest goes through the per-sample TrainDataset above
+        self.batched = BatchedTrainDataset(
+            reader=inputs.cache_reader if cache_read is not None else None,
+            cache_index=inputs.cache_index, keys=keys, policy=inputs.policy, seed=run.seed,
+            num_patches=cfg.num_patches, k=cfg.k, attention=cfg.use_attention,
+            items=self.dataset)
+        settings = loader_settings(self.device, workers=run.num_workers,
+                                   prefetch_factor=run.prefetch_factor,
+                                   persistent_workers=run.persistent_workers,
+                                   pin_memory=run.pin_memory)
+        workers = settings.workers
+        if dist.is_main:
+            logger.info("run %s data loader: %d workers, prefetch %s, persistent %s, pinned "
+                        "memory %s (%s)", run.name, workers, settings.prefetch_factor,
+                        settings.persistent_workers, settings.pin_memory, settings.reason)
+        self.loader_settings = settings
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.sampler.micro, sampler=self.sampler,
-            num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None, drop_last=False)
+            self.batched, batch_size=self.sampler.micro, sampler=self.sampler,
+            collate_fn=passthrough, worker_init_fn=_worker_init if workers > 0 else None,
+            drop_last=False, **settings.kwargs())
         self.targets = None
         if self.needs_targets:
             self.targets = TargetBuilder(
+        num_samples = (len(inputs.source_index) if inputs.source_index is not None
+                       else inputs.cache_reader.num_samples)
                 base_model=base_model, k=cfg.k, mode=run.feature_norm,
                 attention=cfg.use_attention, last_n=inputs.last_n,
                 k_max=inputs.k_max if inputs.k_max is not None else cfg.k,

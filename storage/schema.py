@@ -45,6 +45,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 
 CODECS = ("float16", "int8", compact.NAME)
 BACKENDS = ("zarr", "webdataset")
+PIXEL_FORMATS = ("none", "jpeg", "png")
 COMPRESSIONS = ("blosc", "none")
 
 # Manifest sections that define a cache's identity (resume compares exactly these).
@@ -97,6 +98,10 @@ class CacheSpec:
     backend: str = "zarr"
     compression: str = "blosc"
     codec_params: dict | None = None
+    # view pixels (storage/pixels.py): 'none' | 'jpeg' | 'png'; quality for jpeg; image_size S
+    pixels: str = "none"
+    pixels_quality: int = 90
+    image_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_patches", "channels", "heads", "k_max", "views"):
@@ -124,6 +129,15 @@ class CacheSpec:
         if self.compression not in COMPRESSIONS:
             raise CacheError(
                 f"CacheSpec.compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        if self.pixels not in PIXEL_FORMATS:
+            raise CacheError(f"CacheSpec.pixels={self.pixels!r} is not one of {', '.join(PIXEL_FORMATS)}")
+        if self.pixels != "none":
+            q, s = self.pixels_quality, self.image_size
+            if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= 100:
+                raise CacheError(f"CacheSpec.pixels_quality={q!r} must be an integer in [1, 100]")
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+                raise CacheError(f"CacheSpec.image_size={s!r} must be a positive integer when "
+                                 f"pixels are stored")
 
     @property
     def rows(self) -> int:
@@ -132,6 +146,9 @@ class CacheSpec:
 
     def to_dict(self) -> dict:
         d = {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in asdict(self).items()}
+        if self.pixels == "none":  # a cache without pixels keeps the spec (identity) it always had
+            for k in ("pixels", "pixels_quality", "image_size"):
+                d.pop(k)
         if self.codec_params is None:  # likewise a float16 / int8 cache (no codec parameters)
             d.pop("codec_params")
         return d

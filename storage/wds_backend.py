@@ -14,6 +14,7 @@ Members of one record (sample key with '%' and '.' percent-escaped, so webdatase
     <key>.feature_std.npy          [C] float32
     <key>.features_scale.npy       [L] float32          (int8 codec only)
     <key>.attn_logits_scale.npy    [H,k_max+1] float32  (int8 codec only)
+    <key>.jpg | <key>.png          the view's pixels (targets.pixels: jpeg | png) only
     <key>.meta.json                key, view, slot, crop, flip, attn_index, label, source_size
 
 A record's members are contiguous, so reading one view of a sample is one read of about the
@@ -32,6 +33,7 @@ import numpy as np
 
 from .codecs import Compressor, blosc_decode, decode_view, json_bytes, npy_bytes, npy_load
 from .layout import HashingWriter, write_json_atomic
+from .pixels import EXTENSIONS as PIXEL_EXTENSIONS
 from .schema import CacheError, CacheSpec, index_dtype, stored_fields
 
 RECORDS_FILE = "records.npy"
@@ -101,6 +103,9 @@ class WdsPartWriter:
             for name in self._small:
                 if name in stored:
                     parts.append(_member(f"{tkey}.{name}.npy", npy_bytes(stored[name][v]), self._mtime))
+            if self.spec.pixels != "none":  # the view's encoded image, a standard .jpg/.png member
+                parts.append(_member(f"{tkey}.{PIXEL_EXTENSIONS[self.spec.pixels]}",
+                                     bytes(stored["pixels"][v]), self._mtime))
             meta = {"key": key, "view": v, "slot": slot, "crop": stored["crop"][v].tolist(),
                     "flip": bool(stored["flip"][v]), "attn_index": stored["attn_index"][v].tolist(),
                     "label": sample["label"], "source_size": sample["source_size"]}
@@ -181,6 +186,9 @@ def members_to_stored(members: dict, idx_dtype=np.int64) -> tuple[dict[str, np.n
         value = _member_value(ext, data)
         if field == "meta":
             meta = value
+        elif ext in ("jpg", "png"):  # view pixels: kept encoded (storage.pixels.decode_pixels)
+            stored["pixels"] = np.frombuffer(bytes(data), np.uint8) if isinstance(
+                data, (bytes, bytearray, memoryview)) else data
         elif ext.endswith((".npy", ".blosc")):
             stored[field] = value
     if meta is None:
@@ -202,6 +210,8 @@ def decode_wds_sample(sample: dict, *, decode: bool = True) -> dict:
     members = {k: v for k, v in sample.items() if not k.startswith("__")}
     stored, meta = members_to_stored(members)
     rec = decode_view(stored, decode)
+    if "pixels" in stored:
+        rec["pixels"] = stored["pixels"]
     rec.update(key=meta["key"], view=int(meta["view"]), label=np.asarray(meta["label"], dtype=np.int64),
                source_size=np.asarray(meta["source_size"], dtype=np.int64))
     return rec

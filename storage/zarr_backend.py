@@ -5,6 +5,9 @@
     parts/<part>/<field>/zarr.json              array [slots, K, ...], created once, final shape
     parts/<part>/<field>/c/0/0/...              ONE shard file holding the whole part
     parts/<part>/valid|label|source_size/...    per-slot arrays (one chunk each)
+    parts/<part>/pixels.bin                     view pixels (targets.pixels: jpeg|png) only:
+                                                encoded images in the shard byte layout below
+
 
 Every array uses the sharding codec with inner chunk = one (sample, view) record
 ([1, 1, ...]) and shard = the whole part, inner codecs bytes(little) -> blosc -> crc32c and
@@ -18,6 +21,11 @@ per ViT-B record here, against ~1.5 ms this way) and cannot append to a shard: w
 whole part (GBs for ImageNet) in memory. Here a part writer appends each record's chunks to the
 shard files as they come and writes the shard index at commit, so memory is O(index) and records
 may arrive in any slot order.
+
+View pixels are variable-length encoded images, for which zarr v3 has no standard codec, so they
+are not a zarr array: ``pixels.bin`` uses the same byte layout as a shard (each view's bytes
+followed by their crc32c, then the [slots, K, 2] (offset, nbytes) index and its crc32c at the
+end) and is read the same way.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from .codecs import Compressor, blosc_decode, blosc_params
 from .layout import HashingWriter
 from .schema import CacheError, CacheSpec, stored_fields
 
+PIXELS_RELPATH = "pixels.bin"
 EMPTY = np.uint64(2**64 - 1)
 _EMPTY = 2**64 - 1
 _DIM_NAMES = {
@@ -114,6 +123,10 @@ class ZarrPartWriter:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._writers[name] = HashingWriter(path)
                 self._index[name] = np.full((slots, spec.views, 2), EMPTY, dtype="<u8")
+        self._pixels = spec.pixels != "none" and slots > 0
+        if self._pixels:
+            self._writers["pixels"] = HashingWriter(directory / PIXELS_RELPATH)
+            self._index["pixels"] = np.full((slots, spec.views, 2), EMPTY, dtype="<u8")
 
     def write(self, slot: int, stored: dict[str, np.ndarray]) -> None:
         """stored: field -> [K, ...] arrays in their stored dtypes."""
@@ -121,6 +134,14 @@ class ZarrPartWriter:
             w, idx, comp = self._writers[name], self._index[name], self._comp[name]
             for v in range(self.spec.views):
                 chunk = comp.encode(stored[name][v])
+                offset = w.tell()
+                w.write(chunk)
+                w.write(crc32c_bytes(chunk))
+                idx[slot, v] = (offset, len(chunk) + 4)
+        if self._pixels:  # encoded images (bytes per view), stored as they are
+            w, idx = self._writers["pixels"], self._index["pixels"]
+            for v in range(self.spec.views):
+                chunk = bytes(stored["pixels"][v])
                 offset = w.tell()
                 w.write(chunk)
                 w.write(crc32c_bytes(chunk))
@@ -177,6 +198,14 @@ class ZarrPartReader:
             if size is None or size < index_bytes + 4:
                 raise self._fail(f"{rel} is not listed in the part's commit marker or too small")
             self._shards[name] = (rel, str(directory / rel), size, size - 4 - index_bytes)
+        self.has_pixels = spec.pixels != "none"
+        if self.has_pixels:
+            size = files.get(PIXELS_RELPATH, {}).get("bytes")
+            if size is None or size < index_bytes + 4:
+                raise self._fail(f"{PIXELS_RELPATH} is not listed in the part's commit marker or "
+                                 f"too small")
+            self._shards["pixels"] = (PIXELS_RELPATH, str(directory / PIXELS_RELPATH), size,
+                                      size - 4 - index_bytes)
 
     def _fail(self, what: str) -> CacheError:
         return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
@@ -225,24 +254,33 @@ class ZarrPartReader:
         reading the record's 16-byte index entry (random access).
         """
         out = {}
-        entry_at = (slot * self.spec.views + view) * 16
         compressed = self.spec.compression == "blosc"
         for name, (shape, dt) in self._fields.items():
-            if use_index_cache:
-                offset, n = self.load_index(name)[slot, view].tolist()
-            else:
-                offset, n = struct.unpack("<QQ", self._pread(name, 16, self._shards[name][3] + entry_at))
-            if offset == _EMPTY or n < 4:
-                raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is missing "
-                                 f"from the shard")
-            data = self._pread(name, n, offset)
-            if google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
-                raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is damaged "
-                                 f"(checksum mismatch)")
+            data = self.read_chunk(name, slot, view, use_index_cache=use_index_cache)
             try:
                 payload = blosc_decode(data[:-4]) if compressed else data[:-4]
                 out[name] = np.frombuffer(payload, dtype=dt).reshape(shape)
             except Exception as e:  # a chunk that passed its checksum but does not decode
                 raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} does not "
                                  f"decode ({type(e).__name__})") from None
+        if self.has_pixels:
+            out["pixels"] = np.frombuffer(
+                self.read_chunk("pixels", slot, view, use_index_cache=use_index_cache)[:-4], np.uint8)
         return out
+
+    def read_chunk(self, name: str, slot: int, view: int, *, use_index_cache: bool = False) -> bytes:
+        """The stored chunk of record (slot, view) of one field (or 'pixels'), its crc32c checked;
+        the 4 checksum bytes are left at the end."""
+        if use_index_cache:
+            offset, n = self.load_index(name)[slot, view].tolist()
+        else:
+            entry_at = (slot * self.spec.views + view) * 16
+            offset, n = struct.unpack("<QQ", self._pread(name, 16, self._shards[name][3] + entry_at))
+        if offset == _EMPTY or n < 4:
+            raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is missing "
+                             f"from the shard")
+        data = self._pread(name, n, offset)
+        if google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is damaged "
+                             f"(checksum mismatch)")
+        return data

@@ -42,10 +42,12 @@ def save_base_model(path: Path, seed: int = 0) -> BaseModelConfig:
 
 def build_cache(root: Path, shards: list[str], base: BaseModelConfig, *, views: int = VIEWS,
                 k_max: int = K_MAX, backend: str = "zarr", codec: str = "float16", policy=None,
-                capture: list | None = None, skip_parts: tuple[str, ...] = ()) -> str:
+                capture: list | None = None, skip_parts: tuple[str, ...] = (),
+                pixels: str = "none", pixels_quality: int = 90) -> str:
     """Stage 1 without Ray: create_cache + process_shard with an in-process BaseModelActor.
 
     capture: list receiving every uint8 view batch [B,3,S,S] the base model was fed.
+    pixels, pixels_quality: store the views' pixels (targets.pixels) as stage 1 does.
     skip_parts: parts left uncommitted (an incomplete cache).
     """
     from stages.stage1 import BaseModelActor, ShardJob, part_names, process_shard
@@ -64,7 +66,8 @@ def build_cache(root: Path, shards: list[str], base: BaseModelConfig, *, views: 
     names = part_names(shards)
     spec = CacheSpec(num_patches=16, channels=BASE_KWARGS["embed_dim"],
                      heads=BASE_KWARGS["num_heads"], k_max=k_max, views=views, codec=codec,
-                     backend=backend)
+                     backend=backend, pixels=pixels, pixels_quality=pixels_quality,
+                     image_size=policy.output_size if pixels != "none" else 0)
     writer = create_cache(root, spec, base_model=fingerprint,
                           view_policy={**policy.to_dict(), "views": views},
                           source={"kind": "webdataset", "path": "::".join(shards),
