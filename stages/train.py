@@ -134,6 +134,9 @@ class TrainConfig:
     max_steps: int | None = None
     clip_grad: float | None = None
     deterministic: bool = False
+    # start the new model's encoder from the base model's weights (paper Tab. 6(d) ablation;
+    # the paper's default, and ours, is random initialisation)
+    init_from_base: bool = False
 
     def validate(self) -> None:
         def fail(key: str, why: str) -> None:
@@ -1060,7 +1063,14 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     inputs = resolve_inputs(run, cache=cache, source=source, base=base,
                             view_policy=view_policy, device=dist.device, out_dir=out_dir,
                             dist=dist)
+    init_source = inputs.base_model  # the trainer keeps it only for online targets
     trainer = Trainer(run, inputs, out_dir, dist, progress=progress)
+    from .identity import run_identity
+
+    trainer.identity = run_identity(run, cache=inputs.cache_path, base=base,
+                                    needs_targets=trainer.needs_targets)
+    if run.init_from_base:
+        _init_from_base(run, trainer, init_source)
     if dist.is_main:
         _write_run_info(out_dir, run, inputs, trainer)
     summary = trainer.fit()
@@ -1085,6 +1095,23 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     if dist.is_main:
         logger.info("run %s finished:\n%s", run.name, summary.format())
     return summary
+
+
+def _init_from_base(run: TrainConfig, trainer: Trainer, base_model) -> None:
+    """``init_from_base``: copy the base model's encoder into the new model before training
+    (every rank copies the same weights; a resumed run then loads its checkpoint over them)."""
+    from tec.model import init_from_base_model
+
+    if base_model is None:
+        raise TrainSetupError(f"run {run.name}: init_from_base needs a base_model (a pixel-target "
+                              "run has none); configure base_model or set init_from_base: false")
+    try:
+        keys = init_from_base_model(trainer.model, base_model)
+    except ValueError as exc:
+        raise TrainSetupError(f"run {run.name}: {exc}") from None
+    if trainer.dist.is_main:
+        logger.info("run %s: new model initialised from the base model (%d tensors)", run.name,
+                    len(keys))
 
 
 def _write_run_info(out_dir: Path, run: TrainConfig, inputs: RunInputs, trainer: Trainer) -> None:
