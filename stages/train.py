@@ -1065,10 +1065,6 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
                             dist=dist)
     init_source = inputs.base_model  # the trainer keeps it only for online targets
     trainer = Trainer(run, inputs, out_dir, dist, progress=progress)
-    from .identity import run_identity
-
-    trainer.identity = run_identity(run, cache=inputs.cache_path, base=base,
-                                    needs_targets=trainer.needs_targets)
     if run.init_from_base:
         _init_from_base(run, trainer, init_source)
     if dist.is_main:
