@@ -136,6 +136,9 @@ class Plan:
     runs: list[dict] = field(default_factory=list)
     measured: dict | None = None
     codecs: dict = field(default_factory=dict)  # codec -> stored bytes per view at this geometry
+    pixels: str = "none"  # targets.pixels
+    pixels_quality: int = 90
+    pixel_bytes_per_view: int = 0  # estimate (storage.pixels.estimated_bytes); 0 for none
 
     @property
     def cache_bytes(self) -> float:
@@ -157,6 +160,7 @@ class Plan:
               f"{_human(self.samples * self.views * n)} in all"
               + ("  <- targets.codec" if name == self.codec else "")
               for name, n in self.codecs.items()),
+            self._pixels_line(),
             f"stage 1 compute  {self.stage1_flops / 1e15:,.2f} PFLOP "
             f"(base-model forward over every view)",
         ]
@@ -174,6 +178,19 @@ class Plan:
             lines.append("measured         no recorded throughput for this setup "
                          "(run benchmarks/speed.py)")
         return "\n".join(lines)
+
+
+    def _pixels_line(self) -> str:
+        from storage.pixels import estimated_bytes
+
+        if self.pixels == "none":
+            jpeg = estimated_bytes("jpeg", 90, self.base["img_size"])
+            return (f"view pixels      none: stage 2 reads the source images (targets.pixels: jpeg "
+                    f"makes the cache self-contained for ~{jpeg:,} B more per view at quality 90)")
+        what = f"jpeg quality {self.pixels_quality}" if self.pixels == "jpeg" else "png"
+        n = self.pixel_bytes_per_view
+        return (f"view pixels      {what}: ~{n:,} B per view more (measured on real photos), "
+                f"{_human(self.samples * self.views * n)} in all; the cache is self-contained")
 
 
 def _human(n: float) -> str:
@@ -239,6 +256,10 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     plan = Plan(samples=samples, samples_known=known, views=t.views, codec=t.codec,
                 bytes_per_view=sizes["stored"], raw_bytes_per_view=sizes["raw"], base=base,
                 stage1_flops=samples * t.views * base_fwd, codecs=codecs)
+    from storage.pixels import estimated_bytes
+
+    plan.pixels, plan.pixels_quality = t.pixels, t.pixels_quality
+    plan.pixel_bytes_per_view = estimated_bytes(t.pixels, t.pixels_quality, base["img_size"])
     for run in cfg.runs:
         m = run.model_config(img_size=base["img_size"], patch_size=base["patch_size"],
                              base_embed_dim=base["embed_dim"], base_num_heads=base["num_heads"])

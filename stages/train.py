@@ -608,6 +608,8 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if amp else None
 
         # data
+        num_samples = (len(inputs.source_index) if inputs.source_index is not None
+                       else inputs.cache_reader.num_samples)
         self.plan = SamplePlan(
             num_samples, cache_index=inputs.cache_index, views=inputs.views,
             seed=run.seed, online_fraction=run.online_fraction,
@@ -657,8 +659,6 @@ class Trainer:
         self.targets = None
         if self.needs_targets:
             self.targets = TargetBuilder(
-        num_samples = (len(inputs.source_index) if inputs.source_index is not None
-                       else inputs.cache_reader.num_samples)
                 base_model=base_model, k=cfg.k, mode=run.feature_norm,
                 attention=cfg.use_attention, last_n=inputs.last_n,
                 k_max=inputs.k_max if inputs.k_max is not None else cfg.k,

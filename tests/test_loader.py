@@ -250,3 +250,20 @@ def test_stage1_config_refuses_a_quality_out_of_range():
                                  "pixels_quality": 0})
     with pytest.raises(ConfigError, match="pixels"):
         from_dict(Stage1Config, {"cache": "c", "source": {"path": "x"}, "pixels": "webp"})
+
+
+def test_plan_shows_the_bytes_of_the_view_pixels():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.plan import make_plan
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "imagenet_mae_vitb.yaml")
+    assert "targets.pixels: jpeg makes the cache self-contained for ~14,430 B" in make_plan(cfg).format()
+    cfg.targets.pixels, cfg.targets.pixels_quality = "jpeg", 75
+    plan = make_plan(cfg)
+    assert plan.pixel_bytes_per_view == 9_210  # mean of real 224 px photos at quality 75
+    assert (f"view pixels      jpeg quality 75: ~9,210 B per view more (measured on real photos), "
+            f"{plan.samples * plan.views * 9_210 / 1e9:,.1f} GB in all") in plan.format()
+    cfg.targets.pixels = "png"
+    assert make_plan(cfg).pixel_bytes_per_view == 60_728
