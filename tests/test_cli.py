@@ -149,7 +149,7 @@ def _delete(*path):
 
 PLAN = ("plan", "{cfg}")
 TARGETS = ("targets", "{cfg}")
-TRAIN = ("train", "{cfg}", "--run", "tec")
+TRAIN = ("train", "{cfg}", "tec")
 
 BAD_INPUT_CASES: list[BadInput] = [
     # --- the config file itself
@@ -231,7 +231,11 @@ BAD_INPUT_CASES: list[BadInput] = [
     BadInput("tec run: missing base checkpoint", ("run", "{cfg}", "--only", "targets"),
              "missing_base.pth", _set("base_model", "checkpoint", "{ws}/missing_base.pth")),
     # --- stage 2 and the cache
-    BadInput("train --run nosuch", ("train", "{cfg}", "--run", "nosuch"), "nosuch"),
+    BadInput("train nosuch", ("train", "{cfg}", "nosuch"), "nosuch"),
+    BadInput("train --run nosuch (old spelling)", ("train", "{cfg}", "--run", "nosuch"), "nosuch"),
+    BadInput("train without a run", ("train", "{cfg}"), "name the run"),
+    BadInput("train run named twice", ("train", "{cfg}", "tec", "--run", "other"),
+             "named twice"),
     BadInput("train before stage 1 (no cache)", TRAIN, "cache"),
     BadInput("train from a folder that is not a cache", TRAIN, "notacache",
              _set("targets", "cache", "{ws}/notacache")),
@@ -467,7 +471,7 @@ def test_subcommand_help(argv):
 
 @pytest.mark.parametrize("argv, needle", [
     (["run"], "--set"), (["plan"], "--set"), (["targets"], "--ray-address"),
-    (["train"], "--run"), (["train"], "torchrun"), (["export"], "--keep-adapters"),
+    (["train"], "RUN"), (["train"], "--nproc-per-node"), (["train"], "torchrun"), (["export"], "--keep-adapters"),
     (["targets"], "--allow-pickle"), (["eval", "knn"], "--temperature"),
     (["data", "fashion-mnist"], "--idx-dir"),
 ])
@@ -478,3 +482,11 @@ def test_help_mentions_options(argv, needle):
 def test_version():
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and "0." in result.output
+
+
+def test_nproc_per_node_inside_torchrun_is_refused(tmp_path):
+    """`tec train ... --nproc-per-node N` under torchrun would launch ranks from every rank."""
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "c.yaml"), "tec",
+                                       "--nproc-per-node", "2"], env={"LOCAL_RANK": "0"})
+    assert result.exit_code == 2
+    assert "inside torchrun" in result.output
