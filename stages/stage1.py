@@ -134,6 +134,9 @@ class Stage1Config:
     rows stored (any k <= k_max can be trained with); batch_size: views per base-model forward
     pass; max_in_flight: batches a shard task keeps queued on the actors (>= 2 overlaps decoding
     with the forward pass); strict: fail (after finishing) if any sample was bad.
+    pixels: store each view's rendered pixels in the cache ('jpeg' at ``pixels_quality``, or
+    lossless 'png'), making it self-contained: stage 2 then reads no source image except for
+    fresh (online) views. With jpeg the base model sees the decode of the stored bytes.
     codec: float16 | int8 | lowrank (compact, lossy; ``codec_params`` see storage/compact.py).
     precision: the base model's forward pass on a GPU (autocast dtype; float16 by measurement,
     benchmarks/README.md "Storage"); on a CPU it is always float32. The precision used is part of
@@ -147,9 +150,6 @@ class Stage1Config:
     codec: Literal["float16", "int8", "lowrank"] = "float16"
     codec_params: dict = field(default_factory=dict)
     precision: Literal["float32", "float16", "bfloat16"] = "float16"
-    pixels: store each view's rendered pixels in the cache ('jpeg' at ``pixels_quality``, or
-    lossless 'png'), making it self-contained: stage 2 then reads no source image except for
-    fresh (online) views. With jpeg the base model sees the decode of the stored bytes.
     views: int = 10
     last_n: int = 2
     k_max: int = 16
@@ -176,11 +176,11 @@ class Stage1Config:
             except CodecParamError as exc:
                 raise ConfigError(f"targets.{exc}") from None
         elif self.codec_params:
+            raise ConfigError(f"targets.codec_params: codec {self.codec} takes no parameters; "
+                              f"remove codec_params or use codec: {LOWRANK}")
         if not 1 <= self.pixels_quality <= 100:
             raise ConfigError(f"targets.pixels_quality: must be in [1, 100], got "
                               f"{self.pixels_quality}")
-            raise ConfigError(f"targets.codec_params: codec {self.codec} takes no parameters; "
-                              f"remove codec_params or use codec: {LOWRANK}")
         self.source.validate()
         self.ray.validate()
         if isinstance(self.view_policy, dict):
@@ -377,6 +377,8 @@ class _SampleAssembler:
                 record = {k: np.concatenate(self.rows[k]) for k in _RECORD_KEYS}
                 record.update(crop=meta["crop"], flip=meta["flip"],
                               source_size=meta["source_size"], label=meta["label"])
+                if "pixels" in meta:
+                    record["pixels"] = meta["pixels"]
                 self.write(meta["slot"], meta["key"], record)
                 self.rows = {k: [] for k in _RECORD_KEYS}
                 self.filled = 0
@@ -395,8 +397,6 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     from storage import PartCommittedError
 
     start = time.perf_counter()
-                if "pixels" in meta:
-                    record["pixels"] = meta["pixels"]
     writer = writer if writer is not None else _open_writer(job.cache)
     result = PartResult(part=job.part, worker=f"{socket.gethostname()}:{os.getpid()}")
     if writer.is_committed(job.part):  # a retried task whose first attempt had committed
@@ -497,6 +497,21 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     return result
 
 
+def _stored_view_pixels(pixels, fmt: str, quality: int):
+    """Encode rendered views uint8 [K,3,S,S] for the cache; returns (K encoded images, the
+    pixels the base model is fed [K,3,S,S]): for jpeg the decode of the stored bytes (the view's
+    pixels by definition, bit-identical to what stage 2 decodes), for png the views themselves."""
+    import torch
+
+    from storage.pixels import decode_pixels, encode_pixels
+
+    encoded = [encode_pixels(view.numpy(), fmt, quality) for view in pixels]
+    if fmt == "jpeg":
+        decoded = np.stack([decode_pixels(data) for data in encoded])  # [K,S,S,3]
+        pixels = torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous()
+    return encoded, pixels
+
+
 def _committed_elsewhere(result: PartResult, start: float) -> PartResult:
     logger.info("part %s was committed by another writer meanwhile; keeping that copy and "
                 "counting the part as already committed", result.part)
@@ -527,21 +542,6 @@ def _shard_source(job: ShardJob):
 
 def _open_writer(cache: str):
     """Reopen the cache the driver created, for writing parts (inside a worker)."""
-def _stored_view_pixels(pixels, fmt: str, quality: int):
-    """Encode rendered views uint8 [K,3,S,S] for the cache; returns (K encoded images, the
-    pixels the base model is fed [K,3,S,S]): for jpeg the decode of the stored bytes (the view's
-    pixels by definition, bit-identical to what stage 2 decodes), for png the views themselves."""
-    import torch
-
-    from storage.pixels import decode_pixels, encode_pixels
-
-    encoded = [encode_pixels(view.numpy(), fmt, quality) for view in pixels]
-    if fmt == "jpeg":
-        decoded = np.stack([decode_pixels(data) for data in encoded])  # [K,S,S,3]
-        pixels = torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous()
-    return encoded, pixels
-
-
     from storage import open_writer
 
     return open_writer(cache)

@@ -744,10 +744,6 @@ class CacheReader:
         p, local = self._locate(sample_index)
         return self._record(p, local, self._check_view(view), decode)
 
-    def iter_records(self, views: int | Iterable[int] | None = None, *,
-                     per_sample: np.ndarray | Iterable[int] | None = None,
-                     parts: Iterable[str] | None = None, decode: bool = True) -> Iterator[dict]:
-        """Stream records in storage order (part, slot, view), each as `read` plus 'sample'.
     def read_batch(self, samples, views, fields: list[str] | None = None, *, pixels: bool = False,
                    out: dict | None = None) -> dict:
         """Records (samples[i], views[i]) stacked in their stored dtypes, without per-record
@@ -756,7 +752,10 @@ class CacheReader:
 
         return read_batch(self, samples, views, fields, pixels=pixels, out=out)
 
-
+    def iter_records(self, views: int | Iterable[int] | None = None, *,
+                     per_sample: np.ndarray | Iterable[int] | None = None,
+                     parts: Iterable[str] | None = None, decode: bool = True) -> Iterator[dict]:
+        """Stream records in storage order (part, slot, view), each as `read` plus 'sample'.
         views: None -> all K views of every sample; an int or a list of ints -> those views.
         per_sample: instead of views, an int array [num_samples] giving the one view to read for
         each sample (-1 skips it): an epoch that uses one view per sample.
