@@ -54,7 +54,7 @@ import numpy as np
 NAME = "lowrank"
 
 DEFAULTS: dict = {
-    "feature_bits": 1.25,   # bits per feature value for the factors (sets the rank)
+    "feature_bits": 1.2,    # bits per feature value for the factors (sets the rank)
     "rank": None,           # an explicit rank instead of feature_bits
     "factor_bits": 4,
     "attn_bits": 4,

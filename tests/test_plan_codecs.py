@@ -20,7 +20,7 @@ def test_plan_prints_bytes_per_view_and_cache_size_for_every_codec():
     text = plan.format()
     for name, n in plan.codecs.items():
         assert f"codec {name:<8} {n:,} B per view" in text
-    assert "codec lowrank  47,269 B per view (46.2 KiB), 484.5 GB in all" in text
+    assert "codec lowrank  46,297 B per view (45.2 KiB), 474.5 GB in all" in text
 
 
 def test_plan_uses_the_configured_lowrank_parameters_and_refuses_bad_ones():

@@ -39,7 +39,7 @@ def test_a_vit_b_view_fits_in_48_kib():
     assert record_nbytes(spec) <= 48 * 1024
     assert record_nbytes(CacheSpec(**VIT_B, views=1)) > 6 * record_nbytes(spec)  # float16
     info = compact.describe(spec.codec_params, 196, 768, 12, 17)
-    assert info["rank"] == 48 and info["bits_per_feature_value"] <= 1.25
+    assert info["rank"] == 46 and info["bits_per_feature_value"] <= 1.2
     # the same bits per feature value give the miniature (49 x 96) a proportionally lower rank
     assert compact.rank_for(spec.codec_params, 49, 96) == 9
 
