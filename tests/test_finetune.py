@@ -298,3 +298,40 @@ def test_imagenet_configs_fine_tune_with_the_papers_tab10_settings(stem, layer_d
     assert ft.auto_augment == "rand-m9-mstd0.5-inc1" and ft.global_pool == "avg"
     if stem == "imagenet_mae_vitl":  # the reference's ViT-L new model: decoder width 768
         assert cfg.runs[0].model_config().decoder_embed_dim == 768
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_fine_tunes_the_single_process_model(data, tmp_path):
+    """2 ranks (gloo) split every batch; without mixup and drop path (their draws are per rank)
+    they train the single-process model, and the test set is split and summed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.checkpoint import load_checkpoint
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'tests'}", "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1"}
+    sets = ["epochs=1", "batch_size=8", "warmup_epochs=0", "num_workers=0", "mixup=0",
+            "cutmix=0", "drop_path=0", "eval_crop_pct=1.0", "device=cpu"]
+    common = ["eval", "finetune", str(data["ckpt"]), "--train", "::".join(data["train"]),
+              "--test", data["test"][0], "--arch", ARCH, "--timm-kwargs", json.dumps(BASE_KWARGS)]
+    for item in sets:
+        common += ["--set", item]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "pipeline.cli", *common, "--out",
+                          str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=repo)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    assert ddp.stdout.count("test top-1") == 1  # rank 0 prints
+    assert "2 process(es)" in ddp.stdout and "on 10 images" in ddp.stdout
+    single = subprocess.run([sys.executable, "-m", "pipeline.cli", *common, "--out",
+                             str(tmp_path / "single")], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=repo)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "ddp")["model"]
+    b = load_checkpoint(tmp_path / "single")["model"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
