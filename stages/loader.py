@@ -47,9 +47,6 @@ __all__ = [
     "passthrough",
 ]
 
-# Codecs whose stored arrays the training device turns into float32 targets itself
-# (cached_to_device); any other codec is decoded on the CPU by the codec's own decoder.
-DEVICE_CODECS = ("float16", "int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +131,24 @@ def cached_to_device(cached: dict[str, torch.Tensor], device: torch.device, *,
 
     Accepts float16/float32 features [Bc,L,C] and attn_logits [Bc,H,R,L], or int8 ones with
     'features_scale' [Bc,L] and 'attn_logits_scale' [Bc,H,R] (dequantised here, on the device);
-    attn_index [Bc,R-1] of any integer type becomes int64. k: keep the first k+1 attention rows
-    and k indices. Returns features, feature_mean, feature_std (and attn_logits, attn_index).
+    attn_index [Bc,R-1] of any integer type becomes int64; or the lowrank codec's payload
+    (storage.compact.unpack_payload): features = (u * u_scale) @ (v * v_scale) with u int8
+    [Bc,L,r], v int8 [Bc,r,C], and attn_logits = attn_max - attn_codes * attn_step. k: keep the
+    first k+1 attention rows and k indices. Returns features, feature_mean, feature_std (and
+    attn_logits, attn_index), float32 / int64.
     """
     moved = {name: t.to(device, non_blocking=True) for name, t in cached.items()}
     out: dict[str, torch.Tensor] = {}
+    if "features_u" in moved:  # lowrank payload
+        a = moved.pop("features_u").float() * moved.pop("features_u_scale").float().unsqueeze(-2)
+        b = moved.pop("features_v").float() * moved.pop("features_v_scale").float().unsqueeze(-1)
+        out["features"] = torch.matmul(a, b)
+        if "attn_codes" in moved:
+            step = moved.pop("attn_step").float().unsqueeze(-1)
+            out["attn_logits"] = (moved.pop("attn_max").float().unsqueeze(-1)
+                                  - moved.pop("attn_codes").float() * step)
+        for name in ("attn_codes", "attn_max", "attn_step"):
+            moved.pop(name, None)
     for name, t in moved.items():
         if name.endswith("_scale"):
             continue
@@ -194,7 +204,6 @@ class BatchedTrainDataset(Dataset):
             from storage.batch import fields_for
 
             self.fields = fields_for(reader.spec, attention=attention, views=True)
-            self.device_codec = reader.spec.codec in DEVICE_CODECS
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -275,8 +284,12 @@ class BatchedTrainDataset(Dataset):
     def _targets(self, stored: dict) -> dict[str, torch.Tensor]:
         """Stacked stored arrays -> the batch's cached tensors (stored dtypes where the device
         dequantises, float16 from the codec's own CPU decoder otherwise)."""
-        if self.device_codec:
-            arrays = {n: stored[n] for n in self.fields if n not in ("crop", "flip")}
+        from storage.batch import device_payload
+
+        payload = device_payload(self.reader.spec, {n: stored[n] for n in self.fields
+                                                    if n not in ("crop", "flip")})
+        if payload is not None:
+            arrays = payload
         else:
             from storage.batch import decode_records
 

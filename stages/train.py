@@ -165,6 +165,8 @@ class TrainConfig:
             fail("betas", f"each must be in [0, 1), got {list(self.betas)}")
         if not 0.0 <= self.online_fraction <= 1.0:
             fail("online_fraction", f"must be between 0 and 1, got {self.online_fraction}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            fail("prefetch_factor", f"must be >= 1 or null, got {self.prefetch_factor}")
         if self.max_steps is not None and self.max_steps < 1:
             fail("max_steps", f"must be >= 1 or null, got {self.max_steps}")
         if self.clip_grad is not None and not self.clip_grad > 0:
@@ -518,6 +520,16 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
                 f"does not match the cache (width {model_cfg.base_embed_dim}, "
                 f"{model_cfg.base_num_heads} heads)")
 
+    if reader is not None and _self_contained(reader, run, needs_targets):
+        logger.info("run %s: cache %s stores the view pixels (%s); no source image is read",
+                    run.name, cache, reader.spec.pixels)
+        return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
+                         cache_path=str(cache), cache_index=np.arange(reader.num_samples),
+                         views=views, k_max=k_max, last_n=last_n, codec=codec,
+                         base_model=base_model, source_index=None, cache_reader=reader)
+    if kind == "webdataset":
+        _check_source_exists(shards, reader, run, cache)
+
     # The source index: rank 0 builds (or reuses) it, the others load what it wrote.
     index_file = out_dir / "source_index" / f"{index_digest([root] if root else shards)}.npz"
     if dist.is_main:
@@ -565,16 +577,6 @@ def _check_source_exists(shards: list[str], reader, run: TrainConfig, cache) -> 
             "pixels (targets.pixels: none), so stage 2 renders every view from the source - restore "
             "the source, or rebuild the cache with targets.pixels: jpeg to train without it")
 
-
-    if reader is not None and _self_contained(reader, run, needs_targets):
-        logger.info("run %s: cache %s stores the view pixels (%s); no source image is read",
-                    run.name, cache, reader.spec.pixels)
-        return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
-                         cache_path=str(cache), cache_index=np.arange(reader.num_samples),
-                         views=views, k_max=k_max, last_n=last_n, codec=codec,
-                         base_model=base_model, source_index=None, cache_reader=reader)
-    if kind == "webdataset":
-        _check_source_exists(shards, reader, run, cache)
 
 # ---------------------------------------------------------------------------------------------
 # The trainer

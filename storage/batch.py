@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import compact
 from .codecs import blosc_decode, decode_view
 from .schema import CacheError, stored_fields
 from .zarr_backend import ZarrPartReader
@@ -129,6 +130,35 @@ def _decode_into(payload: memoryview, dst: np.ndarray, blosc: bool) -> None:
 def _wds_record(part, local: int, view: int) -> dict:
     """One WebDataset record's stored arrays (+ encoded 'pixels') in one read of its members."""
     return part.read_view(local, view)
+
+
+def device_payload(spec, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Stacked stored arrays -> what the training device dequantises itself, or None when the
+    codec has no such form (then use ``decode_records``).
+
+    float16 / int8: the stored arrays as they are (int8 with their float32 row scales). lowrank:
+    ``compact.unpack_payload`` (integer factor codes, attention codes and float32 scales: the
+    bit unpacking on the CPU, the matmul and the scaling on the device). feature_mean/std and
+    attn_index ride along in their stored dtypes.
+    """
+    if spec.codec in ("float16", "int8"):
+        return dict(stored)
+    if spec.codec == compact.NAME:
+        if "attn_codes" in stored:
+            out = compact.unpack_payload(stored)
+        else:  # a run without the attention target: the feature factors only
+            C, r = stored["feature_mean"].shape[-1], stored["features_u_scale"].shape[-1]
+            fb = compact.bits_from_width(stored["features_v"].shape[-1], C)
+            offset = np.int16(1 << (fb - 1))
+            out = {name: (compact.unpack_codes(stored[name], fb, n).astype(np.int16) - offset
+                          ).astype(np.int8) for name, n in (("features_u", r), ("features_v", C))}
+            out["features_u_scale"] = stored["features_u_scale"].astype(np.float32)
+            out["features_v_scale"] = stored["features_v_scale"].astype(np.float32)
+        for name in ("feature_mean", "feature_std", "attn_index"):
+            if name in stored:
+                out[name] = stored[name]
+        return out
+    return None
 
 
 def decode_records(spec, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ def one_thread():
 
 
 SETTINGS = [("zarr", "none", "float16"), ("zarr", "jpeg", "float16"), ("zarr", "png", "int8"),
-            ("webdataset", "jpeg", "int8"), ("webdataset", "png", "float16")]
+            ("webdataset", "jpeg", "int8"), ("webdataset", "png", "float16"),
+            ("zarr", "jpeg", "lowrank")]
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,12 @@ def test_replayed_pixels_are_what_stage1_fed_the_base_model(world, backend, pixe
     assert torch.equal(batch.images, fed)
     assert batch.keys == [reader.keys[i] for i in range(n) for _ in range(VIEWS)]
     targets = cached_to_device(batch.cached, torch.device("cpu"), k=4)
+    # lowrank: features are a matmul of the factors, on the device as in the codec (to rounding)
+    same = torch.equal if codec != "lowrank" else lambda a, b: torch.allclose(a, b, atol=1e-5)
     for r, it in enumerate(items):
         record = reader.read(it.index, it.view)
-        assert torch.equal(targets["features"][r], torch.from_numpy(record["features"]))
-        assert torch.equal(targets["attn_logits"][r], torch.from_numpy(record["attn_logits"][:, :5]))
+        assert same(targets["features"][r], torch.from_numpy(record["features"]))
+        assert same(targets["attn_logits"][r], torch.from_numpy(record["attn_logits"][:, :5]))
         assert torch.equal(targets["attn_index"][r], torch.from_numpy(record["attn_index"][:4]))
         assert torch.equal(targets["feature_mean"][r], torch.from_numpy(record["feature_mean"]))
 
@@ -267,3 +270,39 @@ def test_plan_shows_the_bytes_of_the_view_pixels():
             f"{plan.samples * plan.views * 9_210 / 1e9:,.1f} GB in all") in plan.format()
     cfg.targets.pixels = "png"
     assert make_plan(cfg).pixel_bytes_per_view == 60_728
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_lowrank_payload_is_dequantised_on_the_device_like_the_codec_decoder(tmp_path, attention):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from storage_helpers import make_views, new_cache, spec
+
+    from storage.batch import device_payload, fields_for
+
+    s = spec(codec="lowrank", num_patches=16, channels=24, heads=2, k_max=3, views=2)
+    writer = new_cache(tmp_path / "c", s, [("p0", 3)])
+    rng = np.random.default_rng(0)
+    with writer.open_part("p0") as pw:
+        for slot in range(3):
+            pw.write(slot, f"k{slot}", make_views(rng, s))
+        pw.commit()
+    writer.finalize()
+    reader = open_cache(tmp_path / "c")
+    samples, views = np.array([2, 0, 1]), np.array([1, 0, 1])
+    fields = fields_for(s, attention=attention, views=False)
+    payload = device_payload(s, reader.read_batch(samples, views, fields))
+    out = cached_to_device({k: torch.from_numpy(np.asarray(v)) for k, v in payload.items()},
+                           torch.device("cpu"), k=2 if attention else None)
+    for j, (i, v) in enumerate(zip(samples, views)):
+        record = reader.read(int(i), int(v))  # the codec's own float32 decode
+        assert torch.allclose(out["features"][j], torch.from_numpy(record["features"]), atol=1e-5)
+        assert torch.equal(out["feature_std"][j], torch.from_numpy(record["feature_std"]))
+        if attention:
+            assert torch.allclose(out["attn_logits"][j],
+                                  torch.from_numpy(record["attn_logits"][:, :3]), atol=1e-5)
+            assert torch.equal(out["attn_index"][j], torch.from_numpy(record["attn_index"][:2]))
+        else:
+            assert "attn_logits" not in out
