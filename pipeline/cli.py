@@ -272,6 +272,37 @@ def cache_verify(path):
     click.echo(f"ok: every part of {path} matches its checksums")
 
 
+@cache.command("transcode")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--codec", required=True, help="float16, int8 or lowrank.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A codec parameter (lowrank: feature_bits, rank, factor_bits, attn_bits, "
+                   "attn_floor, rounding), e.g. --param feature_bits=1.2 (repeatable).")
+@click.option("--backend", default=None, type=click.Choice(["zarr", "webdataset"]),
+              help="Backend of DST (default: SRC's).")
+@user_errors
+def cache_transcode(src, dst, codec, params, backend):
+    """Re-encode cache SRC into DST with another codec, without the base model (resumable)."""
+    import yaml
+
+    from storage.transcode import transcode_cache
+
+    codec_params = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE, e.g. feature_bits=1.2")
+        codec_params[key.strip()] = yaml.safe_load(value)
+    out = transcode_cache(src, dst, codec=codec, codec_params=codec_params, backend=backend)
+    err = out["manifest"]["transcode"][-1].get("error_vs_source") or {}
+    click.echo(f"transcoded {src} -> {dst} ({codec}): {out['parts_written']} parts written, "
+               f"{out['parts_skipped']} already there; feature rel. RMS vs source "
+               f"{err.get('feature_rel_rms', float('nan')):.4f}")
+    if out["warning"]:
+        click.echo(f"warning: {out['warning']}", err=True)
+
+
 # --------------------------------------------------------------------------- data
 @main.group()
 def data():
