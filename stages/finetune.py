@@ -324,6 +324,31 @@ def _build_mixup(cfg: FinetuneConfig, num_classes: int):
 # Data
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, also for 0 bits: RandAugment 'inc1' maps magnitude 10 (reached with
+    mstd > 0) to 0 bits, which Pillow < 12 turned into a black image and Pillow >= 12 refuses."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _zero_bit_safe(transform):
+    """Give this transform's RandAugment posterize ops :func:`_posterize` (this instance only;
+    timm's tables stay as they are)."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
+
+
 def build_transforms(cfg: FinetuneConfig, img_size: int):
     """(train, eval) torchvision transforms from ``timm.data.create_transform`` (PIL in,
     normalised float [3, S, S] out)."""
@@ -333,6 +358,7 @@ def build_transforms(cfg: FinetuneConfig, img_size: int):
         input_size=img_size, is_training=True, scale=tuple(cfg.crop_scale),
         auto_augment=cfg.auto_augment, interpolation=cfg.interpolation, re_prob=cfg.reprob,
         re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train = _zero_bit_safe(train)
     test = create_transform(
         input_size=img_size, is_training=False, interpolation=cfg.interpolation,
         crop_pct=cfg.eval_crop_pct, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -335,3 +335,22 @@ def test_two_process_torchrun_fine_tunes_the_single_process_model(data, tmp_path
     b = load_checkpoint(tmp_path / "single")["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
+
+
+def test_randaugment_posterize_at_magnitude_ten_keeps_zero_bits_instead_of_failing():
+    """'rand-m9-mstd0.5-inc1' draws magnitudes up to 10, where PosterizeIncreasing keeps 0 bits:
+    Pillow >= 12 raises on that; the transform gives the black image older Pillow gave."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from stages.finetune import build_transforms
+
+    train, _ = build_transforms(tiny_cfg(), 32)
+    ra = next(t for t in train.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
+    assert np.asarray(op(image)).max() == 0
+    op.magnitude = 5  # 4 - int(0.5 * 4) = 2 bits: 200 -> 192
+    assert np.asarray(op(image)).max() == 192
