@@ -45,6 +45,7 @@ __all__ = [
     "cached_to_device",
     "loader_settings",
     "passthrough",
+    "StreamingCacheDataset",
 ]
 
 
@@ -219,10 +220,7 @@ class BatchedTrainDataset(Dataset):
         skipped = [(r["key"], r["skip"]) for r in fresh.values() if "skip" in r]
         rows = [j for j in range(len(items)) if "skip" not in fresh.get(j, {})]
         cached_rows = [j for j in rows if not items[j].fresh]
-        size = self.policy.output_size
-        images = torch.empty((len(rows), size, size, 3), dtype=torch.uint8)
-        noise = torch.empty((len(rows), self.num_patches), dtype=torch.float32)
-        cached: dict[str, torch.Tensor] = {}
+        stored, samples = None, None
         if cached_rows:
             samples = self.cache_index[[items[j].index for j in cached_rows]]
             if (samples < 0).any():
@@ -231,6 +229,18 @@ class BatchedTrainDataset(Dataset):
                                 f"not in cache {self.reader.root}")
             views = np.array([items[j].view for j in cached_rows], dtype=np.int64)
             stored = self.reader.read_batch(samples, views, self.fields, pixels=True)
+        return self.assemble(items, rows, cached_rows, samples, stored, fresh, skipped, start)
+
+    def assemble(self, items, rows, cached_rows, samples, stored, fresh, skipped,
+                 start: float) -> Batch:
+        """The Batch of ``items[j] for j in rows``: cached rows from ``stored`` (stacked stored
+        arrays of cache samples ``samples``, with 'pixels'), fresh rows from ``fresh`` (j ->
+        TrainDataset item)."""
+        size = self.policy.output_size
+        images = torch.empty((len(rows), size, size, 3), dtype=torch.uint8)
+        noise = torch.empty((len(rows), self.num_patches), dtype=torch.float32)
+        cached: dict[str, torch.Tensor] = {}
+        if cached_rows:
             if self.check_views:
                 self._check_views(items, cached_rows, samples, stored)
             cached = self._targets(stored)
@@ -300,3 +310,88 @@ class BatchedTrainDataset(Dataset):
                 arrays["attn_logits"] = decoded["attn_logits"].astype(np.float16)
                 arrays["attn_index"] = decoded["attn_index"]
         return {n: torch.from_numpy(a) for n, a in arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming (WebDataset caches)
+
+
+class StreamingCacheDataset(torch.utils.data.IterableDataset):
+    """A self-contained WebDataset cache read as a stream: sequential reads and a shuffle buffer.
+
+    Epoch e reads view ``(e + seed) % K`` of every sample (round robin: a streaming reader reads
+    each part's ``view-<v>.tar`` front to back, 1/K of the cache; a uniform view choice would read
+    every view's tar, K times the bytes). Parts are shuffled per epoch (seeded) and dealt to the
+    ``world`` ranks and each rank's DataLoader workers; a shuffle buffer of ``shuffle_buffer``
+    records mixes samples across parts. Yields Batches of ``batch_size`` (the last partial batch
+    of each worker is dropped), built like BatchedTrainDataset's: pixels decoded, targets in their
+    stored dtypes, the mask noise of (seed, epoch, sample). Use with ``DataLoader(batch_size=None)``.
+    """
+
+    def __init__(self, reader, *, policy: ViewPolicy, seed: int, num_patches: int, k: int,
+                 attention: bool, batch_size: int, shuffle_buffer: int = 1000, rank: int = 0,
+                 world: int = 1, check_views: bool = True):
+        if reader.spec.backend != "webdataset" or reader.spec.pixels == "none":
+            raise DataError(f"cache {reader.root}: streaming needs a WebDataset cache with view "
+                            f"pixels (this one: {reader.spec.backend}, pixels "
+                            f"{reader.spec.pixels}); use random access (BatchedTrainDataset)")
+        if shuffle_buffer < 1 or batch_size < 1:
+            raise DataError("shuffle_buffer and batch_size must be >= 1")
+        self.batched = BatchedTrainDataset(
+            reader=reader, cache_index=np.arange(reader.num_samples), keys=reader.keys,
+            policy=policy, seed=seed, num_patches=num_patches, k=k, attention=attention,
+            items=None, check_views=check_views)
+        self.reader, self.seed, self.batch_size = reader, seed, batch_size
+        self.shuffle_buffer, self.rank, self.world = shuffle_buffer, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def view_of_epoch(self, epoch: int) -> int:
+        return (epoch + self.seed) % self.reader.spec.views
+
+    def my_parts(self) -> list[str]:
+        """This rank's and worker's parts of the epoch (every part exactly once over all)."""
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        rng = np.random.default_rng([self.seed, self.epoch, 3])
+        parts = [self.reader.parts[i] for i in rng.permutation(len(self.reader.parts))]
+        return parts[self.rank * workers + worker:: self.world * workers]
+
+    def __iter__(self):
+        from storage.batch import stream_view
+
+        epoch, view = self.epoch, self.view_of_epoch(self.epoch)
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, epoch, 4, self.rank, info.id if info else 0])
+        buffer: list = []
+        pending: list = []
+        for part in self.my_parts():
+            for sample, stored in stream_view(self.reader, part, view):
+                buffer.append((sample, stored))
+                if len(buffer) >= self.shuffle_buffer:
+                    pending.append(buffer.pop(int(rng.integers(len(buffer)))))
+                    if len(pending) == self.batch_size:
+                        yield self._batch(pending, epoch, view)
+                        pending = []
+        rng.shuffle(buffer)
+        for rec in buffer:
+            pending.append(rec)
+            if len(pending) == self.batch_size:
+                yield self._batch(pending, epoch, view)
+                pending = []
+
+    def _batch(self, records: list, epoch: int, view: int) -> Batch:
+        start = time.perf_counter()
+        fields = self.batched.fields
+        samples = np.array([s for s, _ in records], dtype=np.int64)
+        stored = {name: np.stack([np.asarray(r[name]) for _, r in records]) for name in fields}
+        stored["pixels"] = [r["pixels"] for _, r in records]
+        items = [PlanItem(epoch, int(s), view, False) for s in samples]
+        rows = list(range(len(items)))
+        return self.batched.assemble(items, rows, rows, samples, stored, {}, [], start)

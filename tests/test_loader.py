@@ -306,3 +306,36 @@ def test_lowrank_payload_is_dequantised_on_the_device_like_the_codec_decoder(tmp
             assert torch.equal(out["attn_index"][j], torch.from_numpy(record["attn_index"][:2]))
         else:
             assert "attn_logits" not in out
+
+
+def test_streaming_reads_each_sample_once_per_epoch_round_robin_and_shuffled(world):
+    from stages.loader import StreamingCacheDataset
+    from storage import open_cache
+
+    reader = open_cache(world["caches"]["webdataset-jpeg-int8"])
+    policy = ViewPolicy.from_dict(reader.manifest["view_policy"])
+    kwargs = dict(policy=policy, seed=0, num_patches=16, k=4, attention=True, batch_size=2,
+                  shuffle_buffer=3)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            stream = StreamingCacheDataset(reader, rank=rank, world=2, **kwargs)
+            stream.set_epoch(epoch)
+            for batch in stream:
+                assert batch.views == [epoch % VIEWS] * len(batch)
+                targets = cached_to_device(batch.cached, torch.device("cpu"), k=4)
+                for r, i in enumerate(batch.indices.tolist()):
+                    record = reader.read(i, epoch % VIEWS)
+                    assert torch.equal(targets["features"][r], torch.from_numpy(record["features"]))
+                    from storage.pixels import decode_pixels
+
+                    assert torch.equal(batch.images[r],
+                                       torch.from_numpy(decode_pixels(record["pixels"])).permute(2, 0, 1))
+                seen += batch.indices.tolist()
+        assert sorted(seen) == list(range(reader.num_samples))  # 2 parts x 4, batches of 2
+    order = [b.indices.tolist() for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
+    assert sum(order, []) != sorted(sum(order, [])) or len(order) == 0
+    again = [b.indices.tolist() for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
+    assert order == again  # seeded
+    with pytest.raises(ValueError, match="streaming needs a WebDataset cache with view pixels"):
+        StreamingCacheDataset(open_cache(world["caches"]["zarr-jpeg-float16"]), **kwargs)
