@@ -15,6 +15,17 @@ for the next TEC round (the architecture kwargs come from the file's metadata).
 a *separate* file next to the export, ``<stem>.adapters.safetensors`` (keys prefixed
 ``tec_adapters.``: the unfolded ``cls_token``, ``input_adapter.*``, ``encoder_adapter.*``),
 because timm's pretrained loading is strict and would refuse extra keys in the main file.
+
+:func:`export_timm_folder` writes timm's pretrained-folder layout (what timm's ``save_for_hf`` /
+``push_to_hf_hub`` write): ``config.json`` (architecture, ``model_args`` with the whole geometry,
+``pretrained_cfg`` with our input normalisation) beside ``model.safetensors``, plus a model card
+``README.md``. Then, with no other arguments::
+
+    timm.create_model("local-dir:FOLDER", pretrained=True)     # timm >= 1.0.20
+    timm.create_model("hf-hub:OWNER/REPO", pretrained=True)     # the same folder on the Hub
+
+``config.json`` is made by timm's own ``save_config_for_hf`` (on a meta-device model, so no
+weights are allocated), so its fields are the ones timm reads back.
 """
 
 from __future__ import annotations
@@ -35,18 +46,28 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ADAPTER_PREFIX",
     "DEFAULT_EXPORT_ARCH",
+    "TIMM_CONFIG_NAME",
+    "TIMM_WEIGHTS_NAME",
     "adapters_path",
     "adapter_state_dict",
     "encoder_state_dict",
     "export_timm",
+    "export_timm_folder",
     "load_adapters",
+    "model_card",
+    "timm_config",
     "timm_kwargs_for",
+    "write_timm_config",
 ]
 
 ADAPTER_PREFIX = "tec_adapters."
 EXPORT_FORMAT_VERSION = "1"
 # any timm ViT name works: timm_kwargs_for overrides its whole geometry
 DEFAULT_EXPORT_ARCH = "vit_base_patch16_224"
+# the file names timm's pretrained-folder loaders look for (timm.models._hub)
+TIMM_CONFIG_NAME = "config.json"
+TIMM_WEIGHTS_NAME = "model.safetensors"
+MODEL_CARD_NAME = "README.md"
 
 
 def timm_kwargs_for(cfg: NewModelConfig) -> dict[str, Any]:
@@ -136,3 +157,90 @@ def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
     if not side.is_file():
         raise FileNotFoundError(f"{side} does not exist; export with keep_adapters=True to write it")
     return {k.removeprefix(ADAPTER_PREFIX): v for k, v in load_file(str(side)).items()}
+
+
+def timm_config(cfg: NewModelConfig, arch: str = DEFAULT_EXPORT_ARCH) -> dict[str, Any]:
+    """The ``config.json`` timm's ``save_for_hf`` writes for the encoder of ``cfg``.
+
+    ``model_args`` holds the whole geometry (so ``create_model("local-dir:...")`` needs no
+    kwargs), ``num_classes`` 0 (no head: fine-tuning asks for ``num_classes=N`` and gets a new
+    one), ``pretrained_cfg`` the ImageNet mean/std and bicubic resizing the model was trained
+    with. The registry tag and licence of ``arch``'s default weights are not carried over.
+    """
+    import tempfile
+
+    import timm
+    from timm.models._hub import save_config_for_hf
+
+    from .targets import IMAGENET_MEAN, IMAGENET_STD
+
+    with torch.device("meta"):  # geometry only: no weights are allocated
+        vit = timm.create_model(arch, pretrained=False, num_classes=0,
+                                pretrained_cfg_overlay=dict(tag=None, license=None, hf_hub_id=None,
+                                                            url=None),
+                                **timm_kwargs_for(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TIMM_CONFIG_NAME
+        save_config_for_hf(vit, str(path), data_config=dict(
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"))
+        return json.loads(path.read_text())
+
+
+def write_timm_config(cfg: NewModelConfig, folder: str | Path,
+                      arch: str = DEFAULT_EXPORT_ARCH) -> Path:
+    """Write :func:`timm_config` as ``<folder>/config.json`` (atomically, byte-stable)."""
+    path = Path(folder) / TIMM_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(timm_config(cfg, arch), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def model_card(cfg: NewModelConfig, *, name: str, details: dict[str, Any] | None = None) -> str:
+    """A Hub model card (``README.md``) for an exported encoder: front matter and how to load it.
+
+    name: the Hub repo id (``OWNER/NAME``) or just a name (the snippet then says ``OWNER/NAME``).
+    """
+    geometry = timm_kwargs_for(cfg)
+    repo = name if "/" in name else f"OWNER/{name}"
+    rows = "\n".join(f"| {k} | {v} |" for k, v in {**geometry, **(details or {})}.items())
+    return (
+        "---\ntags:\n- image-feature-extraction\n- timm\n- tec\nlibrary_name: timm\n---\n"
+        f"# {name}\n\n"
+        "A ViT encoder pretrained with TEC (masked reconstruction of a frozen base model's "
+        "feature and attention targets), exported in timm's pretrained-folder layout; the input "
+        "adapter is folded into the cls token, the decoder and encoder adapter are dropped.\n\n"
+        "```python\nimport timm\n\n"
+        f"model = timm.create_model(\"hf-hub:{repo}\", pretrained=True)  # features\n"
+        f"model = timm.create_model(\"hf-hub:{repo}\", pretrained=True, num_classes=1000)"
+        "  # fine-tuning\n```\n\n"
+        "Inputs: RGB, ImageNet mean/std, bicubic resizing.\n\n"
+        f"| | |\n|---|---|\n{rows}\n"
+    )
+
+
+def export_timm_folder(model: NewModel, folder: str | Path, *, keep_adapters: bool = False,
+                       arch: str = DEFAULT_EXPORT_ARCH, name: str | None = None,
+                       details: dict[str, Any] | None = None) -> Path:
+    """Write timm's pretrained-folder layout at ``folder``; returns the folder.
+
+    ``model.safetensors`` (:func:`export_timm`: timm keys, our metadata, so it is also a base
+    model for the next round), ``config.json`` (:func:`timm_config`) and a model card
+    ``README.md`` (``name``: the model's name in it, default the folder's name; ``details``: extra
+    rows). keep_adapters: also ``model.adapters.safetensors`` (timm ignores it).
+    """
+    folder = Path(folder)
+    if folder.suffix == ".safetensors":
+        raise ValueError(f"{folder}: a pretrained folder, not a .safetensors file, is expected")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; give a folder for the export")
+    export_timm(model, folder / TIMM_WEIGHTS_NAME, keep_adapters=keep_adapters, arch=arch)
+    write_timm_config(model.cfg, folder, arch)
+    card = folder / MODEL_CARD_NAME
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(model_card(model.cfg, name=name or folder.resolve().name, details=details))
+    tmp.replace(card)
+    logger.info("wrote timm pretrained folder %s (timm.create_model('local-dir:%s', "
+                "pretrained=True))", folder, folder)
+    return folder

@@ -84,3 +84,83 @@ def test_keep_adapters_writes_them_beside_a_still_timm_loadable_export(tmp_path)
 def test_export_path_must_be_safetensors(tmp_path):
     with pytest.raises(ValueError, match=".safetensors"):
         export_timm(tiny_new_model(), tmp_path / "model.pth")
+
+
+# ---- timm's pretrained-folder layout (config.json + model.safetensors) -------------------------
+
+
+def test_local_dir_folder_builds_the_geometry_and_gives_identical_features(tmp_path):
+    from tec.export import export_timm_folder
+
+    model = _trained_a_little(tiny_new_model())
+    folder = export_timm_folder(model, tmp_path / "tec_tiny")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    vit = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # no other arguments
+    assert (vit.patch_embed.img_size, vit.patch_embed.patch_size) == ((32, 32), (8, 8))
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (48, 3, 3)
+    assert vit.num_classes == 0
+    x = images(3)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(x), model.forward_encoder_features(x))
+    # fine-tuning: a new head, the encoder still loaded
+    clf = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=7)
+    assert clf.head.out_features == 7
+    torch.testing.assert_close(clf.cls_token, vit.cls_token, rtol=0, atol=0)
+
+
+def test_folder_config_is_what_timm_save_for_hf_writes_for_the_same_model(tmp_path):
+    from timm.models import save_for_hf
+
+    from tec.export import export_timm_folder
+    from tec.targets import IMAGENET_MEAN, IMAGENET_STD
+
+    model = _trained_a_little(tiny_new_model(use_input_adapter=False))
+    ours = json.loads((export_timm_folder(model, tmp_path / "ours") / "config.json").read_text())
+    vit = timm.create_model(ARCH, num_classes=0, **timm_kwargs_for(model.cfg))
+    save_for_hf(vit, tmp_path / "timm", safe_serialization=True,
+                data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"))
+    theirs = json.loads((tmp_path / "timm" / "config.json").read_text())
+    # the same document, less the tag and licence of vit_base_patch16_224's default weights
+    for key in ("tag", "license"):
+        theirs["pretrained_cfg"].pop(key, None)
+    assert json.loads(json.dumps(ours)) == json.loads(json.dumps(theirs))
+    assert ours["pretrained_cfg"]["mean"] == list(IMAGENET_MEAN)
+
+
+def test_folder_weights_are_the_single_file_export_and_a_base_model(tmp_path):
+    from tec.export import export_timm_folder
+
+    model = _trained_a_little(tiny_new_model())
+    folder = export_timm_folder(model, tmp_path / "f", keep_adapters=True)
+    assert (folder / "model.adapters.safetensors").is_file()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "tec-export"
+    base = load_base_model(ARCH, folder / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(base.forward_features(images()),
+                                   model.forward_encoder_features(images()), atol=1e-5, rtol=1e-5)
+
+
+def test_folder_export_refuses_a_file_path(tmp_path):
+    from tec.export import export_timm_folder
+
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        export_timm_folder(tiny_new_model(), tmp_path / "taken")
+    with pytest.raises(ValueError, match="folder"):
+        export_timm_folder(tiny_new_model(), tmp_path / "m.safetensors")
+
+
+def test_folder_on_the_hub_loads_with_hf_hub_name_offline(tmp_path, monkeypatch):
+    from hub_helpers import offline_hub, populate_hub_cache
+
+    from tec.export import export_timm_folder
+
+    model = _trained_a_little(tiny_new_model())
+    folder = export_timm_folder(model, tmp_path / "tec_tiny", name="me/tec_tiny")
+    assert "hf-hub:me/tec_tiny" in (folder / "README.md").read_text()
+    cache = offline_hub(monkeypatch, tmp_path / "hf")
+    populate_hub_cache(cache, "me/tec_tiny", {p.name: p for p in folder.iterdir()})
+    vit = timm.create_model("hf-hub:me/tec_tiny", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(images()), model.forward_encoder_features(images()))
