@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def ddp_workspace(tmp_path_factory) -> Path:
                        "timm_kwargs": dict(GEOMETRY)},
         "targets": {"views": 2, "k_max": 8, "batch_size": 8, "view_policy": {"output_size": 32},
                     "ray": {"num_cpus": 1}},
-        "runs": [{"name": "tec_a", **run}, {"name": "tec_b", **run}],
+        "runs": [{"name": "tec_a", **run}, {"name": "tec_b", **run}, {"name": "tec_c", **run}],
         "eval": {"enabled": False},
     }
     (ws / "config.yaml").write_text(yaml.safe_dump(raw))
@@ -265,6 +266,31 @@ def test_tec_train_launches_ranks(ddp_workspace):
     argv[0], argv[2], argv[3], argv[5] = str(BIN / "tec"), "config.yaml", "tec_b", "2"
     out = _ok(_sh(shlex.join(argv), ddp_workspace, OMP_NUM_THREADS="1"))
     _one_summary(out, "tec_b", 2)
+
+
+def readme_python_snippets() -> list[str]:
+    text = README.read_text()
+    return [textwrap.dedent(block) for block in
+            re.findall(r"^[ \t]*```python\n(.*?)^[ \t]*```", text, flags=re.S | re.M)]
+
+
+@pytest.mark.slow
+def test_export_snippet(ddp_workspace):
+    """The Exports snippet, as written, builds the exported model with timm (paths of the
+    miniature's run in place of the ImageNet example's)."""
+    _ok(_sh(f"{shlex.quote(str(BIN / 'tec'))} train config.yaml tec_c", ddp_workspace))
+    export = ddp_workspace / "work" / "runs" / "tec_c" / "export"
+    (snippet,) = readme_python_snippets()
+    info_path = re.search(r'open\("([^"]+model\.json)"\)', snippet).group(1)
+    file_path = re.search(r'file="([^"]+model\.safetensors)"', snippet).group(1)
+    code = snippet.replace(info_path, str(export / "model.json")).replace(
+        file_path, str(export / "model.safetensors"))
+    code += ("\nimport torch\n"
+             "out = model.eval()(torch.zeros(1, 3, 32, 32))\n"
+             "print('FEATURES', tuple(out.shape))\n")
+    out = _ok(subprocess.run([sys.executable, "-c", code], cwd=ddp_workspace, env=_env(),
+                             capture_output=True, text=True, timeout=300))
+    assert "FEATURES (1, 48)" in out, out
 
 
 def test_torchrun_passes_the_train_arguments_through():
