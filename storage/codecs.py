@@ -1,7 +1,7 @@
 """Codecs: how a record's tensors are encoded (float16 / int8 / lowrank) and compressed.
 
 The compact lossy ``lowrank`` codec (a ViT-B view in <= 48 KiB) lives in ``compact.py``; its
-rate-distortion table is benchmarks/results/storage.json (benchmarks/storage.py).
+rate-distortion table is benchmarks/results/storage.json (benchmarks/storage_bench.py).
 
 Value codecs
 ------------

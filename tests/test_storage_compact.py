@@ -241,3 +241,18 @@ def test_a_schema_v1_cache_still_trains(v1_copy, tmp_path):
                     source=Source("shards/shard-{000000..000001}.tar"), base=base,
                     out_dir=tmp_path / "out", progress=False)
     assert summary.cached_samples == 8 and np.isfinite(summary.losses["loss"])
+
+
+def test_a_lowrank_cache_trains(tmp_path):
+    from test_train_helpers import Source, build_cache, make_data, run_config, save_base_model
+    from stages.train import train
+
+    shards = make_data(tmp_path, n_shards=1, per_shard=8)
+    base = save_base_model(tmp_path / "base.safetensors")
+    cache = build_cache(tmp_path / "cache", shards, base, codec="lowrank")
+    with open_cache(cache) as reader:
+        assert reader.spec.codec == "lowrank" and reader.manifest["codec"]["lowrank"]["rank"] >= 1
+    summary = train(run_config(epochs=1, model={"k": 4}), cache=cache,
+                    source=Source(str(tmp_path / "shards")), base=None, out_dir=tmp_path / "out",
+                    progress=False)
+    assert summary.cached_samples == 8 and np.isfinite(summary.losses["loss"])
