@@ -256,3 +256,16 @@ def test_a_lowrank_cache_trains(tmp_path):
                     source=Source(str(tmp_path / "shards")), base=None, out_dir=tmp_path / "out",
                     progress=False)
     assert summary.cached_samples == 8 and np.isfinite(summary.losses["loss"])
+
+
+def test_the_payload_of_a_batch_of_views_dequantises_like_each_view():
+    rng = np.random.default_rng(5)
+    spec = CacheSpec(num_patches=16, channels=24, heads=3, k_max=4, views=3, codec="lowrank",
+                     codec_params={"attn_bits": 3})
+    stored, _ = prepare_views(spec, "k", _record(rng, 16, 24, 3, 4, 3))
+    batch = compact.unpack_payload({k: stored[k] for k in compact.PAYLOAD_FIELDS + ("feature_mean",)})
+    feats, attn = compact.dequantize_payload(batch)  # leading axis: the 3 views
+    assert feats.shape == (3, 16, 24) and attn.shape == (3, 3, 5, 16)
+    for v in range(3):
+        one = _decode(spec, stored, v)
+        assert np.array_equal(feats[v], one["features"]) and np.array_equal(attn[v], one["attn_logits"])
