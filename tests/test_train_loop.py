@@ -67,6 +67,11 @@ def test_loss_goes_down_on_a_tiny_dataset(world, tmp_path):
                               pretrained_cfg_overlay=dict(file=summary.export), **{
                                   k: v for k, v in info["timm_kwargs"].items() if k != "num_classes"})
     assert model.embed_dim == 48 and len(model.blocks) == 3
+    # export/ is also timm's pretrained folder: the same encoder with no arguments at all
+    folder = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(folder.eval().forward_features(x), model.eval().forward_features(x))
     assert summary.loader_samples_per_s and summary.loader_samples_per_s > 0
     assert "samples/s" in summary.format()
 
@@ -195,10 +200,12 @@ def test_samples_missing_from_the_cache_are_skipped_or_tried_online(tmp_path, wo
     no_base = train(run_config(epochs=2, batch_size=5), cache=cache, source=source, base=None,
                     out_dir=tmp_path / "a", progress=False)
     assert no_base.skipped_missing == 2 and no_base.samples == 30  # 15 usable, 3 steps of 5
-    with_base = train(run_config(epochs=1, batch_size=16), cache=cache, source=source,
+    with_base = train(run_config(epochs=1, batch_size=5), cache=cache, source=source,
                       base=world["base"], out_dir=tmp_path / "b", progress=False)
-    # the missing sample is tried online, cannot be decoded, and is counted as bad
-    assert with_base.skipped_bad == 1 and with_base.samples == 15 and with_base.online_samples == 0
+    # stage 1 reported the missing sample as bad: skipped, not tried online again, and not a
+    # fall-back from a missing record (stages.records.KNOWN_BAD)
+    assert (with_base.skipped_missing, with_base.skipped_bad, with_base.samples,
+            with_base.online_samples, with_base.fallback_online) == (1, 0, 15, 0, 0)
 
 
 def test_export_checkpoint_rebuilds_the_model_from_any_checkpoint(world, tmp_path):
@@ -223,6 +230,21 @@ def test_export_checkpoint_rebuilds_the_model_from_any_checkpoint(world, tmp_pat
         assert torch.allclose(model.forward_features(x), new.forward_encoder_features(x), atol=1e-5)
     with pytest.raises(ValueError, match="not a stage-2 training checkpoint|not a readable"):
         export_checkpoint(out, tmp_path / "x.safetensors")
+
+    # a folder: timm's pretrained layout, titled with the given name
+    folder = export_checkpoint(ckpt, tmp_path / "hf", name="me/tec-tiny")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "model.json",
+                                                  "README.md"}
+    assert "hf-hub:me/tec-tiny" in (folder / "README.md").read_text()
+    assert "checkpoint" not in json.loads((folder / "model.json").read_text())  # no local path
+    vit = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(vit.forward_features(x), new.forward_encoder_features(x), atol=1e-5)
+    assert export_checkpoint(ckpt, folder) == folder  # an earlier export is rewritten
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files .todo.txt"):
+        export_checkpoint(ckpt, tmp_path / "notes")
 
 
 def _copy_cache(src: str, dst: Path, restamp: bool = False, **manifest_changes) -> str:
@@ -299,3 +321,17 @@ def test_image_folder_source_trains_fully_online(world, tmp_path):
                     base=world["base"], view_policy=ViewPolicy(output_size=32),
                     out_dir=tmp_path / "out", progress=False)
     assert summary.online_samples == 8
+
+
+def test_a_finished_run_keeps_its_export_and_gains_the_timm_config(world, tmp_path):
+    run = run_config(epochs=1)
+    train(run, cache=world["cache"], source=None, base=None, out_dir=tmp_path, progress=False)
+    weights = (tmp_path / "export" / "model.safetensors").read_bytes()
+    config = tmp_path / "export" / "config.json"
+    expected = config.read_text()
+    config.unlink()  # as an export written before config.json existed
+    again = train(run, cache=world["cache"], source=None, base=None, out_dir=tmp_path,
+                  progress=False)
+    assert again.resumed_from_step == again.steps  # trained nothing
+    assert (tmp_path / "export" / "model.safetensors").read_bytes() == weights
+    assert config.read_text() == expected
