@@ -221,6 +221,15 @@ def sweep_block() -> str:
     return "\n".join(lines)
 
 
+def storage_block() -> str:
+    r = _load("storage")
+    if r is None:
+        return "_No result yet: run `python benchmarks/storage_bench.py`._"
+    from storage_bench import markdown
+
+    return markdown(r) + "\n\n" + _provenance(r)
+
+
 BLOCKS = {
     "speed": speed_block,
     "quality": lambda: quality_block("quality"),
@@ -228,6 +237,7 @@ BLOCKS = {
     "quality_sweep": sweep_block,
     "quality_long": lambda: quality_block("quality_long"),
     "quality_strong_base": lambda: quality_block("quality_strong_base"),
+    "storage": storage_block,
 }
 
 

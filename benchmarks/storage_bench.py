@@ -355,6 +355,67 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
     return rows, best
 
 
+def _f(v, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(r: dict) -> str:
+    """The README tables of a storage.json result (benchmarks/report.py renders them)."""
+    lines = ["| setting | ViT-B bytes/view | ViT-B bits/value (features / attention) | "
+             "miniature bytes/view | miniature bits/value | rank ViT-B / mini | energy kept "
+             "(mini) | feature rel. RMS | attn excess CE tau 1.0 / 1.8 (nats) | top-k agreement "
+             "| encode / decode us per view, ViT-B | same, miniature |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        e, vb, mb = row["error"], row["vitb_bits_per_value"], row["mini_bits_per_value"]
+        lines.append(
+            f"| {row['setting']} | {row['vitb_bytes_per_view']:,} | {vb['features']:.2f} / "
+            f"{vb['attention']:.2f} | {row['mini_bytes_per_view']:,} | {mb['features']:.2f} / "
+            f"{mb['attention']:.2f} | {row.get('vitb_rank', '-')} / {row.get('mini_rank', '-')} | "
+            f"{_f(row.get('mini_energy_kept_at_rank'), 3) if 'mini_rank' in row else '-'} | "
+            f"{_f(e['feature_rel_rms'])} | {_f(e['attn_excess_ce_tau1.0'], 5)} / "
+            f"{_f(e['attn_excess_ce_tau1.8'], 5)} | {_f(e['topk_agreement'], 3)} | "
+            f"{row['vitb_timing']['encode_us']:,.0f} / {row['vitb_timing']['decode_us']:,.0f} | "
+            f"{row['mini_timing']['encode_us']:,.0f} / {row['mini_timing']['decode_us']:,.0f} |")
+    info = r.get("learned_targets", {})
+    lines += ["", f"Learned targets: {info.get('views')} views ({info.get('images')} training "
+              f"images x {info.get('views_per_image')}) of the quality benchmark's base model; "
+              f"attention-target entropy {_f(info.get('attention_target_entropy_tau1.0'), 3)} "
+              f"nats at tau 1.0, {_f(info.get('attention_target_entropy_tau1.8'), 3)} at 1.8 "
+              f"(uniform over 49 patches: {np.log(49):.3f}).", ""]
+    pr = r.get("precision", {})
+    lines += ["| forward precision vs float32 | targets | feature rel. RMS | attn excess CE tau "
+              "1.0 / 1.8 (nats) | top-k agreement | attention rows compared |",
+              "|---|---|---|---|---|---|"]
+    for where, label in (("miniature_learned", "learned miniature"),
+                         ("vitb_random_init", "random-init ViT-B/16")):
+        for prec, e in (pr.get(where) or {}).items():
+            lines.append(f"| {prec} | {label} | {_f(e['feature_rel_rms'], 5)} | "
+                         f"{_f(e['attn_excess_ce_tau1.0'], 6)} / {_f(e['attn_excess_ce_tau1.8'], 6)}"
+                         f" | {_f(e['topk_agreement'], 4)} | {_f(e['attn_rows_compared'], 3)} |")
+    lines += ["", f"Precision measured on: {pr.get('device', '?')}."]
+    s1 = r.get("stage1")
+    if s1:
+        lines += ["", "| stage 1 (speed.yaml: " + s1.get("geometry", "") + ") | efficiency "
+                  "(best steady part / best forward-only) | cache bytes |", "|---|---|---|"]
+        for codec in ("float16", "lowrank"):
+            lines.append(f"| {codec} | {_f(s1.get(f'efficiency_{codec}'), 2)} | "
+                         f"{', '.join(f'{b:,}' for b in s1.get(f'cache_bytes_{codec}', []))} |")
+    q, best = r.get("quality") or {}, r.get("best_within_0p3") or {}
+    lines += [""]
+    if q:
+        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | file |", "|---|---|---|---|"]
+        for name, row in q.items():
+            lines.append(f"| {name} | {_f(row.get('knn_top1'), 2)} | "
+                         f"{_f(row.get('linear_top1'), 2)} | `{row.get('file')}` |")
+        lines.append("")
+    lines.append(f"best_within_0p3: setting {best.get('setting')!r}, ViT-B bytes per view "
+                 f"{best.get('vitb_bytes_per_view')}; {best.get('why')}"
+                 + (f"; delta vs float16 {best['delta_vs_float16']}" if best.get(
+                     "delta_vs_float16") else "") + ".")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer views and repeats")
