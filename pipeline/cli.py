@@ -152,11 +152,16 @@ def targets(config, overrides, ray_address, strict, allow_pickle):
     Resumable: committed parts are skipped on a rerun.
     """
     from pipeline.orchestrate import ensure_base_checkpoint
-    from stages.stage1 import run_stage1
+    from stages.stage1 import Stage1StrictError, run_stage1
 
     cfg = _load(config, overrides, allow_pickle)
     base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
-    summary = run_stage1(cfg.targets, base, ray_address=ray_address, strict=strict)
+    try:
+        summary = run_stage1(cfg.targets, base, ray_address=ray_address, strict=strict)
+    except Stage1StrictError as exc:  # the summary goes to stdout as on success, then the error
+        if exc.summary is not None:
+            click.echo(exc.summary.format())
+        raise
     click.echo(summary.format())
 
 
@@ -225,17 +230,32 @@ def _launch_ranks(nproc: int, config: Path, run_name: str | None, overrides, all
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .safetensors file.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output .safetensors file, or a folder: timm's pretrained layout "
+                   "(timm.create_model('local-dir:FOLDER', pretrained=True)).")
 @click.option("--keep-adapters", is_flag=True,
               help="Keep the input and encoder adapters (for parameter-efficient fine-tuning).")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="OWNER/NAME",
+              help="Upload the --out folder to this Hugging Face Hub repo (token: HF_TOKEN or "
+                   "`hf auth login`); then timm.create_model('hf-hub:OWNER/NAME', pretrained=True).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @user_errors
-def export(checkpoint, out, keep_adapters):
-    """Export a training checkpoint as a timm-loadable .safetensors file."""
+def export(checkpoint, out, keep_adapters, repo_id, private):
+    """Export a training checkpoint as a timm-loadable .safetensors file or pretrained folder."""
     from stages.train import export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, keep_adapters=keep_adapters)
+    if repo_id is not None:
+        from stages.hub import check_push_ready
+
+        if out.suffix == ".safetensors":
+            raise ValueError(f"--push-to-hub uploads a folder: give --out FOLDER, not {out}")
+        token = check_push_ready(repo_id)  # before any export work
+    path = export_checkpoint(checkpoint, out, keep_adapters=keep_adapters, name=repo_id)
     click.echo(f"wrote {path}")
+    if repo_id is not None:
+        from stages.hub import push_folder
+
+        click.echo(f"pushed to {repo_id}: {push_folder(path, repo_id, token=token, private=private)}")
 
 
 # --------------------------------------------------------------------------- cache
@@ -256,20 +276,41 @@ def cache_inspect(path):
 
 @cache.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--deep", is_flag=True,
+              help="Also decode every record and check every value is finite (reads it all).")
 @user_errors
-def cache_verify(path):
+def cache_verify(path, deep):
     """Re-read every part and recompute its checksums; exit 1 naming each bad part."""
     from storage import verify_cache
 
     if not Path(path).exists():
         raise FileNotFoundError(f"no target cache at {path} (the path does not exist)")
-    problems = verify_cache(path)
+    problems = verify_cache(path, deep=deep)
     if problems:
         for line in problems:
             click.echo(f"BAD {line}", err=True)
-        click.echo(f"{len(problems)} problem(s) in {path}", err=True)
+        click.echo(f"{len(problems)} problem(s) in {path}; `tec cache repair {path}` recomputes "
+                   "the damaged parts", err=True)
         sys.exit(1)
-    click.echo(f"ok: every part of {path} matches its checksums")
+    click.echo(f"ok: every part of {path} matches its checksums"
+               + (" and every record decodes to finite values" if deep else ""))
+
+
+@cache.command("repair")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pipeline file whose targets/base_model to use (default: the settings the "
+                   "cache recorded when it was built).")
+@set_opt
+@click.option("--ray-address", default=None, help="Join this Ray cluster for the recomputation.")
+@pickle_opt
+@user_errors
+def cache_repair(path, config, overrides, ray_address, allow_pickle):
+    """Recompute exactly the parts `tec cache verify --deep` finds damaged."""
+    from stages.repair import repair_cache
+
+    cfg = _load(config, overrides, allow_pickle) if config is not None else None
+    click.echo(repair_cache(path, config=cfg, ray_address=ray_address).format())
 
 
 @cache.command("transcode")

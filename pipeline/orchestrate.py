@@ -103,6 +103,10 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
         raise ConfigError("base_model.checkpoint: a checkpoint is required (or enable bootstrap "
                           "to train a pixel-target base model first)")
     export = find_export(bootstrap_dir(cfg))
+    anew = ""
+    if export is not None and allow_bootstrap:  # a bootstrap of other settings is not reused
+        anew = _set_aside_if_stale(bootstrap_dir(cfg), _bootstrap_run(cfg), cache=None, base=None)
+        export = find_export(bootstrap_dir(cfg)) if not anew else None
     if export is None:  # a finished bootstrap has its export; an unfinished one resumes
         if not allow_bootstrap:
             raise ConfigError("base_model.checkpoint is not set and the bootstrap base model is "
@@ -114,7 +118,7 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
                        view_policy=_view_policy(cfg), out_dir=bootstrap_dir(cfg))
         export = find_export(bootstrap_dir(cfg))
         if summary is not None:
-            summary.add("bootstrap", f"trained pixel-target base model ({result.steps} "
+            summary.add("bootstrap", anew + f"trained pixel-target base model ({result.steps} "
                                      f"steps, {result.seconds / 60:.1f} min) -> {export}")
     elif summary is not None:
         summary.add("bootstrap", f"reused base model {export}")
@@ -140,6 +144,21 @@ def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | None = None):
         base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
     return train(run, cache=str(cfg.cache_path), source=cfg.targets.source, base=base,
                  view_policy=None, out_dir=cfg.run_dir(run.name))
+
+
+def _set_aside_if_stale(run_dir: Path, run, *, cache: str | None, base) -> str:
+    """A run folder trained from other inputs is renamed (kept) so the run trains anew; returns
+    what to say about it ('' when the folder is reusable or absent)."""
+    from stages.identity import set_aside, stale_changes
+
+    changes = stale_changes(run_dir, run, cache=cache, base=base) if Path(run_dir).is_dir() \
+        else []
+    if not changes:
+        return ""
+    old = set_aside(run_dir)
+    log.warning("%s was trained from other inputs (changed: %s); moved to %s, training anew",
+                run_dir, "; ".join(changes), old)
+    return f"trained anew (changed: {'; '.join(changes)}; the old run is in {old}): "
 
 
 def _already_done(result) -> bool:
@@ -274,14 +293,20 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
                                    f"{s1.parts_skipped} parts resumed")
     if "train" in wanted:
         for run in cfg.runs:
+            anew = _set_aside_if_stale(cfg.run_dir(run.name), run, cache=str(cfg.cache_path),
+                                       base=base)
             result = train_run(cfg, run, base)
             if _already_done(result):
-                summary.add(f"run {run.name}", f"reused finished run ({result.steps} steps)")
+                summary.add(f"run {run.name}", f"reused finished run ({result.steps} steps; "
+                                               "same settings, cache and base model)")
             else:
+                fallback = getattr(result, "fallback_online", 0)
                 summary.add(f"run {run.name}",
-                            f"{result.steps} steps in {result.seconds / 60:.1f} min "
+                            anew + f"{result.steps} steps in {result.seconds / 60:.1f} min "
                             f"({result.samples_per_s:.1f} samples/s; cached "
-                            f"{result.cached_samples}, online {result.online_samples})")
+                            f"{result.cached_samples}, online {result.online_samples}"
+                            + (f", {fallback} of them for missing cache records" if fallback
+                               else "") + ")")
     if "eval" in wanted and cfg.eval.enabled:
         _evaluate(cfg, base, summary)
     summary.seconds = time.time() - start

@@ -58,7 +58,7 @@ __all__ = [
     "mask_noise",
 ]
 
-_INDEX_VERSION = 2
+_INDEX_VERSION = 3  # 3: keys repeated across shards are qualified (stages.sources.unique_keys)
 
 
 class DataError(ValueError):
@@ -143,21 +143,19 @@ def _list_image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
     from .sources import open_source
 
     source = open_source("imagefolder", root)
-    exts, classes, base = source.extensions, source.classes, Path(source.root)
-    files: list[tuple[str, int]] = []
-    tops = [(c, label) for label, c in enumerate(classes)] if classes else [("", -1)]
-    for top, label in tops:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base / top):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if not classes and Path(dirpath) != base / top:
-                continue
-            for name in filenames:
-                if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                    found.append(Path(dirpath, name).relative_to(base).as_posix())
-        files.extend((rel, label) for rel in sorted(found))
-    return ([os.path.splitext(rel)[0] for rel, _ in files], [str(base / rel) for rel, _ in files],
-            [label for _, label in files])
+    files = source.keyed_files()  # the same listing and keys as stage 1
+    base = Path(source.root)
+    return ([key for key, _, _ in files], [str(base / rel) for _, rel, _ in files],
+            [label for _, _, label in files])
+
+
+def _unique_tar_keys(shards: Sequence[str]) -> list[dict[str, str | None]]:
+    """The renames of stages.sources.unique_keys for these tar shards, as stage 1 made them."""
+    from .sources import WebDatasetSource, unique_keys
+    from .stage1 import part_names
+
+    keys = [WebDatasetSource(shard).scan(shard)[1] for shard in shards]
+    return unique_keys(keys, part_names(list(shards)))
 
 
 def _file_signature(path: str) -> list:
@@ -208,13 +206,18 @@ class SourceIndex:
                 results = list(pool.map(_index_tar, shards))
             except tarfile.TarError as exc:
                 raise DataError(f"a source shard cannot be read as an uncompressed tar ({exc})") from None
+        renames = _unique_tar_keys(shards)
         keys, file, offsets, sizes, labels = [], [], [], [], []
         for i, (k, o, s, lab) in enumerate(results):
-            keys += k
-            file += [i] * len(k)
-            offsets += o
-            sizes += s
-            labels += lab
+            for key, offset, size, label in zip(k, o, s, lab):
+                key = renames[i].get(key, key)
+                if key is None:  # repeated across shards and its qualified key taken: bad
+                    continue
+                keys.append(key)
+                file.append(i)
+                offsets.append(offset)
+                sizes.append(size)
+                labels.append(label)
         return cls(shards, keys, np.array(file), np.array(offsets), np.array(sizes), np.array(labels))
 
     @classmethod
@@ -326,8 +329,14 @@ class SamplePlan:
             self.missing = self.cache_index < 0
         else:
             self.missing = np.zeros(self.num_samples, dtype=bool)
-        # Missing samples go online when a base model can compute their targets, else are skipped.
+        # Missing samples go online when a base model can compute their targets, else are skipped;
+        # samples stage 1 reported as bad (cache_index -2, stages.records) are always skipped.
         self.skip = self.missing if not can_compute_online else np.zeros_like(self.missing)
+        if self.cache_index is not None:
+            self.skip = self.skip | (self.cache_index == -2)
+        # no record and not reported bad (-1): counted as fallback_online when trained
+        self.fallback = (self.cache_index == -1) if self.cache_index is not None else \
+            np.zeros(self.num_samples, dtype=bool)
         self.eligible = np.flatnonzero(~self.skip)
         self.skipped_per_epoch = int(self.skip.sum())
 

@@ -17,6 +17,7 @@ etc.), and image sizes are checked from the header before any pixel data is deco
 
 from __future__ import annotations
 
+import collections
 import glob
 import io
 import logging
@@ -47,6 +48,8 @@ __all__ = [
     "WebDatasetSource",
     "ImageFolderSource",
     "open_source",
+    "folder_key",
+    "unique_keys",
 ]
 
 # PIL's own default limit (Image.MAX_IMAGE_PIXELS), about 89.5 megapixels.
@@ -304,8 +307,18 @@ class WebDatasetSource:
 
     def count(self, shard: str) -> int:
         """Candidate samples in `shard` (== number of items samples(shard) yields); headers only."""
+        return self.scan(shard)[0]
+
+    def scan(self, shard: str) -> tuple[int, list[str]]:
+        """(candidate samples, keys of the candidates without a header-level error) of `shard`,
+        from tar headers only: what :func:`unique_keys` needs to spot keys repeated across shards."""
+        count, keys = 0, []
         with open(shard, "rb") as f:
-            return sum(1 for _ in self._groups(shard, f, log=False))
+            for group in self._groups(shard, f, log=False):
+                count += 1
+                if group.error is None:
+                    keys.append(group.key)
+        return count, keys
 
     def samples(self, shard: str) -> Iterator[Sample]:
         """Candidate samples of `shard` in tar order; unreadable ones carry `error` (never raises
@@ -442,7 +455,9 @@ class ImageFolderSource:
     Classes are the sorted subfolder names (label = position); files are walked recursively and
     sorted; the sorted list is cut into shards of `shard_size` ('imagefolder-00000', ...).
     A root without subfolders is read as one flat folder with label -1.
-    Key: path relative to root, '/'-separated, without the file extension.
+    Key: path relative to root, '/'-separated, without the file extension; files that share a
+    stem (``x.jpg`` beside ``x.png``) keep their extension (``x.jpg``, ``x.png``), so every file
+    has its own key.
     """
 
     kind = "imagefolder"
@@ -457,6 +472,9 @@ class ImageFolderSource:
         self.extensions = tuple(e.lower() for e in extensions)
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self._files: list[tuple[str, int]] = self._list_files()
+        # stems shared by several files ('x.jpg' beside 'x.png'): keys keep the extension
+        stems = collections.Counter(os.path.splitext(rel)[0] for rel, _ in self._files)
+        self._stems = {stem for stem, n in stems.items() if n > 1}
         if not self._files:
             raise ShardSpecError(f"image folder {self.root} holds no images with suffixes {list(self.extensions)}")
         n = (len(self._files) + self.shard_size - 1) // self.shard_size
@@ -494,15 +512,57 @@ class ImageFolderSource:
     def count(self, shard: str) -> int:
         return len(self._chunk(shard))
 
+    def scan(self, shard: str) -> tuple[int, list[str]]:
+        return self.count(shard), [folder_key(rel, self._stems) for rel, _ in self._chunk(shard)]
+
+    def keyed_files(self) -> list[tuple[str, str, int]]:
+        """(key, path relative to root, label) of every image, in source order."""
+        return [(folder_key(rel, self._stems), rel, label) for rel, label in self._files]
+
     def samples(self, shard: str) -> Iterator[Sample]:
         for rel, label in self._chunk(shard):
-            key = os.path.splitext(rel)[0]
+            key = folder_key(rel, self._stems)
             try:
                 data = (self.root / rel).read_bytes()
             except OSError as exc:
                 yield Sample(key, None, label, f"unreadable file: {_one_line(exc)}")
                 continue
             yield Sample(key, data, label, None)
+
+
+def folder_key(rel: str, shared_stems: set[str] | frozenset[str] = frozenset()) -> str:
+    """Sample key of an image-folder file: its relative path without the extension, or with it
+    when another file has the same stem."""
+    stem = os.path.splitext(rel)[0]
+    return rel if stem in shared_stems else stem
+
+
+def unique_keys(keys_by_shard: Sequence[Sequence[str]],
+                names: Sequence[str]) -> list[dict[str, str | None]]:
+    """Renames that make sample keys unique across shards: ``[{key: new key or None}]`` per shard.
+
+    Shards cut from separate folders often repeat member names (``s0000.jpg`` in every shard). A
+    key found in more than one shard is qualified by its shard's part name in each of them
+    (``train-000001/s0000``); a qualified key that is still taken (a member really named so) is
+    None: the sample is reported as bad. Keys repeated within one shard are left alone (the
+    source reports the later samples as bad). Stage 1 and stage 2 apply the same renames, so a
+    sample's key is the same in the cache and in the training index. Keys of sources whose keys
+    are unique already come back unchanged (empty dicts).
+    """
+    seen_in = collections.Counter()
+    for keys in keys_by_shard:
+        seen_in.update(set(keys))
+    repeated = {k for k, n in seen_in.items() if n > 1}
+    renames: list[dict[str, str | None]] = []
+    for keys, name in zip(keys_by_shard, names):
+        renames.append({k: f"{name}/{k}" for k in dict.fromkeys(keys) if k in repeated})
+    if repeated:
+        taken = {k for k in seen_in if k not in repeated}
+        for shard in renames:
+            for k, new in shard.items():
+                if new in taken:
+                    shard[k] = None
+    return renames
 
 
 def open_source(kind: str, path: str | os.PathLike | Sequence[str], **kwargs: Any) -> WebDatasetSource | ImageFolderSource:

@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 # The bad-sample report of the whole cache, relative to the cache root (one JSON object a line).
 REPORT_NAME = "reports/bad_samples.jsonl"
+# The stage-1 settings and base model a cache was built with (absolute paths), relative to the
+# cache root: what `tec cache repair` recomputes damaged parts with. Not part of the identity.
+CONFIG_NAME = "reports/stage1_config.json"
 # Test-only fault injection (JSON): {"crash_dir": DIR, "batch_delay_s": SECONDS}. A shard task
 # whose part has a file DIR/<part>.crash renames it to .crashed and kills its own worker process
 # half-way through the shard; batch_delay_s slows every batch down (to interrupt a run midway).
@@ -73,6 +76,14 @@ class Stage1Error(ValueError):
 
 class Stage1StrictError(Stage1Error):
     """strict mode: the cache is complete but some samples were skipped as bad."""
+
+    def __init__(self, message: str, summary: "Stage1Summary | None" = None):
+        super().__init__(message)
+        self.summary = summary  # what the run did, for the caller to print
+
+
+class NonFiniteTargetsError(Stage1Error):
+    """The base model gave NaN/inf targets: a retry gives the same, the base model must change."""
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -331,6 +342,7 @@ class ShardJob:
     batch_size: int
     max_in_flight: int
     hooks: dict = field(default_factory=dict)
+    renames: dict = field(default_factory=dict)  # this shard's stages.sources.unique_keys
 
 
 @dataclass
@@ -353,9 +365,10 @@ _RECORD_KEYS = ("features", "feature_mean", "feature_std", "attn_logits", "attn_
 class _SampleAssembler:
     """Collects per-view target rows (arriving in submission order) into per-sample records."""
 
-    def __init__(self, views: int, write):
+    def __init__(self, views: int, write, part: str = ""):
         self.views = views
         self.write = write
+        self.part = part
         self.pending: collections.deque = collections.deque()  # sample metas in row order
         self.rows: dict[str, list] = {k: [] for k in _RECORD_KEYS}
         self.filled = 0  # rows of pending[0] received so far
@@ -364,6 +377,14 @@ class _SampleAssembler:
         self.pending.append(meta)
 
     def add(self, out: dict[str, np.ndarray]) -> None:
+        bad = [k for k in _RECORD_KEYS[:4] if not np.isfinite(out[k]).all()]
+        if bad:
+            key = self.pending[0]["key"] if self.pending else "?"
+            raise NonFiniteTargetsError(
+                f"part {self.part}: the base model gave non-finite targets (NaN/inf in "
+                f"{', '.join(bad)}) for the views of sample {key!r} and those batched with it; a "
+                "retry gives the same - check base_model.checkpoint (NaN or overflowing weights) "
+                "and run stage 1 again once the base model gives finite outputs")
         n = len(out["features"])
         start = 0
         while start < n:
@@ -420,7 +441,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
         part = writer.open_part(job.part)
     except PartCommittedError:  # committed since the check above
         return _committed_elsewhere(result, start)
-    assembler = _SampleAssembler(job.views, part.write)
+    assembler = _SampleAssembler(job.views, part.write, job.part)
     in_flight: collections.deque = collections.deque()
     stored_pixels = writer.spec.pixels
     buffer: list[torch.Tensor] = []  # uint8 [K,3,S,S] per sample, not yet submitted
@@ -445,6 +466,10 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
         while len(in_flight) > keep:
             assembler.add(fetch(in_flight.popleft()))
 
+    attempts = job.hooks.get("attempts_dir")
+    if attempts:  # test hook: count the attempts at this part
+        Path(attempts, f"{job.part}.{os.getpid()}.{time.monotonic_ns()}").touch()
+    keys_seen: set[str] = set()
     try:
         for slot, sample in enumerate(source.samples(job.shard)):
             if slot >= job.slots:
@@ -456,19 +481,27 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
                     marker.rename(marker.with_suffix(".crashed"))
                     logger.warning("test hook: killing the worker of part %s", job.part)
                     os._exit(1)
+            key = job.renames.get(sample.key, sample.key)  # unique across the source
             try:
                 if sample.error:
                     raise BadSample(sample.error)
+                if key is None:
+                    raise BadSample(f"duplicate key: {sample.key!r} names samples of other shards "
+                                    f"too, and {job.part}/{sample.key} is taken by another sample")
+                if key in keys_seen:
+                    raise BadSample("duplicate key (an earlier sample of this shard has the same "
+                                    "key)")
                 image = decode_image(sample.data)
             except BadSample as exc:
-                result.bad.append({"part": job.part, "slot": slot, "key": sample.key,
+                result.bad.append({"part": job.part, "slot": slot, "key": key or sample.key,
                                    "reason": str(exc)})
                 continue
+            keys_seen.add(key)
             h, w = int(image.shape[0]), int(image.shape[1])
-            views = [view_params(policy, sample.key, v, h, w) for v in range(job.views)]
+            views = [view_params(policy, key, v, h, w) for v in range(job.views)]
             pixels = render_views(image, views, size, policy.interpolation)  # [K,3,S,S]
             crop, flip = views_to_arrays(views)
-            meta = {"slot": slot, "key": sample.key, "crop": crop, "flip": flip,
+            meta = {"slot": slot, "key": key, "crop": crop, "flip": flip,
                     "source_size": (h, w), "label": int(sample.label)}
             if stored_pixels != "none":
                 meta["pixels"], pixels = _stored_view_pixels(pixels, stored_pixels,
@@ -707,7 +740,7 @@ def _wait_actors(ready: list, plan: _Plan, timeout: float = 600.0) -> None:
 
 
 def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: list, plan: _Plan,
-               progress: bool) -> tuple[list[PartResult], list[tuple[str, str]]]:
+               progress: bool) -> tuple[list[PartResult], list[tuple]]:
     """Run the shard tasks, at most plan.concurrent at a time, with a progress bar.
 
     Returns (results, [(part, error)] of the tasks that failed after their retries).
@@ -722,7 +755,7 @@ def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: lis
     queue = collections.deque(jobs)
     running: dict = {}  # ref -> job
     results: list[PartResult] = []
-    failed: list[tuple[str, str]] = []
+    failed: list[tuple] = []  # (part, reason, deterministic)
 
     def submit() -> None:
         while queue and len(running) < plan.concurrent:
@@ -746,11 +779,16 @@ def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: lis
             try:
                 res: PartResult = ray.get(done[0])
             except ray.exceptions.RayError as exc:
-                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-                reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
-                logger.error("part %s failed after %d retries: %s", job.part,
-                             cfg.ray.max_retries, reason)
-                failed.append((job.part, reason))
+                reason, fixed = task_failure(exc)
+                if fixed:
+                    logger.error("part %s failed (not retried: a retry gives the same): %s",
+                                 job.part, reason)
+                    if isinstance(getattr(exc, "cause", None), NonFiniteTargetsError):
+                        queue.clear()  # the base model is at fault: every part would fail so
+                else:
+                    logger.error("part %s failed after %d retries: %s", job.part,
+                                 cfg.ray.max_retries, reason)
+                failed.append((job.part, reason, fixed))
                 continue
             results.append(res)
             images += res.images
@@ -811,13 +849,14 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     start = time.perf_counter()
     geometry, fingerprint = _check_base_model(cfg, base)
     writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base)
+    _record_config(cfg, base)
     summary = Stage1Summary(cache=_absolute(cfg.cache), backend=cfg.backend,
                             parts_total=len(writer.parts),
                             parts_skipped=len(writer.parts) - len(jobs))
     if summary.parts_skipped:
         logger.info("resuming: %d of %d parts already committed", summary.parts_skipped,
                     summary.parts_total)
-    failed: list[tuple[str, str]] = []
+    failed: list[tuple] = []  # (part, reason, deterministic)
     if jobs:
         results, failed, summary.ray_address = _run_on_ray(cfg, base, jobs, ray_address,
                                                            progress)
@@ -833,17 +872,41 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     _finish_summary(summary, cfg, writer, start)
     logger.info("stage 1 done:\n%s", summary.format())
     if failed:
-        part, reason = failed[0]
-        raise Stage1Error(
-            f"{len(failed)} of {summary.parts_total} parts failed after {cfg.ray.max_retries} "
-            f"retries (first: {part}: {reason}); the other parts are committed, rerun to resume"
-        )
+        raise Stage1Error(failure_message(failed, summary.parts_total, cfg.ray.max_retries))
     if strict and summary.skipped:
         raise Stage1StrictError(
             f"strict: {summary.skipped} bad samples were skipped (listed in "
-            f"{summary.bad_samples_report}); the cache is complete without them"
+            f"{summary.bad_samples_report}); the cache is complete without them", summary
         )
     return summary
+
+
+def task_failure(exc: BaseException) -> tuple[str, bool]:
+    """(one-line reason, deterministic) of a failed shard task.
+
+    Deterministic: the task raised a ValueError (a Stage1Error such as NonFiniteTargetsError,
+    a CacheError, ...): the same inputs give the same error, so it is not retried and the
+    message says what to change. Worker deaths and I/O errors (OSError) are transient.
+    """
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ValueError) and not isinstance(cause, OSError):
+        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+        return (lines[0] if lines else type(cause).__name__), True
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}", False
+
+
+def failure_message(failed: list[tuple], parts_total: int, max_retries: int) -> str:
+    """The one line stage 1 ends with when parts failed: [(part, reason, deterministic)]."""
+    fixed = [f for f in failed if len(f) > 2 and f[2]]
+    if fixed:
+        part, reason = fixed[0][:2]
+        return (f"{len(failed)} of {parts_total} parts failed, not retried (first: {part}: "
+                f"{reason}); a rerun fails the same way until that is changed (the other parts "
+                "are committed)")
+    part, reason = failed[0][:2]
+    return (f"{len(failed)} of {parts_total} parts failed after {max_retries} retries (first: "
+            f"{part}: {reason}); the other parts are committed, rerun to resume")
 
 
 def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, dict]:
@@ -876,14 +939,21 @@ def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, d
 def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                    base: BaseModelConfig | None = None):
     """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts)."""
+    from stages.sources import unique_keys
     from storage import CacheSpec, create_cache
 
     source = _open_source(cfg.source.kind, cfg.source.path, cfg.source.shard_size)
     shards = [str(s) for s in source.shards()]
     if not shards:
         raise Stage1Error(f"targets.source.path: no input shards found at {cfg.source.path}")
-    counts = [int(source.count(s)) for s in shards]
+    scans = [source.scan(s) for s in shards]  # (samples, keys) of each shard, headers only
+    counts = [int(n) for n, _ in scans]
     names = part_names(shards)
+    # keys repeated across shards (shards cut from separate folders) are qualified by part
+    renames = unique_keys([keys for _, keys in scans], names)
+    if any(renames):
+        logger.info("%d sample keys repeat across shards; cached as <part>/<key>",
+                    sum(len(r) for r in renames))
     policy = cfg.view_policy
     spec = CacheSpec(num_patches=geometry["num_patches"], channels=geometry["embed_dim"],
                      heads=geometry["num_heads"], k_max=cfg.k_max, views=cfg.views,
@@ -916,7 +986,7 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                  source_path=cfg.source.path if wds else _absolute(cfg.source.path),
                  shard_size=cfg.source.shard_size, cache=_absolute(cfg.cache), views=cfg.views,
                  policy=policy.to_dict(), batch_size=cfg.batch_size,
-                 max_in_flight=cfg.max_in_flight, hooks=hooks)
+                 max_in_flight=cfg.max_in_flight, hooks=hooks, renames=renames[i])
         for i, (shard, name, count) in enumerate(zip(shards, names, counts))
         if name not in committed
     ]
@@ -931,6 +1001,20 @@ def resolve_precision(cfg: Stage1Config) -> str:
     if cfg.precision != "float32" and not torch.cuda.is_available():
         return "float32"
     return cfg.precision
+
+
+def _record_config(cfg: Stage1Config, base: BaseModelConfig) -> None:
+    """Write CONFIG_NAME: the settings `tec cache repair` needs to recompute a part."""
+    base_dict = to_dict(base)
+    if base_dict.get("checkpoint"):
+        base_dict["checkpoint"] = _absolute(base_dict["checkpoint"])
+    path = Path(cfg.cache) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # the source path as configured (it is part of the cache's identity), resolved from cwd
+    tmp.write_text(json.dumps({"targets": to_dict(cfg), "base_model": base_dict,
+                               "cwd": os.getcwd()}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _absolute(path) -> str:

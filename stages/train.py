@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CacheMismatchError",
     "NonFiniteLossError",
+    "StaleRunError",
     "TrainConfig",
     "TrainSetupError",
     "TrainSummary",
@@ -83,6 +84,14 @@ class TrainSetupError(ValueError):
 
 class CacheMismatchError(TrainSetupError):
     """The target cache does not belong to the configured run (base model, source, shapes)."""
+
+
+class StaleRunError(TrainSetupError):
+    """The run folder holds a run trained from other inputs (settings, cache, base model)."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
 
 
 class NonFiniteLossError(ValueError):
@@ -124,6 +133,9 @@ class TrainConfig:
     persistent_workers: bool | None = None
     pin_memory: bool | None = None
     online_fraction: float = 0.0
+    # share of samples that may lack their cache record (damaged part, changed shard) and fall
+    # back to online targets; null: 0 when online_fraction is 0, else online_fraction
+    max_fallback_fraction: float | None = None
     view_selection: Literal["uniform", "round_robin"] = "uniform"
     feature_norm: Literal["patch", "channel", "none"] = "patch"
     checkpoint_every: int = 0
@@ -165,6 +177,9 @@ class TrainConfig:
             fail("betas", f"each must be in [0, 1), got {list(self.betas)}")
         if not 0.0 <= self.online_fraction <= 1.0:
             fail("online_fraction", f"must be between 0 and 1, got {self.online_fraction}")
+        if self.max_fallback_fraction is not None and not 0.0 <= self.max_fallback_fraction <= 1.0:
+            fail("max_fallback_fraction", f"must be between 0 and 1 or null, got "
+                 f"{self.max_fallback_fraction}")
         if self.prefetch_factor is not None and self.prefetch_factor < 1:
             fail("prefetch_factor", f"must be >= 1 or null, got {self.prefetch_factor}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -224,6 +239,7 @@ class TrainSummary:
     cached_samples: int = 0
     skipped_missing: int = 0
     skipped_bad: int = 0
+    fallback_online: int = 0  # trained on online targets because their cache record is missing
     resumed_from_step: int | None = None
     losses: dict = field(default_factory=dict)
     lr: float = 0.0
@@ -251,7 +267,9 @@ class TrainSummary:
             f"this run       {self.samples} samples in {self.seconds:.1f} s "
             f"({self.samples_per_s:.1f} samples/s)",
             f"data           {self.cached_samples} cached views, {self.online_samples} online, "
-            f"{self.skipped_missing} skipped (missing from cache), {self.skipped_bad} bad",
+            f"{self.skipped_missing} skipped (missing from cache), {self.skipped_bad} bad"
+            + (f"; {self.fallback_online} of the online fell back from missing cache records"
+               if self.fallback_online else ""),
             f"loader         {loader}",
             f"final loss     {loss} (lr {self.lr:.3g})",
             f"checkpoint     {self.checkpoint}",
@@ -540,13 +558,19 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
 
     cache_index = None
     if reader is not None:
-        positions = {key: i for i, key in enumerate(reader.keys)}
-        cache_index = np.array([positions.get(k, -1) for k in source_index.keys], dtype=np.int64)
-        unknown = len(positions) - int((cache_index >= 0).sum())
-        if unknown > 0:
-            raise CacheMismatchError(
-                f"cache {cache}: {unknown} cached samples are not in the source shards; "
-                "use the source the cache was built from")
+        from .records import MissingRecordsError, check_missing, match_records, sample_parts
+
+        # each sample's record within its own part: never two samples on one record
+        part_of = sample_parts(reader, kind, source_index)
+        cache_index = match_records(reader, source_index.keys, part_of)
+        try:
+            missing = check_missing(cache_index, part_of, reader, source_index.keys, run=run,
+                                    cache=cache) if needs_targets else 0
+        except MissingRecordsError as exc:
+            raise CacheMismatchError(str(exc)) from None
+        if missing and dist.is_main:
+            logger.warning("run %s: %d samples lack their cache record and fall back to online "
+                           "targets (counted as fallback_online)", run.name, missing)
     return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
                      cache_path=str(cache) if cache is not None else None,
                      cache_index=cache_index, views=views, k_max=k_max, last_n=last_n,
@@ -588,6 +612,7 @@ class StepCounters:
     online: int = 0
     cached: int = 0
     skipped_bad: int = 0
+    fallback: int = 0  # samples that lacked their cache record (records.MISSING)
 
 
 class Trainer:
@@ -720,6 +745,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "new_model_config": self.inputs.model_cfg.to_dict(),
             "train_config": to_dict(self.run),
+            "identity": getattr(self, "identity", None),  # stages.identity.run_identity
             "steps_per_epoch": self.steps_per_epoch,
             "data": {"cache": self.inputs.cache_path, "num_samples": len(self.plan),
                      "shards": len(self.inputs.shards)},
@@ -739,6 +765,15 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path)
+        if getattr(self, "identity", None) is not None:
+            from .identity import identity_changes
+
+            changes = identity_changes(state.get("identity"), self.identity)
+            if changes:
+                raise StaleRunError(
+                    f"run {self.run.name}: {path} was trained from other inputs (changed: "
+                    f"{'; '.join(changes)}); `tec run` trains it anew, or use a new run name or "
+                    f"delete {self.out_dir} to start over", changes)
         if state.get("new_model_config") != self.inputs.model_cfg.to_dict():
             raise TrainSetupError(
                 f"checkpoint {path} was written for a different model config; use a new run name "
@@ -784,11 +819,13 @@ class Trainer:
         """Forward/backward over ``accum_steps`` micro-batches, then one optimizer step."""
         accum = len(micro_batches)
         sums: dict[str, torch.Tensor] = {}
-        counts = torch.zeros(4, dtype=torch.float64)
+        counts = torch.zeros(5, dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
             counts += torch.tensor([len(batch), int(batch.fresh.sum()) if len(batch) else 0,
                                     len(batch) - (int(batch.fresh.sum()) if len(batch) else 0),
-                                    len(batch.skipped)], dtype=torch.float64)
+                                    len(batch.skipped), 0], dtype=torch.float64)
+            if len(batch) and self.plan.fallback.any():
+                counts[4] += int(self.plan.fallback[batch.indices.numpy()].sum())
             weight = 1.0
             if len(batch) == 0:  # every sample bad: run a zero-weight step to keep DDP in step
                 if self._last_batch is None:
@@ -825,6 +862,7 @@ class Trainer:
         self.counters.online += c[1]
         self.counters.cached += c[2]
         self.counters.skipped_bad += c[3]
+        self.counters.fallback += c[4]
         return losses
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -882,6 +920,8 @@ class Trainer:
                         elapsed_rate = throughput.window_rate()
                         values.update(lr=self.lr, samples_per_s=elapsed_rate,
                                       epoch=self.global_step / self.steps_per_epoch)
+                        if self.plan.fallback.any():  # records missing from the cache
+                            values["fallback_online"] = self.counters.fallback
                         capacity = self.loader_meter.capacity()
                         if capacity is not None:
                             values["loader_samples_per_s"] = capacity * dist.world_size
@@ -924,6 +964,7 @@ class Trainer:
             skipped_missing=self.plan.skipped_per_epoch * max(
                 0, self._epochs_started()),
             skipped_bad=self.counters.skipped_bad,
+            fallback_online=self.counters.fallback if self.needs_targets else 0,
             resumed_from_step=self.resumed_from,
             losses=self.final_losses,
             lr=self.lr,
@@ -1098,6 +1139,10 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
                             dist=dist)
     init_source = inputs.base_model  # the trainer keeps it only for online targets
     trainer = Trainer(run, inputs, out_dir, dist, progress=progress)
+    from .identity import run_identity
+
+    trainer.identity = run_identity(run, cache=inputs.cache_path, base=base,
+                                    needs_targets=trainer.needs_targets)
     if run.init_from_base:
         _init_from_base(run, trainer, init_source)
     if dist.is_main:

@@ -121,7 +121,7 @@ def _read_marker(root: Path, part: str) -> dict | None:
         return None
     if not isinstance(marker, dict) or marker.get("status") != "committed" or marker.get("part") != part:
         raise CacheError(f"commit marker {path} is not a valid marker for part {part}; "
-                         f"delete it and rewrite the part")
+                         f"rewrite the part with `tec cache repair {root}`")
     return marker
 
 
@@ -602,10 +602,12 @@ class CacheReader:
             size = path.stat().st_size
         except OSError:
             raise CacheError(f"part {part} of cache {self.root}: {rel} is missing; "
-                             f"run `tec cache verify` and rewrite the part") from None
+                             f"run `tec cache verify` and rewrite the part with `tec cache repair "
+                             f"{self.root}`") from None
         if expected is not None and size != expected:
             raise CacheError(f"part {part} of cache {self.root}: {rel} is {size} bytes, "
-                             f"expected {expected}; run `tec cache verify` and rewrite the part")
+                             f"expected {expected}; run `tec cache verify` and rewrite the part "
+                             f"with `tec cache repair {self.root}`")
         s = layout.read_json(path, f"part {part} sample list")
         if self.spec.backend == "zarr":
             s = s.get("attributes", {}).get("samples", {}) if isinstance(s, dict) else {}
@@ -614,7 +616,7 @@ class CacheReader:
                 or n != marker.get("samples", n):
             raise CacheError(f"part {part} of cache {self.root}: the sample list in {rel} is "
                              f"inconsistent with its commit marker; run `tec cache verify` and "
-                             f"rewrite the part")
+                             f"rewrite the part with `tec cache repair {self.root}`")
         return s
 
     @property
@@ -661,6 +663,10 @@ class CacheReader:
         """Sample indices [start, stop) of a committed part."""
         p = self.parts.index(part)
         return self._starts[p], self._starts[p + 1]
+
+    def bad_samples(self, part: str) -> list[dict]:
+        """The bad samples stage 1 reported for a committed part ([{'slot', 'key', 'reason'}])."""
+        return list(self._markers[part].get("report") or [])
 
     def slot_of(self, sample_index: int) -> int:
         p, local = self._locate(sample_index)

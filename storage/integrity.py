@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from . import layout
 from .cache import (_committed, _read_marker, _shown, manifest_edits, open_cache, part_checksum,
@@ -35,6 +38,7 @@ def inspect_cache(path: str | Path) -> dict:
     committed = _committed(root, manifest)
     parts = [p["name"] for p in manifest["parts"]]
     missing = [p for p in parts if p not in committed]
+    damaged = {p: why for p in committed if (why := _data_missing(root, p, committed[p]))}
     samples = sum(int(m.get("samples", 0)) for m in committed.values())
     bytes_data = sum(int(m.get("bytes", 0)) for m in committed.values())
     bytes_meta = layout.manifest_path(root).stat().st_size
@@ -65,7 +69,8 @@ def inspect_cache(path: str | Path) -> dict:
         "parts_total": len(parts),
         "parts_committed": len(committed),
         "missing_parts": missing,
-        "complete": not missing,
+        "complete": not missing and not damaged,
+        "damaged_parts": damaged,
         "slots_total": sum(int(p["slots"]) for p in manifest["parts"]),
         "samples": samples,
         "bad_samples": sum(int(m.get("bad_samples", 0)) for m in committed.values()),
@@ -129,6 +134,11 @@ def format_inspect(summary: dict) -> str:
     comp_txt = comp.get("id", "?") if comp.get("id") != "blosc" else \
         f"blosc {comp.get('cname')} level {comp.get('clevel')}, byte shuffle"
     status = "complete" if s["complete"] else f"INCOMPLETE ({len(s['missing_parts'])} parts missing)"
+    damaged = s.get("damaged_parts") or {}
+    if damaged:
+        status = (f"DAMAGED ({len(damaged)} committed part(s) lack their data"
+                  + (f", {len(s['missing_parts'])} parts missing" if s["missing_parts"] else "")
+                  + f"; run `tec cache verify {s['path']}` and `tec cache repair {s['path']}`)")
     source = {k: (v if k != "shards" else f"{len(v)} shards") for k, v in s["source"].items()}
     lines = [
         f"target cache  {s['path']}",
@@ -151,6 +161,8 @@ def format_inspect(summary: dict) -> str:
                      f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored tensors "
                      f"({_human(s['raw_bytes_per_view'])}); {_human(s['float32_bytes_per_view'])} "
                      f"decoded to float32")
+    for part, why in list(damaged.items())[:10]:
+        lines.append(f"damaged       part {part}: {why}")
     if s["missing_parts"]:
         shown = ", ".join(s["missing_parts"][:10]) + (" ..." if len(s["missing_parts"]) > 10 else "")
         lines.append(f"missing       {shown}")
@@ -193,6 +205,9 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
         markers[part] = marker
         directory = layout.part_dir(root, part)
         files = marker.get("files", {})
+        if directory.is_symlink():
+            problems.append(f"part {part}: data directory {directory} is a link (to "
+                            f"{os.readlink(directory)}); a part's data is never linked")
         if not directory.is_dir():
             problems.append(f"part {part}: data directory {directory} is missing")
             continue
@@ -230,13 +245,44 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
     return problems
 
 
+def _data_missing(root: Path, part: str, marker: dict) -> str | None:
+    """Why a committed part's data is not there (folder or listed file missing or of another
+    size, folder replaced by a link), from directory entries only; None when it is."""
+    directory = layout.part_dir(root, part)
+    if directory.is_symlink():
+        return f"its data folder is a link ({directory} -> {os.readlink(directory)})"
+    if not directory.is_dir():
+        return f"its data folder {directory} is missing"
+    for rel, info in sorted((marker.get("files") or {}).items()):
+        try:
+            size = (directory / rel).stat().st_size
+        except OSError:
+            return f"file {rel} is missing"
+        if size != info.get("bytes"):
+            return f"file {rel} is {size} bytes, expected {info.get('bytes')}"
+    return None
+
+
+# float fields of a decoded record: each value must be finite
+_FLOAT_FIELDS = ("features", "feature_mean", "feature_std", "attn_logits")
+
+
 def _decode_all(root: Path) -> list[str]:
+    """Decode every record of every committed part: each must decode and hold finite values
+    (checksums only prove the bytes are the ones written, not that they were right)."""
     problems = []
     reader = open_cache(root, require_complete=False)
     for part in reader.parts:
         try:
-            for _ in reader.iter_records(parts=[part], decode=False):
-                pass
+            for rec in reader.iter_records(parts=[part], decode=True):
+                bad = [k for k in _FLOAT_FIELDS
+                       if k in rec and not np.isfinite(np.asarray(rec[k], dtype=np.float32)).all()]
+                if bad:
+                    problems.append(
+                        f"part {part}: record {rec['key']!r} view {rec['view']} holds non-finite "
+                        f"values in {', '.join(bad)} (NaN/inf written by a broken base model); "
+                        f"rewrite the part with `tec cache repair {root}`")
+                    break
         except CacheError as e:
             problems.append(f"part {part}: {e}")
     reader.close()

@@ -272,7 +272,7 @@ class WdsPartReader:
 
     def _fail(self, what: str) -> CacheError:
         return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
-                          f"and rewrite the part")
+                          f"and rewrite the part with `tec cache repair {self._label}`")
 
     def read_view(self, index: int, view: int) -> dict[str, np.ndarray]:
         """Stored arrays of the part's index-th valid sample, view `view`."""

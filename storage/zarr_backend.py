@@ -209,7 +209,7 @@ class ZarrPartReader:
 
     def _fail(self, what: str) -> CacheError:
         return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
-                          f"and rewrite the part")
+                          f"and rewrite the part with `tec cache repair {self._label}`")
 
     def _check_metadata(self, name: str, shape: tuple, dt: np.dtype) -> None:
         path = self.dir / name / "zarr.json"

@@ -136,15 +136,20 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
     Returns {'computed': [parts], 'skipped': [parts]}.
     """
     from stages.sources import open_source
-    from stages.stage1 import BaseModelActor, ShardJob, part_names, process_shard
+    from stages.stage1 import (BaseModelActor, ShardJob, _record_config, part_names,
+                               process_shard, resolve_precision)
     from storage import CacheSpec, create_cache
 
     model = base.load()
     fingerprint = base.fingerprint(model, last_n=cfg.last_n, k_max=cfg.k_max)
     source = open_source("webdataset", cfg.source.path)
+    from stages.sources import unique_keys
+
     shards = [os.path.abspath(s) for s in source.shards()]
-    counts = [source.count(s) for s in shards]
+    scans = [source.scan(s) for s in shards]
+    counts = [n for n, _ in scans]
     names = part_names(shards)
+    renames = unique_keys([keys for _, keys in scans], names)  # as run_stage1
     spec = CacheSpec(num_patches=16, channels=BASE_KWARGS["embed_dim"],
                      heads=BASE_KWARGS["num_heads"], k_max=cfg.k_max, views=cfg.views,
                      codec=cfg.codec, backend=cfg.backend)
@@ -152,7 +157,8 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
                           view_policy={**cfg.view_policy.to_dict(), "views": cfg.views},
                           source={"kind": "webdataset", "path": cfg.source.path, "shards": shards,
                                   "num_samples": sum(counts)},
-                          parts=list(zip(names, counts)))
+                          parts=list(zip(names, counts)),
+                          targets={"precision": resolve_precision(cfg)})  # as run_stage1
     actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max,
                            float16=cfg.codec == "float16")
     calls = {"n": 0}
@@ -171,10 +177,12 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
         job = ShardJob(shard=shard, part=name, index=i, slots=count, source_kind="webdataset",
                        source_path=cfg.source.path, shard_size=1000, cache=str(cfg.cache),
                        views=cfg.views, policy=cfg.view_policy.to_dict(),
-                       batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight)
+                       batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
+                       renames=renames[i])
         process_shard(job, [call], writer)
         done["computed"].append(name)
     writer.finalize()
+    _record_config(cfg, base)  # as run_stage1: what `tec cache repair` recomputes parts with
     return done
 
 

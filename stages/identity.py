@@ -1,0 +1,109 @@
+"""What a stage-2 run was trained from: its settings, the cache's identity and the base model.
+
+Recorded in every checkpoint (``identity``) and compared when a run folder is reused: a finished
+or half-trained run is continued only when everything it was built from is the same, so old
+results are never reported for new settings. Operational settings (loader workers, logging and
+checkpoint cadence, max_steps, device) do not change what is trained and are left out.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["OPERATIONAL_KEYS", "identity_changes", "run_identity", "set_aside", "stale_changes"]
+
+OPERATIONAL_KEYS = frozenset({
+    "name", "num_workers", "prefetch_factor", "persistent_workers", "pin_memory", "log_every",
+    "checkpoint_every", "keep_checkpoints", "max_steps", "device", "max_fallback_fraction",
+})
+
+
+def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = True) -> dict:
+    """{'run': settings, 'cache': {'identity', 'sections'} | None, 'base_model': dict | None}.
+
+    cache: the cache folder the run reads (its manifest identity: spec, base-model fingerprint,
+    view policy, source, parts); base: the BaseModelConfig (fingerprinted by arch, geometry and
+    checkpoint sha256 when no cache records it).
+    """
+    from .configs import to_dict
+
+    settings = {k: v for k, v in to_dict(run).items() if k not in OPERATIONAL_KEYS}
+    cache_id, base_id = None, None
+    if cache is not None and (Path(cache) / "manifest.json").is_file():
+        from storage.schema import manifest_identity, manifest_section_digests
+
+        manifest = json.loads((Path(cache) / "manifest.json").read_text())
+        cache_id = {"identity": manifest_identity(manifest),
+                    "sections": manifest_section_digests(manifest)}
+        base_id = manifest.get("base_model")
+    if needs_targets and base_id is None and base is not None and base.checkpoint:
+        from tec.teacher import file_sha256
+
+        base_id = {"arch": base.arch, "timm_kwargs": dict(base.timm_kwargs),
+                   "checkpoint_sha256": file_sha256(base.checkpoint)}
+    return {"run": settings, "cache": cache_id, "base_model": base_id if needs_targets else None}
+
+
+def _value(v) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def identity_changes(old: dict | None, new: dict) -> list[str]:
+    """What differs between the recorded identity ``old`` and ``new`` ([] = the same inputs)."""
+    if not isinstance(old, dict):
+        return ["its checkpoint does not record the cache and base model it was trained from "
+                "(written by an older version)"]
+    changes = []
+    a, b = old.get("run") or {}, new.get("run") or {}
+    for key in sorted(set(a) | set(b)):
+        if key in OPERATIONAL_KEYS or a.get(key) == b.get(key):
+            continue
+        if key == "model" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            ma, mb = a[key], b[key]
+            changes += [f"model.{k} {_value(ma.get(k))} -> {_value(mb.get(k))}"
+                        for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+        else:
+            changes.append(f"{key} {_value(a.get(key))} -> {_value(b.get(key))}")
+    ca, cb = old.get("cache"), new.get("cache")
+    if (ca or {}).get("identity") != (cb or {}).get("identity"):
+        if ca and cb:
+            sa, sb = ca.get("sections") or {}, cb.get("sections") or {}
+            sections = [k for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+            changes.append("the cache (" + (", ".join(sections) or "identity") + " changed)")
+        else:
+            changes.append("the cache (" + ("none" if not ca else "a cache") + " -> "
+                           + ("none" if not cb else "a cache") + ")")
+    ba, bb = old.get("base_model"), new.get("base_model")
+    if ba != bb:
+        if isinstance(ba, dict) and isinstance(bb, dict):
+            keys = [k for k in sorted(set(ba) | set(bb)) if ba.get(k) != bb.get(k)]
+            changes.append("the base model (" + ", ".join(keys) + ")")
+        else:
+            changes.append("the base model")
+    return changes
+
+
+def stale_changes(run_dir: str | Path, run, *, cache: str | None, base=None) -> list[str]:
+    """What changed since the run folder's latest checkpoint was written ([] when nothing did
+    or there is no checkpoint): the check `tec run` makes before reusing or resuming a run."""
+    from .checkpoint import Checkpointer, load_checkpoint
+
+    latest = Checkpointer(Path(run_dir) / "checkpoints", keep=1, is_writer=False).latest()
+    if latest is None:
+        return []
+    needs_targets = (run.model or {}).get("target", "tec") == "tec"
+    state = load_checkpoint(latest)
+    return identity_changes(state.get("identity"),
+                            run_identity(run, cache=cache, base=base, needs_targets=needs_targets))
+
+
+def set_aside(run_dir: str | Path) -> Path:
+    """Rename a stale run folder to ``<name>.stale-<n>`` (kept, never deleted); returns it."""
+    run_dir = Path(run_dir)
+    n = 1
+    while (run_dir.parent / f"{run_dir.name}.stale-{n}").exists():
+        n += 1
+    target = run_dir.parent / f"{run_dir.name}.stale-{n}"
+    run_dir.rename(target)
+    return target

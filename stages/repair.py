@@ -1,0 +1,146 @@
+"""``tec cache repair``: recompute exactly the parts of a cache that verification finds damaged.
+
+``verify_cache(deep=True)`` names every damaged part (files missing, truncated or changed, a part
+folder replaced by a link, a commit marker lost, records that do not decode or hold NaN/inf).
+Those parts are uncommitted (their marker and data removed) and stage 1 recomputes them, and
+only them, with the settings and base model the cache was built with
+(``<cache>/reports/stage1_config.json``, written by stage 1, or a pipeline file's ``targets``
+and ``base_model``). Stage 1 is deterministic, so a repaired part is the part an undamaged run
+would have written. Damage to the manifest itself is not repairable this way: it is reported.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RepairSummary", "damaged_parts", "repair_cache"]
+
+_PART_LINE = re.compile(r"^part (\S+): ")
+
+
+@dataclass
+class RepairSummary:
+    cache: str
+    damaged: dict = field(default_factory=dict)  # part -> first problem
+    recomputed: list = field(default_factory=list)
+    problems_after: list = field(default_factory=list)
+    stage1: object = None  # stages.stage1.Stage1Summary of the recomputation
+
+    def format(self) -> str:
+        if not self.damaged:
+            return f"ok: no damaged part in {self.cache}; nothing to repair"
+        lines = [f"repaired      {len(self.recomputed)} part(s) of {self.cache}: "
+                 f"{', '.join(self.recomputed)}"]
+        lines += [f"  {part}: was {why}" for part, why in self.damaged.items()]
+        if self.stage1 is not None:
+            lines.append(f"recomputed    {self.stage1.images} images, {self.stage1.views} views, "
+                         f"{self.stage1.forward_passes} base-model forward passes "
+                         f"({self.stage1.parts_skipped} intact parts kept as they were)")
+        lines.append("verify        " + ("ok: every part matches its checksums and decodes to "
+                                         "finite values" if not self.problems_after else
+                                         f"{len(self.problems_after)} problem(s) left"))
+        return "\n".join(lines)
+
+
+def damaged_parts(root: str | Path) -> tuple[dict[str, str], list[str]]:
+    """({part: first problem} of the parts a deep verify finds damaged, [other problems])."""
+    from storage import verify_cache
+
+    parts: dict[str, str] = {}
+    other: list[str] = []
+    problems = verify_cache(root)
+    if not problems:
+        problems = verify_cache(root, deep=True)
+    for line in problems:
+        match = _PART_LINE.match(line)
+        if match:  # damaged, or never committed (a lost marker): stage 1 writes it anew
+            parts.setdefault(match.group(1), line.split(": ", 1)[1])
+        else:
+            other.append(line)
+    return parts, other
+
+
+@contextlib.contextmanager
+def _cwd(path: str | None):
+    old = os.getcwd()
+    if path:
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _stage1_settings(root: Path, config):
+    """(Stage1Config, BaseModelConfig, cwd) to recompute parts of the cache at ``root`` with."""
+    from stages.configs import BaseModelConfig, ConfigError, from_dict
+    from stages.stage1 import CONFIG_NAME, Stage1Config
+
+    if config is not None:  # a PipelineConfig
+        import dataclasses
+
+        targets = dataclasses.replace(config.targets, cache=str(root))
+        return targets, config.base_model, None
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"cache {root} does not record the stage-1 settings it was built with "
+                          f"({CONFIG_NAME} is missing: written before `tec cache repair` existed); "
+                          "give the pipeline file: tec cache repair CACHE --config PIPELINE.yaml")
+    saved = json.loads(path.read_text())
+    targets = dict(saved["targets"])
+    cwd = saved.get("cwd")
+    targets["cache"] = str(root)
+    return (from_dict(Stage1Config, targets, "targets"),
+            from_dict(BaseModelConfig, saved["base_model"], "base_model"), cwd)
+
+
+def repair_cache(path: str | Path, *, config=None, ray_address: str | None = None,
+                 progress: bool = True) -> RepairSummary:
+    """Recompute the damaged parts of the cache at ``path`` (see the module docstring).
+
+    config: a PipelineConfig whose targets/base_model to use instead of the recorded settings.
+    Raises ValueError (one line) when the damage is not in parts (an edited or unreadable
+    manifest) or a part is still damaged afterwards.
+    """
+    from storage import layout, verify_cache
+    from storage.schema import CacheError
+
+    root = Path(path).resolve()
+    if not (root / layout.MANIFEST).is_file():
+        raise FileNotFoundError(f"no target cache at {path} ({layout.MANIFEST} missing)")
+    summary = RepairSummary(cache=str(root))
+    settings = None
+    # checksum damage hides deeper damage (records are decoded only once the files are right):
+    # a second round repairs what the deep check finds after the first
+    for _ in range(3):
+        parts, other = damaged_parts(root)
+        if other:
+            raise CacheError(f"cache {root}: {other[0]} - this is damage to the manifest, not to "
+                             "a part; `tec cache repair` recomputes parts only")
+        if not parts:
+            break
+        summary.damaged.update({p: why for p, why in parts.items() if p not in summary.damaged})
+        settings = settings or _stage1_settings(root, config)
+        targets, base, cwd = settings
+        for part in parts:  # uncommit: the marker first (the commit point), then the data
+            layout.marker_path(root, part).unlink(missing_ok=True)
+            layout.remove_tree(layout.part_dir(root, part))
+            logger.info("part %s uncommitted for recomputation (%s)", part, parts[part])
+        from stages.stage1 import run_stage1
+
+        with _cwd(cwd):
+            summary.stage1 = run_stage1(targets, base, ray_address=ray_address, strict=False,
+                                        progress=progress)
+        summary.recomputed = sorted(set(summary.recomputed) | set(parts))
+    summary.problems_after = verify_cache(root) or verify_cache(root, deep=True)
+    if summary.problems_after:
+        raise CacheError(f"cache {root}: still damaged after the repair: "
+                         f"{summary.problems_after[0]}")
+    return summary
