@@ -63,15 +63,18 @@ MINI = dict(num_patches=49, channels=96, heads=3, k_max=16)
 SETTINGS = [
     ("float16", "float16", None),
     ("int8", "int8", None),
-    ("lowrank (default: fb 1.2, 4-bit factors, 4-bit attn, stochastic)", "lowrank", {}),
-    ("lowrank fb 1.2, nearest rounding", "lowrank", {"rounding": "nearest"}),
+    ("lowrank (default: fb 1.2, 4-bit factors, 4-bit attn, nearest)", "lowrank", {}),
+    ("lowrank fb 1.2, stochastic rounding", "lowrank", {"rounding": "stochastic"}),
     ("lowrank fb 1.2, 8-bit factors", "lowrank", {"factor_bits": 8}),
     ("lowrank fb 0.6", "lowrank", {"feature_bits": 0.6}),
     ("lowrank fb 2.4", "lowrank", {"feature_bits": 2.4}),
+    ("lowrank fb 1.2, 3-bit factors", "lowrank", {"factor_bits": 3}),
     ("lowrank fb 1.2, attn 3-bit", "lowrank", {"attn_bits": 3}),
-    ("lowrank fb 1.2, attn 3-bit, nearest", "lowrank", {"attn_bits": 3, "rounding": "nearest"}),
+    ("lowrank fb 1.2, attn 3-bit, stochastic", "lowrank", {"attn_bits": 3,
+                                                         "rounding": "stochastic"}),
     ("lowrank fb 1.2, attn 6-bit", "lowrank", {"attn_bits": 6}),
-    ("lowrank fb 1.8, attn 3-bit", "lowrank", {"feature_bits": 1.8, "attn_bits": 3}),
+    ("lowrank fb 1.45, attn 3-bit (same ViT-B bytes as the default)", "lowrank",
+     {"feature_bits": 1.45, "attn_bits": 3}),
 ]
 DEFAULT_SETTING = SETTINGS[2][0]
 

@@ -58,7 +58,7 @@ def test_a_new_lowrank_cache_records_precision_and_measured_target_error(world):
     process_shard(jobs[0], [actor], writer)
     writer.finalize()
     text = format_inspect(inspect_cache(cfg.cache))
-    assert "codec params  feature_bits=1.25, rank=4" in text
+    assert "codec params  feature_bits=1.2, rank=4, factor_bits=4, attn_bits=3" in text
     assert "stage 1       base-model forward in float32" in text
     assert f"feature rel. RMS {total['feature_rel_rms']:.4f}" in text
     with open_cache(cfg.cache) as cache:
