@@ -21,7 +21,9 @@ Everything is driven through the library: ``pipeline.config.parse_config`` and
 Metrics: k-NN and linear-probe top-1 (percent) on the 10k test set, on the cls token and on
 mean-pooled patch tokens. For every model, k-NN's k and temperature, the probe's learning rate
 and the read-out (cls or mean) of the headline numbers are chosen on a held-out part of the
-training images (``stages.evaluate.split_holdout``), never on the test set.
+training images (``stages.evaluate.split_holdout``), never on the test set. With a
+``quality.finetune`` section, the rows it names are also fine-tuned end to end
+(``stages.finetune``: the MAE/TEC recipe at a miniature budget) and get ``finetune_top1``.
 Benchmarks report, they never assert.
 """
 from __future__ import annotations
@@ -277,6 +279,32 @@ def evaluate_cached(path: Path, arch: str, data_fn, quality: dict, *,
     return result
 
 
+def finetune_row(path: Path, row: str, arch: str, raw: dict, quality: dict, workdir: Path,
+                 ) -> dict:
+    """Full fine-tuning top-1 of one model (``quality.finetune``: FinetuneConfig settings).
+
+    Trained on the first ``train_limit`` of ``eval_train_shards``, tested on the test shards;
+    the run folder is named by the file's sha256 and the settings, so a rerun resumes or reuses
+    it and a changed setting starts a new one."""
+    import hashlib
+
+    from stages.finetune import finetune, finetune_config
+    from tec.teacher import file_sha256
+
+    settings = {k: v for k, v in quality["finetune"].items() if k != "rows"}
+    cfg = finetune_config(settings)
+    tag = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(),
+                          digest_size=4).hexdigest()
+    out = workdir / "finetune" / f"{row}-{file_sha256(path)[:10]}-{tag}"
+    result = finetune(cfg, model_path=path, train_shards=quality["eval_train_shards"],
+                      test_shards=raw["data"]["test"], out_dir=out, arch=arch,
+                      progress=False, name=row)
+    log.info("fine-tuned %s: top-1 %.2f (%d steps, %.0f s this run)", row, result.top1,
+             result.steps, result.seconds)
+    return {"finetune_top1": result.top1, "finetune_dir": str(out),
+            "finetune_steps": result.steps, "finetune_seconds": result.seconds}
+
+
 # ----------------------------------------------------------------------------- one seed
 def attention_target_entropy(cache_path, *, k: int, tau: float, samples: int = 500) -> dict:
     """How informative the cached attention target is: the mean entropy (nats) of
@@ -430,6 +458,13 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             t0 = time.perf_counter()
             evals["pixels"] = evaluate_pixels(data_fn(), quality)
             seed_steps["eval_pixels_s"] = time.perf_counter() - t0
+        if quality.get("finetune"):
+            for row in quality["finetune"].get("rows", [*MAIN_ROWS, "random_init"]):
+                if row in trained["models"]:
+                    t0 = time.perf_counter()
+                    evals[row].update(finetune_row(trained["models"][row], row, arch, raw,
+                                                   quality, Path(cfg.workdir)))
+                    seed_steps[f"finetune_{row}_s"] = time.perf_counter() - t0
         per_seed[seed] = {"steps": seed_steps, "runs": trained["runs"], "eval": evals,
                           "pipeline": trained["summary"]}
     rows = []
@@ -448,7 +483,10 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             "seeds": [s for s, _ in results],
         }
         for metric in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
-                       "linear_mean"):
+                       "linear_mean", "finetune_top1"):
+            if metric == "finetune_top1" and not any(r.get(metric) is not None
+                                                     for _, r in results):
+                continue
             stats = mean_spread([r[metric] for _, r in results if r.get(metric) is not None])
             entry[metric] = stats["mean"]
             entry[f"{metric}_std"] = stats["std"]
@@ -498,6 +536,23 @@ def goals(rows: list[dict], per_seed: dict) -> dict:
         d, paired = diff("tec_long", "mae_long", metric)
         out[f"tec_long_minus_mae_long_{metric}"] = {"mean": d, "per_seed": paired, "goal": "> 0",
                                                     "met": d is not None and d > 0}
+    # fine-tuning (quality.finetune): the paper's headline protocol
+    if any(r.get("finetune_top1") is not None for r in rows):
+        metric = "finetune_top1"
+        d, paired = diff("tec", "base", metric)
+        out[f"tec_minus_base_{metric}"] = {"mean": d, "per_seed": paired, "goal": ">= 0.5",
+                                           "met": d is not None and d >= 0.5}
+        d, paired = diff("tec", "mae_long", metric)
+        out[f"tec_minus_mae_long_{metric}"] = {"mean": d, "per_seed": paired, "goal": ">= 0",
+                                               "met": d is not None and d >= 0}
+        tuned = [r for r in rows if r.get(metric) is not None]
+        if "pixels" in by:
+            reference = max(by["pixels"]["knn_top1"], by["pixels"]["linear_top1"])
+            worst = min(tuned, key=lambda r: r[metric])
+            out[f"lowest_{metric}_minus_pixels"] = {
+                "mean": round(worst[metric] - reference, 6), "per_seed": [],
+                "goal": "> 0 (every fine-tuned encoder above raw pixels)",
+                "met": worst[metric] > reference, "row": worst["name"]}
     # a config without one of the rows (an investigation) has no such goal
     return {name: g for name, g in out.items() if g["mean"] is not None}
 
@@ -645,7 +700,9 @@ def print_table(result: dict) -> None:
         for r in result["rows"]:
             print(f"{r['name']:<18} {r['epochs']:>6} {len(r['seeds']):>5}  "
                   f"{r['knn_top1']:6.2f} ± {r['knn_top1_std']:4.2f}  "
-                  f"{r['linear_top1']:6.2f} ± {r['linear_top1_std']:4.2f}")
+                  f"{r['linear_top1']:6.2f} ± {r['linear_top1_std']:4.2f}"
+                  + (f"  fine-tune {r['finetune_top1']:6.2f} ± {r['finetune_top1_std']:4.2f}"
+                     if r.get("finetune_top1") is not None else ""))
         for name, g in result["goals"].items():
             print(f"  {name:<34} {g['mean']:+7.2f}  goal {g['goal']:<13} "
                   f"{'met' if g['met'] else 'not met'}")

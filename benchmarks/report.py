@@ -154,18 +154,23 @@ def quality_block(name: str) -> str:
         else:
             flag = f" --config benchmarks/configs/{name}.yaml"
         return f"_No result yet: run `python benchmarks/quality.py{flag}`._"
+    tuned = any(row.get("finetune_top1") is not None for row in r["rows"])
     lines = [
         "| row | epochs | seeds | k-NN top-1 | linear top-1 | k-NN cls / mean | "
-        "linear cls / mean |",
-        "|---|---|---|---|---|---|---|",
+        "linear cls / mean |" + (" fine-tune top-1 |" if tuned else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if tuned else ""),
     ]
     for row in r["rows"]:
+        finetune = ""
+        if tuned:
+            finetune = (f" {_fmt(row['finetune_top1'])} ± {_fmt(row['finetune_top1_std'])} |"
+                        if row.get("finetune_top1") is not None else " n/a |")
         lines.append(
             f"| {row['name']} ({row['description']}) | {row['epochs']} | {len(row['seeds'])} | "
             f"{_fmt(row['knn_top1'])} ± {_fmt(row['knn_top1_std'])} | "
             f"{_fmt(row['linear_top1'])} ± {_fmt(row['linear_top1_std'])} | "
             f"{_fmt(row['knn_cls'])} / {_fmt(row['knn_mean'])} | "
-            f"{_fmt(row['linear_cls'])} / {_fmt(row['linear_mean'])} |")
+            f"{_fmt(row['linear_cls'])} / {_fmt(row['linear_mean'])} |" + finetune)
     measured = {goal: g for goal, g in r["goals"].items() if g["mean"] is not None}
     if measured:
         lines += ["", "| goal | measured (mean over seeds; per seed) | goal | |",

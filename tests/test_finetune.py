@@ -354,3 +354,52 @@ def test_randaugment_posterize_at_magnitude_ten_keeps_zero_bits_instead_of_faili
     assert np.asarray(op(image)).max() == 0
     op.magnitude = 5  # 4 - int(0.5 * 4) = 2 bits: 200 -> 192
     assert np.asarray(op(image)).max() == 192
+
+
+def _bench_quality():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_quality_ft", root / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
+def test_quality_benchmark_fine_tunes_a_row_reuses_it_and_scores_the_goals(data, tmp_path):
+    from tec.export import export_timm
+    from tec_helpers import tiny_new_model
+
+    quality_mod = _bench_quality()
+    export = tmp_path / "runs" / "tec" / "export" / "model.safetensors"
+    export_timm(tiny_new_model(embed_dim=40, num_heads=2), export)
+    quality = {"eval_train_shards": "::".join(data["train"]),
+               "finetune": {"rows": ["tec"], "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
+                            "num_workers": 0, "eval_crop_pct": 1.0}}
+    raw = {"data": {"test": data["test"][0]}}
+    first = quality_mod.finetune_row(export, "tec", ARCH, raw, quality, tmp_path / "work")
+    assert 0.0 <= first["finetune_top1"] <= 100.0 and first["finetune_steps"] == 3
+    again = quality_mod.finetune_row(export, "tec", ARCH, raw, quality, tmp_path / "work")
+    assert again["finetune_dir"] == first["finetune_dir"]
+    assert again["finetune_top1"] == first["finetune_top1"]
+    quality["finetune"]["layer_decay"] = 0.9  # another setting: another run folder
+    other = quality_mod.finetune_row(export, "tec", ARCH, raw, quality, tmp_path / "work")
+    assert other["finetune_dir"] != first["finetune_dir"]
+
+    rows = [{"name": "pixels", "knn_top1": 84.0, "linear_top1": 84.5},
+            {"name": "base", "knn_top1": 67.0, "linear_top1": 75.0, "finetune_top1": 86.0},
+            {"name": "tec", "knn_top1": 74.0, "linear_top1": 78.0, "finetune_top1": 87.0},
+            {"name": "mae_long", "knn_top1": 74.0, "linear_top1": 78.0, "finetune_top1": 87.5}]
+    per_seed = {0: {"eval": {r["name"]: r for r in rows}}}
+    goals = quality_mod.goals(rows, per_seed)
+    assert goals["tec_minus_base_finetune_top1"]["mean"] == pytest.approx(1.0)
+    assert goals["tec_minus_base_finetune_top1"]["met"]
+    assert not goals["tec_minus_mae_long_finetune_top1"]["met"]
+    lowest = goals["lowest_finetune_top1_minus_pixels"]
+    assert lowest["row"] == "base" and lowest["mean"] == pytest.approx(1.5) and lowest["met"]
