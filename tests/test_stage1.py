@@ -267,7 +267,7 @@ def test_process_shard_runs_without_ray(base, shards, tmp_path, reference):
     ref = open_cache(reference[0].cache).manifest
     writer = create_cache(tmp_path / "cache", CacheSpec.from_dict(ref["spec"]),
                           base_model=ref["base_model"], view_policy=ref["view_policy"],
-                          source=ref["source"],
+                          source=ref["source"], targets=ref["targets"],
                           parts=[(p["name"], p["slots"]) for p in ref["parts"]])
     job = ShardJob(shard=str(shards / "shard-000001.tar"), part="shard-000001", index=1, slots=5,
                    source_kind="webdataset", source_path=str(shards), shard_size=6,
@@ -303,7 +303,7 @@ def test_a_part_committed_by_another_writer_meanwhile_counts_as_already_committe
     root = tmp_path / "cache"
     writer = create_cache(root, CacheSpec.from_dict(ref["spec"]),
                           base_model=ref["base_model"], view_policy=ref["view_policy"],
-                          source=ref["source"],
+                          source=ref["source"], targets=ref["targets"],
                           parts=[(p["name"], p["slots"]) for p in ref["parts"]])
     job = ShardJob(shard=str(shards / "shard-000001.tar"), part="shard-000001", index=1, slots=5,
                    source_kind="webdataset", source_path=str(shards), shard_size=6,
