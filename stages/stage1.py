@@ -14,8 +14,8 @@ The work is a chain of small stages, one Ray task per input shard::
   (with the part's bad samples) at the end. Tasks are idempotent: a retry reopens the part, which
   discards the half-written state of the failed attempt.
 * A base-model actor (:class:`BaseModelActor`) loads the model once in ``__init__`` and maps
-  batches of uint8 views to targets in ``__call__`` (one GPU each with bf16 autocast, else float32
-  on CPU threads).
+  batches of uint8 views to targets in ``__call__`` (one GPU each under ``targets.precision``
+  autocast, float16 by default; else float32 on CPU threads).
 
 Shapes: B batch of views, K views per sample, S view side, L patches, C base-model width,
 H base-model heads.
