@@ -426,7 +426,7 @@ def test_usage_errors_exit_2_without_traceback(ws):
 # ----------------------------------------------------------------------------- help
 SUBCOMMANDS = [
     ["run"], ["plan"], ["targets"], ["train"], ["export"],
-    ["cache"], ["cache", "inspect"], ["cache", "verify"],
+    ["cache"], ["cache", "inspect"], ["cache", "verify"], ["cache", "repair"],
     ["data"], ["data", "fashion-mnist"],
     ["eval"], ["eval", "knn"], ["eval", "linear"],
     ["viz"], ["viz", "attention"],
