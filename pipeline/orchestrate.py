@@ -95,6 +95,9 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
                            summary: PipelineSummary | None = None) -> BaseModelConfig:
     """The base-model config with a checkpoint that exists, bootstrapping one if configured."""
     base = cfg.base_model
+    if base.pretrained:  # resolved now: weights not in the cache fail before any other work
+        base.pretrained_weights()
+        return base
     if base.checkpoint is not None:
         if not Path(base.checkpoint).is_file():
             raise FileNotFoundError(f"base_model.checkpoint: file not found: {base.checkpoint}")
@@ -347,6 +350,9 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
     if cfg.data.test is None:
         summary.add("eval", "skipped: data.test is not set")
         return
+    if base.pretrained:  # evaluated as the resolved file, a plain checkpoint of its arch
+        base = base.as_checkpoint()
+        cfg = dataclasses.replace(cfg, base_model=base)
     models = {"base": Path(base.checkpoint)}
     for run in cfg.runs:
         export = find_export(cfg.run_dir(run.name))

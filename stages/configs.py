@@ -184,12 +184,17 @@ class BaseModelConfig:
 
     ``arch`` is a timm name; ``timm_kwargs`` override its shape (img_size, patch_size, embed_dim,
     depth, num_heads). ``checkpoint`` may be an MAE, DINO/iBOT, timm or TEC-export file.
+    ``pretrained: true`` instead loads the weights ``arch`` names through timm / huggingface_hub:
+    a timm pretrained tag (``vit_base_patch16_224.mae``) or ``hf-hub:OWNER/NAME``
+    (:func:`tec.teacher.resolve_pretrained`); the fingerprint then records the tag and the
+    resolved file's sha256.
     """
 
     arch: str = "vit_base_patch16_224"
     checkpoint: str | None = None
     timm_kwargs: dict = field(default_factory=dict)
     allow_pickle: bool = False
+    pretrained: bool = False
 
     def validate(self) -> None:
         img = self.timm_kwargs.get("img_size")
@@ -198,11 +203,52 @@ class BaseModelConfig:
             raise ConfigError(
                 f"base_model.timm_kwargs: patch_size {patch} does not divide img_size {img}"
             )
+        if self.pretrained:
+            if self.checkpoint is not None:
+                raise ConfigError("base_model.pretrained: true loads the weights base_model.arch "
+                                  "names; remove base_model.checkpoint or set pretrained: false")
+            from tec.teacher import CheckpointError, check_pretrained_name
+
+            try:  # timm's registry only: no network
+                check_pretrained_name(self.arch)
+            except CheckpointError as e:
+                raise ConfigError(f"base_model.arch: {e}") from None
+        elif self.arch.startswith("hf-hub:"):
+            raise ConfigError(f"base_model.arch: {self.arch} names Hub weights; set "
+                              "base_model.pretrained: true")
+
+    def pretrained_weights(self):
+        """The resolved :class:`tec.teacher.PretrainedWeights` (``pretrained: true``), else None."""
+        if not self.pretrained:
+            return None
+        from tec.teacher import resolve_pretrained
+
+        return resolve_pretrained(self.arch)
+
+    def checkpoint_file(self) -> str | None:
+        """The local file the weights come from: ``checkpoint`` or the resolved pretrained file."""
+        weights = self.pretrained_weights()
+        return str(weights.file) if weights is not None else self.checkpoint
+
+    def as_checkpoint(self) -> "BaseModelConfig":
+        """The same base model as a plain checkpoint config (the resolved file, its timm arch and
+        geometry), for code that loads files by (arch, timm_kwargs); ``self`` when not pretrained.
+        """
+        weights = self.pretrained_weights()
+        if weights is None:
+            return self
+        return dataclasses.replace(self, arch=weights.arch, checkpoint=str(weights.file),
+                                   timm_kwargs={**weights.model_kwargs, **self.timm_kwargs},
+                                   pretrained=False)
 
     def load(self):
         """The frozen timm ViT, in eval mode."""
         from tec.teacher import load_base_model
 
+        weights = self.pretrained_weights()
+        if weights is not None:
+            return load_base_model(weights.arch, weights.file, allow_pickle=self.allow_pickle,
+                                   plain_kwargs=weights.model_kwargs, **self.timm_kwargs)
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise FileNotFoundError(
                 f"base_model.checkpoint: file not found: {self.checkpoint}"
@@ -216,9 +262,13 @@ class BaseModelConfig:
         from tec.teacher import describe_vit, file_sha256
 
         info = describe_vit(model)
+        weights = self.pretrained_weights()
+        checkpoint = str(weights.file) if weights is not None else self.checkpoint
+        pretrained = {"pretrained": weights.name} if weights is not None else {}
         return {
             "arch": self.arch,
-            "checkpoint_sha256": file_sha256(self.checkpoint) if self.checkpoint else None,
+            **pretrained,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
             "img_size": info["img_size"],
             "patch_size": info["patch_size"],
             "embed_dim": info["embed_dim"],

@@ -36,11 +36,12 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
         cache_id = {"identity": manifest_identity(manifest),
                     "sections": manifest_section_digests(manifest)}
         base_id = manifest.get("base_model")
-    if needs_targets and base_id is None and base is not None and base.checkpoint:
+    if needs_targets and base_id is None and base is not None and (base.checkpoint
+                                                                   or base.pretrained):
         from tec.teacher import file_sha256
 
         base_id = {"arch": base.arch, "timm_kwargs": dict(base.timm_kwargs),
-                   "checkpoint_sha256": file_sha256(base.checkpoint)}
+                   "checkpoint_sha256": file_sha256(base.checkpoint_file())}
     return {"run": settings, "cache": cache_id, "base_model": base_id if needs_targets else None}
 
 

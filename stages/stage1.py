@@ -914,7 +914,7 @@ def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, d
     the config. Returns (describe_vit dict, manifest base_model fingerprint)."""
     from tec.teacher import describe_vit
 
-    if not base.checkpoint:
+    if not base.checkpoint and not base.pretrained:
         raise Stage1Error(
             "base_model.checkpoint: stage 1 needs the trained base model (a random one would "
             "fill the cache with meaningless targets); set it to an MAE/DINO/iBOT/timm checkpoint"

@@ -27,6 +27,15 @@ resampled with timm's ``resample_abs_pos_embed`` (bicubic), as timm itself does.
 pickle Python objects (e.g. ``argparse.Namespace`` args) need ``allow_pickle=True``
 (config ``base_model.allow_pickle: true`` / CLI ``--allow-pickle``), which runs arbitrary code
 from the file: only for checkpoints you trust.
+
+Pretrained weights by name (:func:`resolve_pretrained`): a timm pretrained tag such as
+``vit_base_patch16_224.mae`` or ``vit_base_patch16_224.dino`` (timm's registry gives the Hub
+repo, e.g. ``timm/vit_base_patch16_224.mae``), or ``hf-hub:OWNER/NAME[@REVISION]`` (the repo's
+``config.json`` gives the architecture and geometry, as timm reads it). The weights file is
+fetched into (or found in) the Hugging Face cache by ``huggingface_hub`` (``HF_HOME``,
+``HF_HUB_OFFLINE``) and then loaded by :func:`load_base_model` like any file: strictly, through
+the same filters. :func:`check_pretrained_name` checks a name against timm's registry with no
+network, so bad names fail before any work.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import hashlib
 import json
 import logging
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,12 +58,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "PretrainedWeights",
     "TEC_EXPORT_FORMAT",
+    "check_pretrained_name",
     "describe_vit",
     "detect_format",
     "file_sha256",
     "load_base_model",
     "read_checkpoint",
+    "resolve_pretrained",
 ]
 
 TEC_EXPORT_FORMAT = "tec-export"
@@ -350,3 +363,145 @@ def load_base_model(arch: str, checkpoint: str | Path | None = None, *, allow_pi
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained weights by name: timm tags and hf-hub: repos, through the Hugging Face cache
+
+HF_HUB_PREFIX = "hf-hub:"
+# what timm's hub loader tries, in its order (timm.models._hub.load_state_dict_from_hf)
+HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+# config.json model_args that describe a classifier, not the encoder we load (num_classes=0)
+_HEAD_ARGS = ("num_classes", "global_pool")
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Where a pretrained name's weights are: ``file`` is a local file in the Hugging Face cache.
+
+    name: the full name (``vit_base_patch16_224.mae``, ``hf-hub:OWNER/NAME``; a timm name without
+    a tag gets timm's default tag); arch: the timm model it builds; model_kwargs: the geometry a
+    hf-hub repo's config.json gives (``{}`` for registry tags: the arch name fixes it).
+    """
+
+    name: str
+    arch: str
+    repo_id: str
+    revision: str | None
+    file: Path
+    model_kwargs: dict = field(default_factory=dict)
+
+
+def _split_hub_id(hub_id: str) -> tuple[str, str | None]:
+    repo_id, _, revision = hub_id.partition("@")
+    return repo_id, revision or None
+
+
+def check_pretrained_name(name: str) -> str:
+    """The full name of pretrained weights ``name`` (tag completed), checked with no network.
+
+    A timm name must be in timm's registry with weights on the Hugging Face Hub under that tag;
+    an ``hf-hub:`` name must be a valid repo id. Anything else is a one-line CheckpointError.
+    """
+    if name.startswith(HF_HUB_PREFIX):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        repo_id, _ = _split_hub_id(name[len(HF_HUB_PREFIX):])
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            raise CheckpointError(f"{name}: not a Hub repo id ({_first_line(e)}); use "
+                                  "hf-hub:OWNER/NAME[@REVISION]") from None
+        return name
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise CheckpointError(f"{name}: unknown timm architecture {arch!r}; use a timm ViT name "
+                              "with a pretrained tag, e.g. vit_base_patch16_224.mae")
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+    if not tags:
+        raise CheckpointError(f"{name}: timm has no pretrained weights for {arch}")
+    if tag and tag not in tags:
+        raise CheckpointError(f"{name}: timm has no pretrained weights tagged {tag!r} for {arch}; "
+                              f"its tags: {', '.join(tags)}")
+    cfg = get_pretrained_cfg(name if tag else arch)
+    full = f"{arch}.{cfg.tag}" if cfg.tag else arch
+    if not cfg.hf_hub_id:
+        raise CheckpointError(f"{full}: timm has these weights only at {cfg.url} (not on the "
+                              "Hugging Face Hub); download the file and set base_model.checkpoint")
+    if cfg.custom_load:
+        raise CheckpointError(f"{full}: timm loads these weights with custom code; download them "
+                              "and set base_model.checkpoint")
+    return full
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_download(name: str, repo_id: str, filenames: tuple[str, ...], revision: str | None
+                  ) -> Path:
+    """The first of ``filenames`` the repo has, from the Hugging Face cache or the Hub."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    not_cached = False
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision,
+                                        library_name="tec-pipeline"))
+        except LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
+            not_cached = True
+        except RepositoryNotFoundError:
+            raise CheckpointError(f"{name}: no Hub repo {repo_id} (or it is gated or private: "
+                                  "log in with `hf auth login` or set HF_TOKEN)") from None
+        except EntryNotFoundError:  # the repo exists but lacks this file: try the next name
+            continue
+        except HfHubHTTPError as e:
+            raise CheckpointError(f"{name}: cannot download {repo_id}/{filename} from the Hub "
+                                  f"({_first_line(e)})") from None
+    if not_cached:
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hub cannot be reached"
+        raise CheckpointError(
+            f"{name}: {repo_id} ({' or '.join(filenames)}) is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and {why}; fetch it once with network (`hf download "
+            f"{repo_id}`) and copy HF_HOME, or set base_model.checkpoint to a file")
+    raise CheckpointError(f"{name}: the Hub repo {repo_id} has none of {', '.join(filenames)}")
+
+
+def resolve_pretrained(name: str) -> PretrainedWeights:
+    """Find (downloading if needed and allowed) the weights of a pretrained name; see the module
+    docstring. Failures are one-line CheckpointErrors naming ``name``."""
+    full = check_pretrained_name(name)
+    if full.startswith(HF_HUB_PREFIX):
+        repo_id, revision = _split_hub_id(full[len(HF_HUB_PREFIX):])
+        config_path = _hub_download(full, repo_id, ("config.json",), revision)
+        try:
+            config = json.loads(config_path.read_text())
+            if "pretrained_cfg" not in config:  # timm's legacy one-dict layout
+                config = {"architecture": config["architecture"], "model_args": {}}
+            arch = config["architecture"]
+            model_kwargs = {k: v for k, v in dict(config.get("model_args") or {}).items()
+                            if k not in _HEAD_ARGS}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{full}: config.json is not a timm model config "
+                                  f"({_first_line(e)})") from None
+        if not timm.is_model(arch):
+            raise CheckpointError(f"{full}: config.json names {arch!r}, not a timm architecture")
+        filenames = HUB_WEIGHTS_FILES
+    else:
+        from timm.models import get_pretrained_cfg, split_model_name_tag
+
+        cfg = get_pretrained_cfg(full)
+        arch = split_model_name_tag(full)[0]
+        repo_id, revision = _split_hub_id(cfg.hf_hub_id)
+        model_kwargs = {}
+        filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHTS_FILES
+    file = _hub_download(full, repo_id, filenames, revision)
+    logger.info("pretrained base model %s: %s", full, file)
+    return PretrainedWeights(name=full, arch=arch, repo_id=repo_id, revision=revision, file=file,
+                             model_kwargs=model_kwargs)

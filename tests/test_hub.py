@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -147,3 +148,178 @@ def test_push_while_offline_is_one_line(checkpoint, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "m"),
                                        "--push-to-hub", "me/tec-tiny"])
     _one_line_error(result, "me/tec-tiny", "HF_HUB_OFFLINE")
+
+
+# ---- base models from timm's pretrained tags and hf-hub: repos, offline ------------------------
+
+TAG = "vit_base_patch16_224.mae"
+
+
+def _save_timm_weights(model, path: Path) -> Path:
+    """A timm-format weights file as on the Hub (safetensors or a torch .bin)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An offline Hugging Face cache holding a tiny ViT as timm/vit_base_patch16_224.mae (its
+    safetensors) and timm/vit_base_patch16_224.dino (a pytorch_model.bin only)."""
+    from hub_helpers import populate_hub_cache
+    from tec_helpers import tiny_vit
+
+    cache = offline_hub(monkeypatch, tmp_path / "hf")
+    mae, dino = tiny_vit(seed=1), tiny_vit(seed=2)
+    files = tmp_path / "files"
+    files.mkdir()
+    populate_hub_cache(cache, "timm/" + TAG, {
+        "model.safetensors": _save_timm_weights(mae, files / "model.safetensors")})
+    populate_hub_cache(cache, "timm/vit_base_patch16_224.dino", {
+        "pytorch_model.bin": _save_timm_weights(dino, files / "pytorch_model.bin")})
+    return dict(cache=cache, mae=mae, dino=dino, mae_file=files / "model.safetensors")
+
+
+def _base_config(**raw):
+    from stages.configs import BaseModelConfig, from_dict
+
+    return from_dict(BaseModelConfig, raw, "base_model")
+
+
+def test_a_pretrained_tag_loads_the_cached_weights_as_timm_does(hub_cache):
+    from tec_helpers import BASE_KWARGS
+    from tec.teacher import file_sha256
+
+    base = _base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS)
+    model = base.load()
+    x = images()
+    with torch.no_grad():
+        want = hub_cache["mae"].forward_features(x)
+        assert torch.equal(model.forward_features(x), want)
+        # timm itself, from the same cache, with the same tag
+        through_timm = timm.create_model(TAG, pretrained=True, num_classes=0, **BASE_KWARGS)
+        assert torch.equal(through_timm.eval().forward_features(x), want)
+    assert not any(p.requires_grad for p in model.parameters())
+    fingerprint = base.fingerprint(model, last_n=2, k_max=4)
+    assert fingerprint["arch"] == TAG and fingerprint["pretrained"] == TAG
+    assert fingerprint["checkpoint_sha256"] == file_sha256(hub_cache["mae_file"])
+    weights = base.pretrained_weights()
+    assert (weights.repo_id, weights.arch, weights.file.name) == (
+        "timm/" + TAG, "vit_base_patch16_224", "model.safetensors")
+    assert str(weights.file).startswith(str(hub_cache["cache"]))
+
+
+def test_a_tag_whose_repo_has_only_a_torch_bin_loads_it(hub_cache):
+    from tec_helpers import BASE_KWARGS
+
+    base = _base_config(arch="vit_base_patch16_224.dino", pretrained=True,
+                        timm_kwargs=BASE_KWARGS)
+    with torch.no_grad():
+        assert torch.equal(base.load().forward_features(images()),
+                           hub_cache["dino"].forward_features(images()))
+    assert base.pretrained_weights().file.name == "pytorch_model.bin"
+
+
+def test_an_hf_hub_export_is_a_base_model_with_its_own_geometry(monkeypatch, tmp_path):
+    """A TEC export pushed to the Hub is the next round's base model: hf-hub:OWNER/NAME, no kwargs."""
+    from hub_helpers import populate_hub_cache
+    from tec.export import export_timm_folder
+
+    model = tiny_new_model(seed=4).eval()
+    folder = export_timm_folder(model, tmp_path / "round1", name="me/round1")
+    cache = offline_hub(monkeypatch, tmp_path / "hf")
+    populate_hub_cache(cache, "me/round1", {p.name: p for p in folder.iterdir()})
+    base = _base_config(arch="hf-hub:me/round1", pretrained=True)
+    with torch.no_grad():
+        torch.testing.assert_close(base.load().forward_features(images()),
+                                   model.forward_encoder_features(images()), atol=1e-5, rtol=0)
+    plain = base.as_checkpoint()  # what evaluation loads: the file, its arch and geometry
+    assert (plain.arch, plain.pretrained, Path(plain.checkpoint).name) == (
+        "vit_base_patch16_224", False, "model.safetensors")
+    assert plain.timm_kwargs["embed_dim"] == 48 and "num_classes" not in plain.timm_kwargs
+    assert base.fingerprint(base.load(), last_n=2, k_max=4)["pretrained"] == "hf-hub:me/round1"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (dict(arch="vit_base_patch16_224.nope", pretrained=True),
+     "base_model.arch: vit_base_patch16_224.nope: timm has no pretrained weights tagged 'nope'"),
+    (dict(arch="vit_nope_224.mae", pretrained=True), "unknown timm architecture 'vit_nope_224'"),
+    (dict(arch="hf-hub:not a repo", pretrained=True), "not a Hub repo id"),
+    (dict(arch="hf-hub:me/round1"), "set base_model.pretrained: true"),
+    (dict(arch=TAG, pretrained=True, checkpoint="/x.pth"), "remove base_model.checkpoint"),
+])
+def test_bad_pretrained_names_are_one_line_config_errors(raw, needle):
+    from stages.configs import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _base_config(**raw)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def _pipeline_file(tmp_path: Path, arch: str) -> Path:
+    from tec_helpers import BASE_KWARGS
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps({
+        "workdir": str(tmp_path / "work"),
+        "data": {"train": str(tmp_path / "shards")},
+        "base_model": {"arch": arch, "pretrained": True, "timm_kwargs": BASE_KWARGS},
+        "targets": {"cache": str(tmp_path / "cache"), "views": 2, "k_max": 4,
+                    "view_policy": {"output_size": 32}},
+    }))
+    return path
+
+
+def test_weights_not_in_the_offline_cache_fail_in_one_line_before_any_work(monkeypatch,
+                                                                          tmp_path):
+    offline_hub(monkeypatch, tmp_path / "hf")  # an empty cache
+    result = CliRunner().invoke(main, ["targets", str(_pipeline_file(tmp_path, TAG))])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {TAG}: timm/{TAG}"), result.output
+    assert "is not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_stage1_actors_compute_the_same_targets_from_a_tag_as_from_its_file(hub_cache, tmp_path):
+    """The actor gets the config as a dict (as Ray ships it) and resolves the tag itself; the
+    cache's fingerprint names the tag and the file's sha256."""
+    from image_helpers import make_shards
+    from stages.configs import to_dict
+    from stages.stage1 import (BaseModelActor, ShardJob, _check_base_model, _prepare_cache,
+                               process_shard)
+    from storage import open_cache
+    from tec_helpers import BASE_KWARGS
+    from tec.teacher import file_sha256
+
+    make_shards(tmp_path / "shards", n_shards=1, per_shard=3, size_range=(20, 40))
+    tagged = _base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS)
+    filed = _base_config(arch="vit_base_patch16_224", checkpoint=str(hub_cache["mae_file"]),
+                         timm_kwargs=BASE_KWARGS)
+    caches = {}
+    for name, base in (("tagged", tagged), ("filed", filed)):
+        from pipeline.config import load_config
+
+        cfg = load_config(_pipeline_file(tmp_path, TAG), [
+            f"targets.cache={tmp_path / name}"]).targets
+        geometry, fingerprint = _check_base_model(cfg, base)
+        writer, jobs = _prepare_cache(cfg, geometry, fingerprint)
+        actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max, float16=True)
+        for job in jobs:
+            process_shard(job, [actor], writer)
+        writer.finalize()
+        caches[name] = open_cache(tmp_path / name)
+    a, b = caches["tagged"], caches["filed"]
+    assert a.manifest["base_model"]["pretrained"] == TAG
+    assert a.manifest["base_model"]["checkpoint_sha256"] == file_sha256(hub_cache["mae_file"]) \
+        == b.manifest["base_model"]["checkpoint_sha256"]
+    assert a.keys == b.keys and len(a.keys) == 3
+    for i in range(len(a.keys)):
+        for v in range(2):
+            ra, rb = a.read(i, v), b.read(i, v)
+            for field in ("features", "attn_logits", "attn_index", "crop"):
+                np.testing.assert_array_equal(ra[field], rb[field])
