@@ -4,7 +4,8 @@ A pipeline file has these sections (see the root ``pipeline.yaml`` for a comment
 
     workdir:    where caches, runs, exports and reports go
     data:       the image shards (train, and test for evaluation), optionally prepared
-    base_model: the frozen base model (timm arch + checkpoint)
+    base_model: the frozen base model (timm arch + checkpoint, or a pretrained tag / hf-hub:
+                repo with pretrained: true)
     bootstrap:  optional: train a pixel-target MAE base model first when there is no checkpoint
     targets:    stage 1 (the target cache)
     runs:       stage 2, one entry per new model trained from the same cache
