@@ -428,7 +428,7 @@ SUBCOMMANDS = [
     ["run"], ["plan"], ["targets"], ["train"], ["export"],
     ["cache"], ["cache", "inspect"], ["cache", "verify"], ["cache", "repair"],
     ["data"], ["data", "fashion-mnist"],
-    ["eval"], ["eval", "knn"], ["eval", "linear"],
+    ["eval"], ["eval", "knn"], ["eval", "linear"], ["eval", "finetune"],
     ["viz"], ["viz", "attention"],
 ]
 
