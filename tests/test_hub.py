@@ -323,3 +323,53 @@ def test_stage1_actors_compute_the_same_targets_from_a_tag_as_from_its_file(hub_
             ra, rb = a.read(i, v), b.read(i, v)
             for field in ("features", "attn_logits", "attn_index", "crop"):
                 np.testing.assert_array_equal(ra[field], rb[field])
+
+
+@pytest.mark.slow
+def test_tec_run_end_to_end_from_a_pretrained_tag_offline(tmp_path):
+    """`tec run` as a user runs it (a subprocess, HF_HOME + HF_HUB_OFFLINE=1): stage 1 on its own
+    Ray (actors resolve the tag), a TEC run, evaluation of the tag's weights and the new model."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from hub_helpers import populate_hub_cache
+    from image_helpers import make_shards
+    from tec_helpers import BASE_KWARGS, tiny_vit
+    from tec.teacher import file_sha256
+
+    hf_home = tmp_path / "hf"
+    weights = _save_timm_weights(tiny_vit(seed=5), tmp_path / "model.safetensors")
+    populate_hub_cache(hf_home / "hub", "timm/" + TAG, {"model.safetensors": weights})
+    make_shards(tmp_path / "shards", n_shards=2, per_shard=8, size_range=(28, 40), prefix="train")
+    make_shards(tmp_path / "shards", n_shards=1, per_shard=8, size_range=(28, 40), prefix="test",
+                seed=1)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "workdir": str(tmp_path / "work"),
+        "data": {"train": str(tmp_path / "shards" / "train-{000000..000001}.tar"),
+                 "test": str(tmp_path / "shards" / "test-000000.tar")},
+        "base_model": {"arch": TAG, "pretrained": True, "timm_kwargs": dict(BASE_KWARGS)},
+        "targets": {"views": 2, "k_max": 8, "batch_size": 8, "view_policy": {"output_size": 32},
+                    "ray": {"num_cpus": 1}},
+        "runs": [{"name": "tec", "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu",
+                  "model": {"embed_dim": 48, "depth": 3, "num_heads": 3, "decoder_embed_dim": 32,
+                            "decoder_depth": 1, "decoder_num_heads": 2, "k": 4, "tau": 1.0}}],
+        "eval": {"enabled": True, "linear_epochs": 2, "knn_k": 3, "viz_images": 2,
+                 "device": "cpu"},
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
+               TQDM_DISABLE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    work = tmp_path / "work"
+    manifest = json.loads((work / "cache" / "manifest.json").read_text())
+    assert manifest["base_model"]["pretrained"] == TAG
+    assert manifest["base_model"]["checkpoint_sha256"] == file_sha256(weights)
+    assert [r["model"] for r in json.loads((work / "eval.json").read_text())] == ["base", "tec"]
+    vit = timm.create_model(f"local-dir:{work / 'runs' / 'tec' / 'export'}", pretrained=True)
+    assert vit.embed_dim == 48
