@@ -414,7 +414,7 @@ def test_allow_pickle_flag_loads_a_pickled_checkpoint(ws):
 
 def test_usage_errors_exit_2_without_traceback(ws):
     runner = CliRunner()
-    for argv in (["plan"], ["nosuch-command"], ["train", str(ws / "x.yaml")],
+    for argv in (["plan"], ["nosuch-command"], ["train"],
                  ["run", str(ws / "x.yaml"), "--only", "bogus"], ["plan", str(ws)],
                  ["cache", "inspect"], ["data", "fashion-mnist"]):
         result = runner.invoke(main, argv)
