@@ -313,6 +313,22 @@ def cache_repair(path, config, overrides, ray_address, allow_pickle):
     click.echo(repair_cache(path, config=cfg, ray_address=ray_address).format())
 
 
+@cache.command("subset")
+@click.argument("src", metavar="CACHE", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--views", "views", required=True, type=int,
+              help="Keep the first K' views of every sample (1 <= K' <= the cache's K).")
+@user_errors
+def cache_subset(src, dst, views):
+    """A smaller copy of CACHE in OUT with the first K' views, bit for bit (resumable)."""
+    from storage.subset import subset_cache
+
+    out = subset_cache(src, dst, views=views)
+    step = out["manifest"]["subset"][-1]
+    click.echo(f"subset {src} -> {dst} ({step['views']} of {step['source_views']} views): "
+               f"{out['parts_written']} parts written, {out['parts_skipped']} already there")
+
+
 @cache.command("transcode")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))

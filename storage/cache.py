@@ -20,7 +20,7 @@ from . import layout
 from .codecs import codec_config, decode_view, prepare_views
 from .schema import (CacheError, CacheSpec, PartCommittedError, build_manifest,
                      check_manifest_readable, fingerprint_mismatch, identity_mismatch, jsonable,
-                     identity_keys, manifest_identity, manifest_section_digests)
+                     identity_keys, manifest_identity, manifest_section_digests, stored_fields)
 from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
 from .wds_backend import WdsPartReader, WdsPartWriter
 from .zarr_backend import ZarrPartReader, ZarrPartWriter
@@ -314,6 +314,38 @@ class PartWriter:
         attn_logits [K,H,k_max+1,L], attn_index [K,k_max] (int), crop [K,4] int (top, left,
         height, width in source pixels), flip [K] bool, source_size (h, w), label int (-1 none).
         """
+        slot = self._check_new(slot, key)
+        stored, sample = prepare_views(self.spec, key, view_records)
+        if self.spec.pixels != "none":
+            stored["pixels"] = _check_pixels(self.spec, key, view_records.get("pixels"))
+        self._put(slot, key, stored, sample)
+
+    def write_stored(self, slot: int, key: str, stored: dict, label: int,
+                     source_size: tuple[int, int]) -> None:
+        """Write sample ``key`` from arrays already in this cache's stored form, bit for bit.
+
+        stored: every field of ``stored_fields(spec)`` as [K, ...] arrays of its dtype (what
+        ``CacheReader.read(..., decode=False)`` gives per view, stacked), plus 'pixels' (K encoded
+        images) when the cache keeps them. For copies between caches of one codec (``tec cache
+        subset``): nothing is decoded or encoded again.
+        """
+        slot = self._check_new(slot, key)
+        K = self.spec.views
+        arrays = {}
+        for name, (shape, dtype) in stored_fields(self.spec).items():
+            a = stored.get(name)
+            if a is None or np.shape(a) != (K, *shape) or np.asarray(a).dtype != dtype:
+                got = "missing" if a is None else f"{list(np.shape(a))} {np.asarray(a).dtype}"
+                raise CacheError(f"record {key!r}: stored {name} is {got}, expected "
+                                 f"{[K, *shape]} {dtype} (codec {self.spec.codec})")
+            arrays[name] = np.ascontiguousarray(a)
+        if self.spec.pixels != "none":
+            arrays["pixels"] = _check_pixels(self.spec, key, stored.get("pixels"))
+        h, w = (int(v) for v in source_size)
+        self._put(slot, key, arrays, {"label": int(label), "source_size": [h, w]})
+
+    def _check_new(self, slot, key) -> int:
+        """The slot as an int, after checking that the part is open and slot and key are new."""
         if self._state != "open":
             raise CacheError(f"part {self.part}: write after {self._state}")
         if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.slots:
@@ -325,9 +357,10 @@ class PartWriter:
             raise CacheError(f"part {self.part}: slot {slot} has no usable key ({key!r})")
         if key in self._seen_keys:
             raise CacheError(f"part {self.part}: key {key!r} is written twice")
-        stored, sample = prepare_views(self.spec, key, view_records)
-        if self.spec.pixels != "none":
-            stored["pixels"] = _check_pixels(self.spec, key, view_records.get("pixels"))
+        return slot
+
+    def _put(self, slot: int, key: str, stored: dict, sample: dict) -> None:
+        """Hand encoded arrays and sample metadata to the backend; mark the slot written."""
         try:
             if self.spec.backend == "zarr":
                 self._backend.write(slot, stored)
@@ -729,12 +762,12 @@ class CacheReader:
             raise CacheError(f"part {self.parts[p]} of cache {self.root}: reading record {local} "
                              f"view {view} failed ({type(e).__name__}: {e})") from None
         rec = decode_view(stored, decode)
+        if "pixels" in stored:  # encoded view image (storage.pixels.decode_pixels)
+            rec["pixels"] = stored["pixels"]
         i = self._starts[p] + local
         rec["key"] = self.keys[i]
         rec["view"] = view
         rec["label"] = np.asarray(self.labels[i], dtype=np.int64)
-        if "pixels" in stored:  # encoded view image (storage.pixels.decode_pixels)
-            rec["pixels"] = stored["pixels"]
         rec["source_size"] = self._sizes[i].copy()
         return rec
 
@@ -762,6 +795,7 @@ class CacheReader:
                      per_sample: np.ndarray | Iterable[int] | None = None,
                      parts: Iterable[str] | None = None, decode: bool = True) -> Iterator[dict]:
         """Stream records in storage order (part, slot, view), each as `read` plus 'sample'.
+
         views: None -> all K views of every sample; an int or a list of ints -> those views.
         per_sample: instead of views, an int array [num_samples] giving the one view to read for
         each sample (-1 skips it): an epoch that uses one view per sample.
