@@ -137,3 +137,39 @@ def test_cli_cache_subset(tmp_path):
     missing = runner.invoke(main, ["cache", "subset", str(tmp_path / "nope"), str(tmp_path / "y"),
                                    "--views", "1"])
     assert missing.exit_code == 2 and len(missing.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("codec", ["float16", "lowrank"])
+def test_subset_is_what_stage1_writes_for_fewer_views(tmp_path, codec):
+    """Stage 1 (its shard pipeline, in-process) with K=3 then K'=2: the subset of the first equals
+    the second, record for record and in the manifest's identity."""
+    import torch
+
+    from image_helpers import make_shards
+    from stages.configs import BaseModelConfig, from_dict, to_dict
+    from stages.stage1 import (BaseModelActor, Stage1Config, _check_base_model, _prepare_cache,
+                               process_shard)
+    from storage.schema import manifest_identity
+    from tec_helpers import BASE_KWARGS, tiny_vit
+
+    make_shards(tmp_path / "shards", n_shards=2, per_shard=3, size_range=(20, 40))
+    torch.save({"model": tiny_vit(seed=3).state_dict()}, tmp_path / "base.pth")
+    base = from_dict(BaseModelConfig, {"arch": "vit_base_patch16_224", "timm_kwargs": BASE_KWARGS,
+                                       "checkpoint": str(tmp_path / "base.pth")}, "base_model")
+    caches = {}
+    for views in (3, 2):
+        cfg = from_dict(Stage1Config, {
+            "source": {"kind": "webdataset", "path": str(tmp_path / "shards")},
+            "cache": str(tmp_path / f"k{views}"), "views": views, "k_max": 4, "batch_size": 4,
+            "codec": codec, "view_policy": {"seed": 5, "output_size": 32}}, "targets")
+        geometry, fingerprint = _check_base_model(cfg, base)
+        writer, jobs = _prepare_cache(cfg, geometry, fingerprint)
+        actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max, float16=True)
+        for job in jobs:
+            process_shard(job, [actor], writer)
+        writer.finalize()
+        caches[views] = tmp_path / f"k{views}"
+    subset_cache(caches[3], tmp_path / "sub", views=2)
+    sub, fresh = open_cache(tmp_path / "sub"), open_cache(caches[2])
+    assert manifest_identity(sub.manifest) == manifest_identity(fresh.manifest)
+    _same_records(sub, fresh, views=2)
