@@ -195,7 +195,7 @@ DAMAGES = [
         ("manifest",), (PART,)),
     Damage("manifest: part status checksum edited", "zarr", edit_manifest(_edit_part_status),
            (PART, "part status"), (PART,)),
-    Damage("manifest: schema version edited", "zarr", edit_manifest(_set("schema_version", 2)),
+    Damage("manifest: schema version edited", "zarr", edit_manifest(_set("schema_version", 99)),
            ("manifest", "schema version"), ("schema version",)),
     Damage("manifest: cut in half (invalid JSON)", "zarr", cut_manifest, ("manifest",),
            ("manifest",)),
