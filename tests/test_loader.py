@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_helpers import (K_MAX, VIEWS, Source, build_cache, make_data, run_config,
+from test_train_helpers import (K_MAX, VIEWS, build_cache, make_data, run_config,
                                 save_base_model)
 from stages.data import PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder, TrainDataset, CacheRead
 from stages.loader import BatchedTrainDataset, cached_to_device, loader_settings
@@ -339,3 +339,18 @@ def test_streaming_reads_each_sample_once_per_epoch_round_robin_and_shuffled(wor
     assert order == again  # seeded
     with pytest.raises(ValueError, match="streaming needs a WebDataset cache with view pixels"):
         StreamingCacheDataset(open_cache(world["caches"]["zarr-jpeg-float16"]), **kwargs)
+
+
+def test_dataloader_workers_build_the_same_batches_from_the_handed_over_reader(world):
+    from stages.loader import passthrough
+
+    dataset, reader = _batched(world, "zarr-jpeg-float16", source=False)
+    items = [PlanItem(0, i, (i + 1) % VIEWS, False) for i in range(reader.num_samples)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=items, num_workers=1,
+                                         collate_fn=passthrough)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [3, 3, 2]
+    for b, start in zip(batches, (0, 3, 6)):
+        ref = dataset.__getitems__(items[start:start + 3])
+        assert torch.equal(b.images, ref.images) and torch.equal(b.noise, ref.noise)
+        assert all(torch.equal(b.cached[k], ref.cached[k]) for k in ref.cached)
