@@ -235,6 +235,15 @@ def storage_block() -> str:
     return markdown(r) + "\n\n" + _provenance(r)
 
 
+def loader_block() -> str:
+    r = _load("loader")
+    if r is None:
+        return "_No result yet: run `python benchmarks/loader.py`._"
+    from loader import markdown
+
+    return markdown(r) + "\n\n" + _provenance(r)
+
+
 BLOCKS = {
     "speed": speed_block,
     "quality": lambda: quality_block("quality"),
@@ -243,6 +252,7 @@ BLOCKS = {
     "quality_long": lambda: quality_block("quality_long"),
     "quality_strong_base": lambda: quality_block("quality_strong_base"),
     "storage": storage_block,
+    "loader": loader_block,
 }
 
 
