@@ -449,13 +449,28 @@ def _hub_download(name: str, repo_id: str, filenames: tuple[str, ...], revision:
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError)
 
-    not_cached = False
+    def not_cached(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{name}: {repo_id} ({' or '.join(filenames)}) is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and {why}; fetch it once with network (`hf download "
+            f"{repo_id}`) and copy HF_HOME, or set base_model.checkpoint to a file")
+
+    # The cache first: weights already there load with no network at all (the fingerprint's
+    # sha256 pins what was used either way).
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision,
+                                        local_files_only=True, library_name="tec-pipeline"))
+        except LocalEntryNotFoundError:
+            continue
+    if _hub_offline():
+        raise not_cached("HF_HUB_OFFLINE is set")
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision,
                                         library_name="tec-pipeline"))
-        except LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
-            not_cached = True
+        except LocalEntryNotFoundError:  # the Hub cannot be reached: the next name neither
+            raise not_cached("the Hub cannot be reached") from None
         except RepositoryNotFoundError:
             raise CheckpointError(f"{name}: no Hub repo {repo_id} (or it is gated or private: "
                                   "log in with `hf auth login` or set HF_TOKEN)") from None
@@ -464,12 +479,6 @@ def _hub_download(name: str, repo_id: str, filenames: tuple[str, ...], revision:
         except HfHubHTTPError as e:
             raise CheckpointError(f"{name}: cannot download {repo_id}/{filename} from the Hub "
                                   f"({_first_line(e)})") from None
-    if not_cached:
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hub cannot be reached"
-        raise CheckpointError(
-            f"{name}: {repo_id} ({' or '.join(filenames)}) is not in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE} and {why}; fetch it once with network (`hf download "
-            f"{repo_id}`) and copy HF_HOME, or set base_model.checkpoint to a file")
     raise CheckpointError(f"{name}: the Hub repo {repo_id} has none of {', '.join(filenames)}")
 
 

@@ -213,6 +213,46 @@ def test_a_pretrained_tag_loads_the_cached_weights_as_timm_does(hub_cache):
     assert str(weights.file).startswith(str(hub_cache["cache"]))
 
 
+def test_cached_weights_load_without_touching_the_network(hub_cache, monkeypatch):
+    """Not offline, the endpoint a loopback server that counts connections: cache first, none."""
+    import socket
+    import threading
+
+    import huggingface_hub
+
+    from tec_helpers import BASE_KWARGS
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    connections, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
+                        f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        base = _base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS)
+        with torch.no_grad():
+            assert torch.equal(base.load().forward_features(images()),
+                               hub_cache["mae"].forward_features(images()))
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert connections == []
+
+
 def test_a_tag_whose_repo_has_only_a_torch_bin_loads_it(hub_cache):
     from tec_helpers import BASE_KWARGS
 
