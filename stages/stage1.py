@@ -774,7 +774,6 @@ def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: lis
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             job = running.pop(done[0])
-            submit()
             bar.update(job.slots)
             try:
                 res: PartResult = ray.get(done[0])
@@ -789,7 +788,9 @@ def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: lis
                     logger.error("part %s failed after %d retries: %s", job.part,
                                  cfg.ray.max_retries, reason)
                 failed.append((job.part, reason, fixed))
+                submit()  # after the queue was cleared for a base model at fault
                 continue
+            submit()
             results.append(res)
             images += res.images
             rate = images / max(time.perf_counter() - start, 1e-9)
