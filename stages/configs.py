@@ -187,7 +187,8 @@ class BaseModelConfig:
     ``pretrained: true`` instead loads the weights ``arch`` names through timm / huggingface_hub:
     a timm pretrained tag (``vit_base_patch16_224.mae``) or ``hf-hub:OWNER/NAME``
     (:func:`tec.teacher.resolve_pretrained`); the fingerprint then records the tag and the
-    resolved file's sha256.
+    resolved file's sha256. ``sha256`` pins the weights file: any other is refused (stage 1
+    sets it for its actors, which resolve the weights on their own nodes).
     """
 
     arch: str = "vit_base_patch16_224"
@@ -195,6 +196,7 @@ class BaseModelConfig:
     timm_kwargs: dict = field(default_factory=dict)
     allow_pickle: bool = False
     pretrained: bool = False
+    sha256: str | None = None
 
     def validate(self) -> None:
         img = self.timm_kwargs.get("img_size")
@@ -216,6 +218,9 @@ class BaseModelConfig:
         elif self.arch.startswith("hf-hub:"):
             raise ConfigError(f"base_model.arch: {self.arch} names Hub weights; set "
                               "base_model.pretrained: true")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(self.sha256)):
+            raise ConfigError(f"base_model.sha256: {self.sha256!r} is not a sha256 (64 lower-case "
+                              "hex digits)")
 
     def pretrained_weights(self):
         """The resolved :class:`tec.teacher.PretrainedWeights` (``pretrained: true``), else None."""
@@ -247,15 +252,28 @@ class BaseModelConfig:
 
         weights = self.pretrained_weights()
         if weights is not None:
+            self._check_sha256(weights.file)
             return load_base_model(weights.arch, weights.file, allow_pickle=self.allow_pickle,
                                    plain_kwargs=weights.model_kwargs, **self.timm_kwargs)
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise FileNotFoundError(
                 f"base_model.checkpoint: file not found: {self.checkpoint}"
             )
+        if self.checkpoint is not None:
+            self._check_sha256(self.checkpoint)
         return load_base_model(
             self.arch, self.checkpoint, allow_pickle=self.allow_pickle, **self.timm_kwargs
         )
+
+    def _check_sha256(self, path) -> None:
+        """Refuse weights other than the pinned ``sha256`` (e.g. another node's cached copy)."""
+        from tec.teacher import CheckpointError, file_sha256
+
+        if self.sha256 is not None and (actual := file_sha256(path)) != self.sha256:
+            raise CheckpointError(
+                f"base model {self.arch}: {path} has sha256 {actual[:12]}..., not the pinned "
+                f"{self.sha256[:12]}... (base_model.sha256); this machine holds other weights "
+                "under that name: give it the same file / Hugging Face cache")
 
     def fingerprint(self, model, *, last_n: int, k_max: int) -> dict:
         """The base-model fingerprint recorded in (and checked against) a target cache."""

@@ -23,6 +23,7 @@ H base-model heads.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -849,6 +850,8 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     strict = cfg.strict if strict is None else strict
     start = time.perf_counter()
     geometry, fingerprint = _check_base_model(cfg, base)
+    # actors (on any node) load exactly the weights fingerprinted here, or refuse
+    base = dataclasses.replace(base, sha256=fingerprint["checkpoint_sha256"])
     writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base)
     _record_config(cfg, base)
     summary = Stage1Summary(cache=_absolute(cfg.cache), backend=cfg.backend,

@@ -3,6 +3,7 @@ the pretrained folder it writes (the upload API is replaced by a recorder), and 
 one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -413,3 +414,63 @@ def test_tec_run_end_to_end_from_a_pretrained_tag_offline(tmp_path):
     assert [r["model"] for r in json.loads((work / "eval.json").read_text())] == ["base", "tec"]
     vit = timm.create_model(f"local-dir:{work / 'runs' / 'tec' / 'export'}", pretrained=True)
     assert vit.embed_dim == 48
+
+
+def test_a_node_whose_cache_holds_other_weights_is_refused(hub_cache, monkeypatch, tmp_path):
+    """Stage 1 pins the sha256 it fingerprinted; an actor whose own Hugging Face cache resolves
+    the tag to other weights (an older snapshot of main) refuses instead of mixing targets."""
+    from hub_helpers import populate_hub_cache
+    from stages.configs import to_dict
+    from stages.stage1 import BaseModelActor
+    from tec.teacher import CheckpointError, file_sha256
+    from tec_helpers import BASE_KWARGS, tiny_vit
+
+    pinned = dataclasses.replace(_base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS),
+                                 sha256=file_sha256(hub_cache["mae_file"]))
+    BaseModelActor(to_dict(pinned), 2, 4)  # this node: the same file
+    other = offline_hub(monkeypatch, tmp_path / "other-node")
+    populate_hub_cache(other, "timm/" + TAG, {"model.safetensors": _save_timm_weights(
+        tiny_vit(seed=9), tmp_path / "older.safetensors")})
+    with pytest.raises(CheckpointError, match=r"not the pinned .*base_model.sha256"):
+        BaseModelActor(to_dict(pinned), 2, 4)
+
+
+def test_stage1_records_the_pinned_sha256_for_repairs(hub_cache, tmp_path):
+    """A complete cache: run_stage1 starts no Ray, and records the settings (with the pin) that
+    `tec cache repair` recomputes parts with."""
+    from image_helpers import make_shards
+    from pipeline.config import load_config
+    from stages.stage1 import (CONFIG_NAME, BaseModelActor, _check_base_model, _prepare_cache,
+                               process_shard, run_stage1)
+    from stages.configs import to_dict
+    from tec.teacher import file_sha256
+
+    make_shards(tmp_path / "shards", n_shards=1, per_shard=2, size_range=(20, 40))
+    cfg = load_config(_pipeline_file(tmp_path, TAG))
+    geometry, fingerprint = _check_base_model(cfg.targets, cfg.base_model)
+    writer, jobs = _prepare_cache(cfg.targets, geometry, fingerprint)
+    actor = BaseModelActor(to_dict(cfg.base_model), 2, 4, float16=True)
+    for job in jobs:
+        process_shard(job, [actor], writer)
+    writer.finalize()
+    summary = run_stage1(cfg.targets, cfg.base_model, progress=False)
+    assert summary.parts_skipped == 1 and summary.parts_done == 0
+    saved = json.loads((tmp_path / "cache" / CONFIG_NAME).read_text())["base_model"]
+    assert saved["pretrained"] is True and saved["arch"] == TAG
+    assert saved["sha256"] == file_sha256(hub_cache["mae_file"])
+
+
+def test_a_pinned_checkpoint_file_that_changed_is_refused(tmp_path):
+    from tec.teacher import CheckpointError, file_sha256
+    from tec_helpers import BASE_KWARGS, tiny_vit
+
+    path = _save_timm_weights(tiny_vit(seed=1), tmp_path / "base.safetensors")
+    base = _base_config(checkpoint=str(path), timm_kwargs=BASE_KWARGS, sha256=file_sha256(path))
+    base.load()
+    _save_timm_weights(tiny_vit(seed=2), path)
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        base.load()
+    from stages.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="base_model.sha256: 'abc' is not a sha256"):
+        _base_config(checkpoint=str(path), sha256="abc")
