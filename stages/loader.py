@@ -5,14 +5,18 @@ A micro-batch is built in one call (:meth:`BatchedTrainDataset.__getitems__`, wh
 instead of one Python call per sample plus a collate:
 
 * cached views of a cache **with pixels** (``targets.pixels: jpeg | png``): the records are read
-  with :meth:`storage.CacheReader.read_batch` (storage order, only the fields the step uses, the
-  Zarr shard index read once per part, blosc decoding straight into the batch arrays), each
-  view's stored image is decoded into its row of one uint8 [B,S,S,3] array, and the targets stay
-  in their stored dtypes (float16, or int8 plus per-row scales): :func:`cached_to_device`
-  dequantises them on the training device, so the CPU never builds float32 targets;
+  with :meth:`storage.CacheReader.read_batch` (storage order, only the fields the step uses,
+  blosc decoding straight into the batch arrays), each view's stored image is decoded into its
+  row of one uint8 [B,S,S,3] array, and the targets stay in their stored form (float16, int8
+  plus per-row scales, the lowrank codec's integer codes: storage.batch.device_payload):
+  :func:`cached_to_device` dequantises them on the training device, so the CPU never builds
+  float32 targets;
 * fresh (online) views, and every view of a cache **without pixels**, go through the per-sample
   :class:`stages.data.TrainDataset` (decode the source image, render the view): today's path,
   kept bit-identical.
+
+:class:`StreamingCacheDataset` is the streaming read pattern for WebDataset caches with pixels
+(sequential reads of each part's view tar, a shuffle buffer); the trainer reads by random access.
 
 The cache reader is opened once by the trainer and handed to the workers (it is picklable and
 reopens its file handles lazily per process), so a worker does not re-open and re-check the
@@ -47,7 +51,6 @@ __all__ = [
     "passthrough",
     "StreamingCacheDataset",
 ]
-
 
 
 # ---------------------------------------------------------------------------------------------
