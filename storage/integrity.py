@@ -156,6 +156,11 @@ def format_inspect(summary: dict) -> str:
         f"samples reported; {s['records']} records",
         f"size          {_human(s['bytes_total'])} total, {_human(s['bytes_data'])} part data",
     ]
+    if spec.get("pixels", "none") != "none":
+        quality = f" quality {spec.get('pixels_quality')}" if spec["pixels"] == "jpeg" else ""
+        lines.append(f"view pixels   {spec['pixels']}{quality}, {spec.get('image_size')} px: stored "
+                     f"with every view (self-contained: cached views need no source image; "
+                     f"the per-view size below includes them)")
     if s["records"]:
         lines.append(f"per view      {_human(s['bytes_per_view'])} on disk = "
                      f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored tensors "

@@ -354,3 +354,11 @@ def test_dataloader_workers_build_the_same_batches_from_the_handed_over_reader(w
         ref = dataset.__getitems__(items[start:start + 3])
         assert torch.equal(b.images, ref.images) and torch.equal(b.noise, ref.noise)
         assert all(torch.equal(b.cached[k], ref.cached[k]) for k in ref.cached)
+
+
+def test_inspect_names_the_view_pixels(world):
+    from storage import format_inspect, inspect_cache
+
+    text = format_inspect(inspect_cache(world["caches"]["zarr-jpeg-float16"]))
+    assert "view pixels   jpeg quality 75, 32 px: stored with every view" in text
+    assert "view pixels" not in format_inspect(inspect_cache(world["caches"]["zarr-none-float16"]))
