@@ -474,7 +474,9 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
         src = manifest.get("source", {})
         kind, shards = src.get("kind", "webdataset"), [str(s) for s in src.get("shards", [])]
         root = str(src.get("path")) if kind == "imagefolder" else None
-        if source is not None and getattr(source, "path", None):
+        # a self-contained run reads no source: the configured one is neither read nor checked
+        if source is not None and getattr(source, "path", None) and not _self_contained(
+                reader, run, needs_targets):
             if getattr(source, "kind", kind) != kind:
                 raise CacheMismatchError(
                     f"cache {cache} was built from a {kind!r} source, the run configures "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_helpers import (K_MAX, VIEWS, build_cache, make_data, run_config,
+from test_train_helpers import (K_MAX, VIEWS, Source, build_cache, make_data, run_config,
                                 save_base_model)
 from stages.data import PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder, TrainDataset, CacheRead
 from stages.loader import BatchedTrainDataset, cached_to_device, loader_settings
@@ -232,8 +232,10 @@ def test_self_contained_cache_trains_without_the_source(world, tmp_path):
     plain = build_cache(tmp_path / "plain", [str(s) for s in shards], world["base"])
     for s in shards:
         s.unlink()
+    # the configured source (as `tec train` passes it) is neither read nor checked
     summary = train(run_config("sc", epochs=1, max_steps=1), cache=jpeg, base=world["base"],
-                    out_dir=tmp_path / "run", progress=False)
+                    source=Source(str(shards[0].parent)), out_dir=tmp_path / "run",
+                    progress=False)
     assert summary.steps == 1 and summary.cached_samples == 8 and summary.online_samples == 0
     with pytest.raises(TrainSetupError, match=r"online_fraction 0.5 draws fresh views.*"
                                               r"does not exist.*set online_fraction: 0"):
