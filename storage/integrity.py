@@ -63,6 +63,7 @@ def inspect_cache(path: str | Path) -> dict:
         "targets": manifest.get("targets", {}),
         "target_error": manifest.get("target_error"),
         "transcode": manifest.get("transcode"),
+        "subset": manifest.get("subset"),
         "base_model": manifest.get("base_model", {}),
         "view_policy": manifest.get("view_policy", {}),
         "source": manifest.get("source", {}),
@@ -123,6 +124,9 @@ def _codec_lines(s: dict) -> list[str]:
         lines.append(f"transcoded    from {step.get('from_codec')} ({step.get('source')}) at "
                      f"{step.get('at')}" + (f"; WARNING: {step['warning']}" if step.get("warning")
                                             else ""))
+    for step in s.get("subset") or []:
+        lines.append(f"subset        first {step.get('views')} of the {step.get('source_views')} "
+                     f"views of {step.get('source')} at {step.get('at')}")
     return lines
 
 

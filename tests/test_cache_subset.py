@@ -131,6 +131,8 @@ def test_cli_cache_subset(tmp_path):
     ok = runner.invoke(main, ["cache", "subset", str(src), str(tmp_path / "sub"), "--views", "2"])
     assert ok.exit_code == 0, ok.output
     assert "2 of 3 views" in ok.output and "2 parts written" in ok.output
+    shown = runner.invoke(main, ["cache", "inspect", str(tmp_path / "sub")])
+    assert f"subset        first 2 of the 3 views of {src.resolve()}" in shown.output
     bad = runner.invoke(main, ["cache", "subset", str(src), str(tmp_path / "x"), "--views", "9"])
     assert bad.exit_code == 2
     assert bad.output.strip().startswith("error: --views 9") and len(bad.output.splitlines()) == 1
