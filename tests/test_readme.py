@@ -41,8 +41,14 @@ def readme_commands(text: str | None = None) -> list[str]:
     text = README.read_text() if text is None else text
     commands = []
     for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, flags=re.S | re.M):
+        pending = ""
         for line in block.splitlines():
             line = re.sub(r"(^|\s+)#.*$", "", line.strip()).strip()
+            if line.endswith("\\"):  # a continued command: join with the next line
+                pending += line[:-1].strip() + " "
+                continue
+            line = (pending + line).strip()
+            pending = ""
             if line:
                 commands.append(line)
     return commands
@@ -58,7 +64,8 @@ COVERED: list[tuple[str, str]] = [
     (r"tec train \S+ \S+ --nproc-per-node \d+", "test_tec_train_launches_ranks"),
     (r"torchrun --nproc-per-node \d+ -m pipeline\.cli train \S+ \S+", "test_torchrun_command"),
     (r"tec run pipeline\.yaml --set .*", "test_configuration_override"),
-    (r"tec cache (inspect|verify) \S+", "test_cache_commands"),
+    (r"tec cache (inspect|verify|verify --deep|repair) \S+", "test_cache_commands"),
+    (r"tec cache transcode \S+ \S+ --codec .*", "test_cache_commands"),
     (r"(RAY_AUTH\S+ )+ray (get-auth-token|start) .*", "test_ray_cluster_commands"),
     (r"RAY_AUTH_TOKEN_PATH=\S+ tec targets .*", "test_ray_cluster_commands"),
 ]
@@ -76,8 +83,9 @@ def test_every_readme_command_is_run_by_a_test():
 
 
 def test_readme_commands_parser():
-    text = "x\n```bash\n# comment\ntec a b   # trailing\n\n  tec c\n```\n```python\nno\n```\n"
-    assert readme_commands(text) == ["tec a b", "tec c"]
+    text = ("x\n```bash\n# comment\ntec a b   # trailing\n\n  tec c \\\n    --d e   # c\n```\n"
+            "```python\nno\n```\n")
+    assert readme_commands(text) == ["tec a b", "tec c --d e"]
 
 
 def _command(pattern: str) -> str:
@@ -186,10 +194,24 @@ def test_quickstart_run(quickstart):
 def test_cache_commands(quickstart):
     ws, _, proc = quickstart
     _ok(proc)
-    for pattern in (r"tec cache inspect \S+", r"tec cache verify \S+"):
+    for pattern in (r"tec cache inspect \S+", r"tec cache verify \S+",
+                    r"tec cache verify --deep \S+", r"tec cache transcode \S+ \S+ --codec .*"):
         command = _command(pattern)
         out = _ok(_sh(command, ws))
         assert "runs/fashion-mnist/cache" in command and out.strip(), out
+    transcoded = shlex.split(_command(r"tec cache transcode \S+ \S+ --codec .*"))[4]
+    _ok(_sh(f"tec cache verify {transcoded}", ws))
+    # repair: damage one committed part's data, then the README's command makes verify pass
+    cache = ws / "runs" / "fashion-mnist" / "cache"
+    _ok(_sh(f"tec cache verify {cache}", ws))
+    victim = max((p for p in (cache / "parts").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert _sh(f"tec cache verify {cache}", ws).returncode != 0
+    _ok(_sh(_command(r"tec cache repair \S+"), ws))
+    _ok(_sh(_command(r"tec cache verify --deep \S+"), ws))
 
 
 @pytest.mark.slow
