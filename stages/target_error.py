@@ -142,10 +142,20 @@ def _measure(cfg, base, spec, precision, source, shard, max_views, start) -> dic
     out = {"views": len(keys), "reference": "float32", "device": device, "precision": precision,
            "codec": spec.codec, "total": compare_targets(ref, stored),
            "codec_only": compare_targets(test, stored),
-           "precision_only": compare_targets(ref, test),
-           "seconds": round(time.perf_counter() - start, 2)}
-    logger.info("target error of codec %s at precision %s vs float32 on %d views: feature rel RMS "
-                "%.4f, attention excess CE %.4f nats (tau 1.0), top-k agreement %.3f", spec.codec,
-                precision, len(keys), out["total"]["feature_rel_rms"],
-                out["total"]["attn_excess_ce_tau1.0"], out["total"]["topk_agreement"])
+           "precision_only": compare_targets(ref, test)}
+    # The manifest must be reproducible (a resumed or rerun stage 1 writes the same bytes): no
+    # timing in it, and measures rounded to 4 significant digits, far above the last-bit noise
+    # of float32 sums that differ with the thread count of the process that measures.
+    for key in ("total", "codec_only", "precision_only"):
+        out[key] = {k: _round_sig(v) for k, v in out[key].items()}
+    logger.info("target error of codec %s at precision %s vs float32 on %d views (%.1f s): "
+                "feature rel RMS %.4f, attention excess CE %.4f nats (tau 1.0), top-k agreement "
+                "%.3f", spec.codec, precision, len(keys), time.perf_counter() - start,
+                out["total"]["feature_rel_rms"], out["total"]["attn_excess_ce_tau1.0"],
+                out["total"]["topk_agreement"])
     return out
+
+
+def _round_sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits (0 stays 0)."""
+    return float(f"{x:.{digits - 1}e}")
