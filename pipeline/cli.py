@@ -87,7 +87,11 @@ def _load(config: Path, overrides, allow_pickle: bool = False):
 
     if allow_pickle:
         overrides = (*overrides, "base_model.allow_pickle=true")
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    from storage.objstore import configure
+
+    configure(cfg.targets.storage_options)  # object-store URLs of this run (cache, shards)
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -265,25 +269,31 @@ def cache():
 
 
 @cache.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @user_errors
 def cache_inspect(path):
-    """Print the manifest summary, record count, bytes per view, size and completeness."""
+    """Print the manifest summary, record count, bytes per view, size and completeness.
+    PATH: a folder or an fsspec URL (s3://bucket/cache; credentials from the environment)."""
     from storage import format_inspect, inspect_cache
+    from storage.objstore import check_location
+
+    check_location(path, what="cache")
 
     click.echo(format_inspect(inspect_cache(path)))
 
 
 @cache.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @click.option("--deep", is_flag=True,
               help="Also decode every record and check every value is finite (reads it all).")
 @user_errors
 def cache_verify(path, deep):
     """Re-read every part and recompute its checksums; exit 1 naming each bad part."""
     from storage import verify_cache
+    from storage.objstore import as_root, check_location
 
-    if not Path(path).exists():
+    check_location(path, what="cache")
+    if not as_root(path).exists():
         raise FileNotFoundError(f"no target cache at {path} (the path does not exist)")
     problems = verify_cache(path, deep=deep)
     if problems:

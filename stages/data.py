@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import logging
 import os
@@ -92,10 +93,13 @@ def _index_tar(path: str) -> tuple[list[str], list[int], list[int], list[int]]:
     """
     from .sources import IMAGE_EXTENSIONS
 
+    from .sources import _file_size, _open_shard
+
     keys, offsets, sizes, labels = [], [], [], []
     seen: set[str] = set()
-    size = os.path.getsize(path)
-    with open(path, "rb") as raw:
+    with _open_shard(path) as raw:
+        size = _file_size(raw)
+
         def close(key: str | None, fields: dict) -> None:
             if key is None or key in seen:
                 seen.add(key)
@@ -108,7 +112,7 @@ def _index_tar(path: str) -> tuple[list[str], list[int], list[int], list[int]]:
             cls = fields.get("cls")
             if cls is not None and cls.offset_data + cls.size <= size:
                 try:
-                    label = int(os.pread(raw.fileno(), cls.size, cls.offset_data).decode("ascii").strip())
+                    label = int(_pread_file(raw, cls.size, cls.offset_data).decode("ascii").strip())
                 except (UnicodeDecodeError, ValueError):
                     label = -1
             keys.append(key)
@@ -158,9 +162,40 @@ def _unique_tar_keys(shards: Sequence[str]) -> list[dict[str, str | None]]:
     return unique_keys(keys, part_names(list(shards)))
 
 
+def _pread_file(raw, n: int, offset: int) -> bytes:
+    """n bytes at offset of an open shard without moving its position (tarfile's walk)."""
+    if isinstance(raw, io.BufferedReader):  # a local file
+        return os.pread(raw.fileno(), n, offset)
+    position = raw.tell()
+    try:
+        raw.seek(offset)
+        return raw.read(n)
+    finally:
+        raw.seek(position)
+
+
+def _is_url(path) -> bool:
+    from storage.objstore import is_url
+
+    return is_url(path)
+
+
 def _file_signature(path: str) -> list:
+    if _is_url(path):  # an object: its size and version tag (ETag / modification time)
+        from storage.objstore import Url, call
+
+        url = Url(path)
+        info = call(url, url.fs.info, url.key)
+        tag = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        return [str(path), int(info.get("size") or 0), str(tag)]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def _url_is_file(path: str) -> bool:
+    from storage.objstore import Url
+
+    return Url(path).is_file()
 
 
 class SourceIndex:
@@ -199,7 +234,7 @@ class SourceIndex:
         if kind != "webdataset":
             raise DataError(f"source.kind {kind!r} is not supported; use webdataset or imagefolder")
         for shard in shards:
-            if not os.path.isfile(shard):
+            if not (_url_is_file(shard) if _is_url(shard) else os.path.isfile(shard)):
                 raise FileNotFoundError(f"source shard {shard} does not exist")
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
             try:
@@ -259,6 +294,14 @@ class SourceIndex:
         if self._pid != os.getpid():  # descriptors inherited through fork: open our own
             self._fds, self._pid = collections.OrderedDict(), os.getpid()
         f = int(self.file[i])
+        if _is_url(self.files[f]):  # an object: one ranged GET
+            from storage.objstore import Url
+
+            data = Url(self.files[f]).read_range(int(self.offsets[i]), int(self.sizes[i]))
+            if len(data) != int(self.sizes[i]):
+                raise DataError(f"source object {self.files[f]} is shorter than its index says "
+                                f"(sample {self.keys[i]!r}); delete the run's source_index folder")
+            return data
         fd = self._fds.get(f)
         if fd is None:
             if len(self._fds) >= self._MAX_OPEN:
@@ -663,5 +706,6 @@ class TargetBuilder:
 
 def index_digest(shards: Sequence[str]) -> str:
     """Short name for a source index file of these shards."""
-    return hashlib.blake2b("\n".join(os.path.abspath(s) for s in shards).encode(),
+    return hashlib.blake2b("\n".join(s if _is_url(s) else os.path.abspath(s)
+                                     for s in shards).encode(),
                            digest_size=6).hexdigest()

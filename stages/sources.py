@@ -123,6 +123,9 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
     out: list[str] = []
     for item in items:
+        if is_url(item):  # shards on an object store (s3://bucket/train-{0000..0099}.tar)
+            out.extend(_expand_url(item))
+            continue
         pattern = os.path.expanduser(item)
         matched: list[str] = []
         missing: list[str] = []
@@ -143,6 +146,56 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             raise ShardSpecError(f"shard pattern {item!r} matches no files; check the path or pattern")
         out.extend(matched)
     return list(dict.fromkeys(out))
+
+
+def is_url(path) -> bool:
+    from storage.objstore import is_url as _is_url
+
+    return _is_url(path)
+
+
+def _expand_url(item: str) -> list[str]:
+    """An object-store shard spec -> object URLs (braces expanded; a glob or a prefix listed)."""
+    import braceexpand
+
+    from storage.objstore import Url, call, filesystem
+
+    fs, _ = filesystem(item)
+    proto = item.split("://", 1)[0]
+    matched: list[str] = []
+    missing: list[str] = []
+    for url in braceexpand.braceexpand(item):
+        key = filesystem(url)[1]
+        if glob.has_magic(key):
+            matched.extend(f"{proto}://{k.lstrip('/')}" for k in sorted(call(url, fs.glob, key)))
+        elif call(url, fs.isdir, key):
+            matched.extend(str(Url(url) / k.rsplit("/", 1)[-1]) for k in
+                           sorted(call(url, fs.ls, key, detail=False)) if k.endswith(".tar"))
+        elif call(url, fs.exists, key):
+            matched.append(url)
+        else:
+            missing.append(url)
+    if missing:
+        raise MissingShardsError(
+            f"{len(missing)} shard(s) named by {item!r} do not exist (first: {missing[0]}); check the path")
+    if not matched:
+        raise ShardSpecError(f"shard pattern {item!r} matches no objects; check the URL or pattern")
+    return matched
+
+
+def _open_shard(shard: str):
+    """A shard for reading: a local file, or an object read through fsspec (buffered ranged
+    reads, seekable, so tarfile walks its headers as on disk)."""
+    if is_url(shard):
+        from storage.objstore import Url
+
+        return Url(shard).open("rb", block_size=8 << 20)
+    return open(shard, "rb")
+
+
+def _file_size(f) -> int:
+    size = getattr(f, "size", None)  # fsspec file objects know their size
+    return int(size) if isinstance(size, int) else os.fstat(f.fileno()).st_size
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -313,7 +366,7 @@ class WebDatasetSource:
         """(candidate samples, keys of the candidates without a header-level error) of `shard`,
         from tar headers only: what :func:`unique_keys` needs to spot keys repeated across shards."""
         count, keys = 0, []
-        with open(shard, "rb") as f:
+        with _open_shard(shard) as f:
             for group in self._groups(shard, f, log=False):
                 count += 1
                 if group.error is None:
@@ -323,7 +376,7 @@ class WebDatasetSource:
     def samples(self, shard: str) -> Iterator[Sample]:
         """Candidate samples of `shard` in tar order; unreadable ones carry `error` (never raises
         for damaged data). A key seen earlier in the shard is yielded with error 'duplicate key'."""
-        with open(shard, "rb") as f:
+        with _open_shard(shard) as f:
             tar: tarfile.TarFile | None = None
             for group, tar in self._groups(shard, f, with_tar=True):
                 if group.error is not None:
@@ -350,7 +403,7 @@ class WebDatasetSource:
 
         log: report damage and skipped members (samples() does; count() stays quiet)."""
         warn = logger.warning if log else logger.debug
-        size = os.fstat(f.fileno()).st_size
+        size = _file_size(f)
         shard_name = os.path.basename(shard)
         try:
             tar = tarfile.open(fileobj=f, mode="r:")

@@ -154,6 +154,10 @@ class Stage1Config:
     benchmarks/README.md "Storage"); on a CPU it is always float32. The precision used is part of
     the cache's identity, and the target error of codec and precision against float32 is measured
     on the first samples and stored in the manifest (``target_error``).
+    cache (and source.path) may be fsspec URLs (s3://, gs://, memory://): no shared file system
+    is needed. storage_options: {protocol: {filesystem keyword: value}} (e.g. ``{s3:
+    {endpoint_url: ..., key: ..., secret: ...}}``) for those URLs, applied in every process of the
+    run; without it credentials come from the standard environment (AWS_*, ...).
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -172,10 +176,15 @@ class Stage1Config:
     strict: bool = False
     pixels: Literal["none", "jpeg", "png"] = "none"
     pixels_quality: int = 90
+    storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if not self.cache:
             raise ConfigError("targets.cache: give the target cache folder")
+        for proto, opts in (self.storage_options or {}).items():
+            if not isinstance(opts, dict):
+                raise ConfigError(f"targets.storage_options.{proto}: expected a mapping of "
+                                  f"filesystem options (endpoint_url, key, ...), got {opts!r:.40}")
         for name in ("views", "last_n", "k_max", "batch_size", "max_in_flight"):
             value = getattr(self, name)
             if value < 1:
@@ -344,6 +353,7 @@ class ShardJob:
     max_in_flight: int
     hooks: dict = field(default_factory=dict)
     renames: dict = field(default_factory=dict)  # this shard's stages.sources.unique_keys
+    storage_options: dict = field(default_factory=dict)  # targets.storage_options
 
 
 @dataclass
@@ -419,6 +429,10 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     from storage import PartCommittedError
 
     start = time.perf_counter()
+    if job.storage_options:  # this worker may be on another node: configure its filesystems
+        from storage.objstore import configure
+
+        configure(job.storage_options)
     writer = writer if writer is not None else _open_writer(job.cache)
     result = PartResult(part=job.part, worker=f"{socket.gethostname()}:{os.getpid()}")
     if writer.is_committed(job.part):  # a retried task whose first attempt had committed
@@ -849,6 +863,7 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     """
     strict = cfg.strict if strict is None else strict
     start = time.perf_counter()
+    check_storage(cfg)  # an unusable URL is one line, before any base-model work
     geometry, fingerprint = _check_base_model(cfg, base)
     # actors (on any node) load exactly the weights fingerprinted here, or refuse
     base = dataclasses.replace(base, sha256=fingerprint["checkpoint_sha256"])
@@ -913,6 +928,20 @@ def failure_message(failed: list[tuple], parts_total: int, max_retries: int) -> 
             f"{part}: {reason}); the other parts are committed, rerun to resume")
 
 
+def check_storage(cfg: Stage1Config) -> None:
+    """Configure ``targets.storage_options`` in this process and check that an object-store
+    cache is reachable and writable and an object-store source reachable (StorageError, one line
+    naming the URL: scheme not installed, endpoint unreachable, credentials refused, bucket
+    missing). Local paths are left to the steps that use them."""
+    from storage.objstore import check_location, configure
+
+    configure(cfg.storage_options)
+    check_location(cfg.cache, write=True, what="targets.cache")
+    if cfg.source.kind == "webdataset":
+        for item in str(cfg.source.path).split("::"):
+            check_location(item, what="targets.source.path")
+
+
 def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, dict]:
     """Load the base model once on the driver: its geometry and fingerprint, checked against
     the config. Returns (describe_vit dict, manifest base_model fingerprint)."""
@@ -967,7 +996,9 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                      image_size=policy.output_size if cfg.pixels != "none" else 0)
     precision = resolve_precision(cfg)
     extra = None
-    if base is not None and not (Path(cfg.cache) / "manifest.json").exists():
+    from storage.objstore import as_root
+
+    if base is not None and not (as_root(cfg.cache) / "manifest.json").exists():
         # a new cache: measure the target error of its codec and precision on the first samples
         from stages.target_error import measure_stage1_error
 
@@ -990,7 +1021,8 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                  source_path=cfg.source.path if wds else _absolute(cfg.source.path),
                  shard_size=cfg.source.shard_size, cache=_absolute(cfg.cache), views=cfg.views,
                  policy=policy.to_dict(), batch_size=cfg.batch_size,
-                 max_in_flight=cfg.max_in_flight, hooks=hooks, renames=renames[i])
+                 max_in_flight=cfg.max_in_flight, hooks=hooks, renames=renames[i],
+                 storage_options=dict(cfg.storage_options or {}))
         for i, (shard, name, count) in enumerate(zip(shards, names, counts))
         if name not in committed
     ]
@@ -1012,16 +1044,26 @@ def _record_config(cfg: Stage1Config, base: BaseModelConfig) -> None:
     base_dict = to_dict(base)
     if base_dict.get("checkpoint"):
         base_dict["checkpoint"] = _absolute(base_dict["checkpoint"])
-    path = Path(cfg.cache) / CONFIG_NAME
+    from storage.objstore import Url, as_root
+
+    path = as_root(cfg.cache) / CONFIG_NAME
+    # the source path as configured (it is part of the cache's identity), resolved from cwd
+    text = json.dumps({"targets": to_dict(cfg), "base_model": base_dict,
+                       "cwd": os.getcwd()}, indent=2, sort_keys=True) + "\n"
+    if isinstance(path, Url):  # one PUT replaces the object atomically
+        path.write_text(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # the source path as configured (it is part of the cache's identity), resolved from cwd
-    tmp.write_text(json.dumps({"targets": to_dict(cfg), "base_model": base_dict,
-                               "cwd": os.getcwd()}, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _absolute(path) -> str:
+    from storage.objstore import is_url
+
+    if is_url(path):
+        return str(path)
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
@@ -1029,15 +1071,19 @@ def _finish_summary(summary: Stage1Summary, cfg: Stage1Config, writer, start: fl
     """Aggregate the parts' bad-sample reports into REPORT_NAME and fill the totals."""
     from storage import inspect_cache
 
-    root = Path(cfg.cache)
+    from storage.objstore import Url, as_root
+
+    root = as_root(cfg.cache)
     bad = _bad_samples(writer)
     report = root / REPORT_NAME
-    report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_name(report.name + ".tmp")
-    with open(tmp, "w") as f:
-        for entry in bad:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
-    os.replace(tmp, report)
+    text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in bad)
+    if isinstance(report, Url):
+        report.write_text(text)
+    else:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        tmp = report.with_name(report.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, report)
     summary.skipped = len(bad)
     summary.bad_reasons = dict(collections.Counter(_reason_kind(e.get("reason")) for e in bad))
     summary.bad_samples_report = str(report)

@@ -405,7 +405,10 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
     """Open a complete cache and check it belongs to this run (schema, base model, shapes)."""
     from storage import CacheError, fingerprint_mismatch, open_cache
 
-    if not Path(cache).exists():
+    from storage.objstore import as_root, check_location
+
+    check_location(str(cache), what="cache")
+    if not as_root(cache).exists():
         raise FileNotFoundError(f"cache: target cache {cache} does not exist; run stage 1 first")
 
     def refuse(exc: CacheError) -> CacheMismatchError:
@@ -588,7 +591,9 @@ def _self_contained(reader, run: TrainConfig, needs_targets: bool) -> bool:
 
 def _check_source_exists(shards: list[str], reader, run: TrainConfig, cache) -> None:
     """One line naming the first missing source shard and why the run needs it."""
-    missing = [s for s in shards if not os.path.isfile(s)]
+    from storage.objstore import Url, is_url
+
+    missing = [s for s in shards if not (Url(s).is_file() if is_url(s) else os.path.isfile(s))]
     if not missing:
         return
     first = f"{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import compact
 from .codecs import blosc_decode, decode_view
+from .objstore import Url
 from .schema import CacheError, stored_fields
 from .zarr_backend import ZarrPartReader
 
@@ -191,7 +192,8 @@ def stream_view(reader, part: str, view: int, *, block: int = 8 << 20):
     order = np.argsort(table[:, 0], kind="stable")
     start = reader._starts[p]
     path = wds.dir / view_tar_name(int(view))
-    with open(path, "rb", buffering=block) as f:
+    with (path.open("rb", block_size=block) if isinstance(path, Url) else
+          open(path, "rb", buffering=block)) as f:
         position = 0
         for local in order:
             offset, n, crc = (int(x) for x in table[local])

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import layout
+from .objstore import Url, as_root, is_url
 from .codecs import codec_config, decode_view, prepare_views
 from .schema import (CacheError, CacheSpec, PartCommittedError, build_manifest,
                      check_manifest_readable, fingerprint_mismatch, identity_mismatch, jsonable,
@@ -55,7 +56,7 @@ def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_po
     identity. extra: sections recorded in a new manifest that are not part of the identity
     (``target_error`` measured by stage 1, ``transcode`` history); a reopened cache keeps its own.
     """
-    root = Path(path)
+    root = as_root(path)
     if not isinstance(spec, CacheSpec):
         raise CacheError(f"create_cache: spec must be a CacheSpec, got {type(spec).__name__}")
     wanted = build_manifest(spec, base_model=base_model, view_policy=view_policy, source=source,
@@ -104,7 +105,7 @@ def _is_cache_entry(name: str) -> bool:
 
 def open_writer(path: str | Path) -> "CacheWriter":
     """Reopen an existing cache for writing parts (e.g. in a worker process) without its arguments."""
-    root = Path(path)
+    root = as_root(path)
     mpath = layout.manifest_path(root)
     if not mpath.exists():
         raise CacheError(f"no target cache at {root} ({layout.MANIFEST} missing); create it first")
@@ -196,7 +197,7 @@ class CacheWriter:
     """Handle on a cache being written. Picklable (it holds only the path and the manifest)."""
 
     def __init__(self, root: Path, manifest: dict):
-        self.root = Path(root)
+        self.root = as_root(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
         self._slots = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
@@ -240,6 +241,9 @@ class CacheWriter:
             layout.marker_path(self.root, part).unlink()
             layout.fsync_dir(layout.marker_path(self.root, part).parent)
         layout.remove_tree(layout.part_tmp_root(self.root, part))
+        if isinstance(self.root, Url):
+            # objects of an attempt that died before its marker (never visible) go now
+            layout.remove_tree(layout.part_dir(self.root, part))
         return PartWriter(self, part)
 
     def finalize(self) -> dict:
@@ -459,6 +463,19 @@ class _FdCache:
             if hit is not None:
                 self._fds.move_to_end(path)
                 return hit
+        if is_url(path):  # an object: no descriptor, ranged reads of the Url (layout.pread)
+            url = Url(path)
+            if expected is None:
+                raise fail(f"{rel} is not listed in the part's commit marker")
+            try:
+                size = url.stat().st_size
+            except FileNotFoundError:
+                raise fail(f"{rel} cannot be opened (no such object)") from None
+            if size != expected:
+                raise fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
+            with self._lock:
+                self._fds[path] = (url, size)
+            return url, size
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -474,12 +491,15 @@ class _FdCache:
             self._fds[path] = (fd, size)
             while len(self._fds) > self.limit:
                 _, (old, _) = self._fds.popitem(last=False)
-                os.close(old)
+                if not isinstance(old, Url):
+                    os.close(old)
         return fd, size
 
     def close(self) -> None:
         with self._lock:
             for fd, _ in self._fds.values():
+                if isinstance(fd, Url):
+                    continue
                 try:
                     os.close(fd)
                 except OSError:
@@ -500,7 +520,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True,
     last check to `CacheReader.check_manifest_identity()` (e.g. to compare the base model first,
     for a more specific message). No part file is read beyond the sample lists.
     """
-    root = Path(path)
+    root = as_root(path)
     mpath = layout.manifest_path(root)
     if not mpath.exists():
         raise CacheError(f"no target cache at {root} ({layout.MANIFEST} missing); run stage 1 "
@@ -521,7 +541,7 @@ class CacheReader:
     def __init__(self, root: Path, manifest: dict, *, require_complete: bool = True,
                  max_open_files: int = DEFAULT_MAX_OPEN_FILES,
                  max_open_parts: int = DEFAULT_MAX_OPEN_PARTS, check_identity: bool = True):
-        self.root = Path(root)
+        self.root = as_root(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
         self._limits = (max_open_files, max_open_parts)

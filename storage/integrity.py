@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
+from .objstore import Url, as_root
 from .cache import (_committed, _read_marker, _shown, manifest_edits, open_cache, part_checksum,
                     slot_count_edits)
 from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
@@ -32,7 +33,7 @@ def inspect_cache(path: str | Path) -> dict:
     compression and framing), float32_bytes_per_view, compression_ratio (raw / on disk),
     unfinished_writes (parts with temp data of an unfinished attempt).
     """
-    root = Path(path)
+    root = as_root(path)
     manifest = _load_manifest(root)
     spec = CacheSpec.from_dict(manifest["spec"])
     committed = _committed(root, manifest)
@@ -48,8 +49,12 @@ def inspect_cache(path: str | Path) -> dict:
             bytes_meta += mp.stat().st_size
     records = samples * spec.views
     tmp = root / layout.TMP_DIR
-    unfinished = sorted(d.name for d in tmp.iterdir() if d.is_dir() and any(d.iterdir())) \
-        if tmp.is_dir() else []
+    if isinstance(root, Url):  # objects of attempts that died before their marker
+        present = {d.name for d in (root / layout.PARTS_DIR).iterdir()}
+        unfinished = sorted(p for p in missing if p in present)
+    else:
+        unfinished = sorted(d.name for d in tmp.iterdir() if d.is_dir() and any(d.iterdir())) \
+            if tmp.is_dir() else []
     raw = record_nbytes(spec)
     per_view = bytes_data / records if records else 0.0
     return {
@@ -191,7 +196,7 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
     committed (the marker records a checksum of them). deep=True also decodes every record.
     [] means the cache is intact.
     """
-    root = Path(path)
+    root = as_root(path)
     try:
         manifest = _load_manifest(root)
     except CacheError as e:

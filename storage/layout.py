@@ -8,6 +8,11 @@
 A part is visible to readers iff its marker exists. The marker is written last (tmp file, fsync,
 os.replace), after the data directory has been renamed into place, so a crash at any point
 leaves either no marker (part absent; rewriting it discards the leftovers) or a complete part.
+
+On an object store (root an fsspec URL, storage/objstore.py) there is no rename and no tmp/: a
+part is written to a local staging folder, its data objects are uploaded to parts/<part>/ and
+checked, and the marker is written last (one PUT). Objects of an attempt that died before its
+marker are invisible (no marker) and removed when the part is reopened.
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
+from .objstore import Url
 from .schema import CacheError, check_part_name
 
 MANIFEST = "manifest.json"
@@ -46,6 +53,11 @@ def marker_path(root: Path, part: str) -> Path:
 
 
 def part_tmp_root(root: Path, part: str) -> Path:
+    if isinstance(root, Url):  # parts of an object-store cache are staged on local disk
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+        base = os.environ.get("TEC_STAGING_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                 "tec-staging")
+        return Path(base, digest, check_part_name(part))
     return root / TMP_DIR / check_part_name(part)
 
 
@@ -57,7 +69,7 @@ def new_part_tmp(root: Path, part: str) -> Path:
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory (its entries: renames into it) unless TEC_CACHE_FSYNC=0."""
-    if fsync_enabled():
+    if fsync_enabled() and not isinstance(path, Url):
         fsync_directory(path)
 
 
@@ -90,7 +102,12 @@ def dumps_readable(obj, width: int = 100, _level: int = 0) -> str:
 
 
 def write_json_atomic(path: Path, obj, *, readable: bool = True) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    """Write JSON so that readers see the old file or the new one, never a partial one
+    (an object store's PUT replaces an object atomically)."""
+    if isinstance(path, Url):
+        text = dumps_readable(obj) if readable else json.dumps(obj, separators=(",", ":"))
+        path.write_text(text + "\n")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -109,6 +126,8 @@ def write_json_atomic(path: Path, obj, *, readable: bool = True) -> None:
 
 def read_json(path: Path, what: str):
     try:
+        if isinstance(path, Url):
+            return json.loads(path.read_bytes())
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
@@ -120,7 +139,7 @@ def read_json(path: Path, what: str):
 
 def file_sha256(path: Path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open("rb") if isinstance(path, Url) else open(path, "rb")) as f:
         while True:
             b = f.read(bufsize)
             if not b:
@@ -131,6 +150,8 @@ def file_sha256(path: Path, bufsize: int = 1 << 20) -> str:
 
 def list_files(directory: Path) -> list[str]:
     """Relative paths (posix) of all regular files under directory, sorted."""
+    if isinstance(directory, Url):
+        return directory.find()
     out = []
     for dirpath, _, files in os.walk(directory):
         for name in files:
@@ -152,6 +173,9 @@ def fsync_tree(directory: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
+    if isinstance(path, Url):
+        path.rmtree()
+        return
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -195,6 +219,9 @@ class HashingWriter:
 
 def commit_part_dir(root: Path, part: str, tmp: Path, marker: dict) -> None:
     """Move a finished part into place, then write its marker (the commit point)."""
+    if isinstance(root, Url):
+        _upload_part(root, part, tmp, marker)
+        return
     final = part_dir(root, part)
     final.parent.mkdir(parents=True, exist_ok=True)
     fsync_tree(tmp)
@@ -209,3 +236,33 @@ def commit_part_dir(root: Path, part: str, tmp: Path, marker: dict) -> None:
         part_tmp_root(root, part).rmdir()
     except OSError:
         pass
+
+
+def _upload_part(root: Url, part: str, tmp: Path, marker: dict) -> None:
+    """Object-store commit: leftovers of a dead attempt removed, every data object uploaded and
+    its size checked, then the marker written (the commit point), then the staging folder
+    removed. No rename: until the marker exists readers do not look at parts/<part>/."""
+    final = part_dir(root, part)
+    remove_tree(final)
+    files = marker.get("files", {})
+    for rel in sorted(files):
+        final.put_file(tmp / rel, rel)
+    for rel, info in sorted(files.items()):
+        size = (final / rel).stat().st_size
+        if size != info.get("bytes"):
+            raise CacheError(f"part {part} of {root}: uploaded {rel} is {size} bytes, expected "
+                             f"{info.get('bytes')}; the part is not committed, rerun to resume")
+    write_json_atomic(marker_path(root, part), marker)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        part_tmp_root(root, part).rmdir()
+    except OSError:
+        pass
+
+
+def pread(handle, n: int, offset: int) -> bytes:
+    """n bytes at offset of an open file: an os file descriptor, or an object-store Url (one
+    ranged GET; thread- and fork-safe: no shared file position)."""
+    if isinstance(handle, Url):
+        return handle.read_range(offset, n)
+    return os.pread(handle, n, offset)

@@ -27,6 +27,7 @@ the webdataset library into the same record ``CacheReader.read`` returns.
 """
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 import zlib
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Compressor, blosc_decode, decode_view, json_bytes, npy_bytes, npy_load
-from .layout import HashingWriter, write_json_atomic
+from .layout import HashingWriter, pread, write_json_atomic
 from .pixels import EXTENSIONS as PIXEL_EXTENSIONS
 from .schema import CacheError, CacheSpec, index_dtype, stored_fields
 
@@ -256,11 +257,11 @@ class WdsPartReader:
         rel = RECORDS_FILE
         expected = files.get(rel, {}).get("bytes")
         try:
-            size = os.path.getsize(directory / rel)
+            raw = (directory / rel).read_bytes()  # a local file or an object (objstore.Url)
+            size = len(raw)
             if expected is not None and size != expected:
                 raise self._fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
-            with open(directory / rel, "rb") as f:
-                table = np.load(f, allow_pickle=False)
+            table = np.load(io.BytesIO(raw), allow_pickle=False)
         except CacheError:
             raise
         except (OSError, ValueError) as e:
@@ -281,7 +282,7 @@ class WdsPartReader:
         fd, size = self._fds.get(str(self.dir / rel), self._files.get(rel, {}).get("bytes"), self._fail, rel)
         if offset < 0 or offset + n > size:
             raise self._fail(f"{rel}: record {index} view {view} lies outside the file")
-        data = os.pread(fd, n, offset)
+        data = pread(fd, n, offset)
         if len(data) != n:
             raise self._fail(f"{rel}: short read at {offset} (file truncated)")
         if zlib.crc32(data) != crc:

@@ -38,7 +38,7 @@ import google_crc32c  # zarr's own crc32c implementation (a dependency of zarr 3
 import numpy as np
 
 from .codecs import Compressor, blosc_decode, blosc_params
-from .layout import HashingWriter
+from .layout import HashingWriter, pread
 from .schema import CacheError, CacheSpec, stored_fields
 
 PIXELS_RELPATH = "pixels.bin"
@@ -231,7 +231,7 @@ class ZarrPartReader:
         fd, size = self._fds.get(path, expected, self._fail, rel)
         if offset < 0 or offset + n > size:
             raise self._fail(f"{rel}: byte range {offset}+{n} lies outside the file ({size} bytes)")
-        data = os.pread(fd, n, offset)
+        data = pread(fd, n, offset)
         if len(data) != n:
             raise self._fail(f"{rel}: short read at {offset} (file truncated)")
         return data

@@ -1,0 +1,266 @@
+"""Caches and source shards on object storage (issue #15): fsspec URLs for targets.cache and the
+shards, stage 1 writing parts straight to the store (data objects first, the marker last),
+kill and resume, `tec cache verify | inspect`, stage 2 reading from it, one-line errors for
+unusable URLs. The S3 tests run against moto's standalone server on loopback (s3_helpers)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s3_helpers import BUCKET, s3_server, start_moto, stop, upload_tree  # noqa: F401  (fixture)
+from storage import CacheError, open_cache, verify_cache
+from storage.objstore import StorageError, Url, check_location
+from storage_helpers import new_cache, part_records, spec, write_part
+from test_stage1 import (DRIVER, all_records, assert_same_records, base, kill_session,  # noqa: F401
+                         make_cfg, ray_session, shards)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ memory:// (no server)
+@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+def test_a_cache_on_memory_store_reads_like_a_local_one(tmp_path, backend):
+    """The same parts written to memory:// and to a folder read back record for record, with the
+    same part files (sha256); verify passes on the store."""
+    s = spec(backend=backend)
+    parts = [("p0", 4), ("p1", 3)]
+    url = f"memory://tec-{backend}/cache"
+    remote, local = new_cache(url, s, parts), new_cache(tmp_path / "c", s, parts)
+    for w in (remote, local):
+        write_part(w, "p0", 1)
+        write_part(w, "p1", 2, skip=(1,))
+        w.finalize()
+    a, b = open_cache(url), open_cache(tmp_path / "c")
+    assert isinstance(a.root, Url) and a.num_samples == b.num_samples == 6
+    for i in range(a.num_samples):
+        for v in range(s.views):
+            ra, rb = a.read(i, v), b.read(i, v)
+            for k, x in ra.items():
+                if isinstance(x, np.ndarray):
+                    np.testing.assert_array_equal(x, rb[k], err_msg=k)
+    assert [m["files"] for m in a._markers.values()] == [m["files"] for m in b._markers.values()]
+    assert verify_cache(url) == []
+    batch = a.read_batch(np.arange(6), np.zeros(6, dtype=np.int64))
+    assert len(batch["features"]) == 6
+
+
+def test_a_half_uploaded_part_is_invisible_and_removed_on_reopen():
+    """Objects of an attempt that died before its marker: readers do not see the part, verify
+    names it, inspect lists it as unfinished, and reopening the part removes them."""
+    from storage import inspect_cache
+
+    s = spec()
+    url = "memory://tec-half/cache"
+    w = new_cache(url, s, [("p0", 3), ("p1", 2)])
+    write_part(w, "p0", 1)
+    leftover = Url(url) / "parts" / "p1" / "feature_mean" / "c" / "0" / "0" / "0"
+    leftover.write_bytes(b"half of a shard")  # a dead writer's upload, no marker
+    r = open_cache(url, require_complete=False)
+    assert r.parts == ["p0"] and r.num_samples == 3
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(url)
+    assert inspect_cache(url)["unfinished_writes"] == ["p1"]
+    assert any("p1: not committed" in p for p in verify_cache(url))
+    pw = w.open_part("p1")
+    assert not leftover.exists()
+    for slot, (key, rec) in part_records(s, "p1", 2, 5).items():
+        pw.write(slot, key, rec)
+    pw.commit()
+    w.finalize()
+    assert open_cache(url).num_samples == 5 and verify_cache(url) == []
+
+
+def test_unusable_urls_are_one_line_errors_naming_the_url():
+    with pytest.raises(StorageError, match=r"^nosuch://b/c: unknown URL scheme nosuch://"):
+        check_location("nosuch://b/c")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(StorageError, match=r"^gs://b/c: the gs:// scheme needs gcsfs"):
+            check_location("gs://b/c")
+    check_location("/a/local/path", write=True)  # local paths are checked where they are used
+
+
+# ------------------------------------------------------------------ S3 (moto on loopback)
+def test_s3_bad_locations_fail_before_any_base_model_work(s3_server, shards, tmp_path):
+    """A missing bucket, an unreachable endpoint and refused credentials are one line naming
+    the URL, raised before the base model is loaded (its checkpoint does not even exist)."""
+    from stages.configs import BaseModelConfig
+    from stages.stage1 import run_stage1
+    from storage import objstore
+
+    missing_base = BaseModelConfig(arch="vit_base_patch16_224", checkpoint=str(tmp_path / "no.pt"))
+    cfg = make_cfg(shards, "s3://no-such-bucket/cache")
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/cache: the bucket 'no-such-bucket' does not exist"):
+        run_stage1(cfg, missing_base, progress=False)
+    cfg = make_cfg(f"s3://no-such-bucket/shards/", f"s3://{BUCKET}/bad-src")
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/shards/: the bucket"):
+        run_stage1(cfg, missing_base, progress=False)
+    # nothing listens on port 9 of loopback: connection refused, without minutes of retries
+    cfg = make_cfg(shards, f"s3://{BUCKET}/unreachable",
+                   storage_options={"s3": {"endpoint_url": "http://127.0.0.1:9",
+                                           "config_kwargs": {"retries": {"max_attempts": 1},
+                                                             "connect_timeout": 2}}})
+    start = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match=r"^s3://tec-test/unreachable: cannot reach the storage endpoint"):
+            run_stage1(cfg, missing_base, progress=False)
+    finally:
+        import fsspec.config
+
+        fsspec.config.conf.pop("s3", None)
+        objstore._configured.clear()
+        objstore._fs_cache.clear()
+    assert time.monotonic() - start < 60
+    # a server that checks credentials: these keys are unknown to it
+    proc, endpoint = start_moto(tmp_path / "auth.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        cfg = make_cfg(shards, f"s3://{BUCKET}/refused",
+                       storage_options={"s3": {"endpoint_url": endpoint, "key": "wrong",
+                                               "secret": "wrong"}})
+        with pytest.raises(StorageError, match=r"^s3://tec-test/refused: access refused"):
+            run_stage1(cfg, missing_base, progress=False)
+    finally:
+        stop(proc)
+        fsspec.config.conf.pop("s3", None)
+        objstore._configured.clear()
+        objstore._fs_cache.clear()
+
+
+def _s3_files(url: str) -> dict[str, str]:
+    """relative path -> sha256 of every object under url (the data, not the markers' times)."""
+    root = Url(url)
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in root.find()}
+
+
+def _data_files(files: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in files.items() if k.startswith("parts/")}
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, shards):
+    upload_tree(shards, f"s3://{BUCKET}/shards")
+    return f"s3://{BUCKET}/shards/"
+
+
+@pytest.fixture(scope="module")
+def s3_reference(s3_shards, ray_session, base):
+    """Stage 1 over the shards on S3 into a cache on S3 (uninterrupted). The server (and its
+    environment, which Ray's workers inherit as a node's credentials) comes first."""
+    from stages.stage1 import run_stage1
+
+    cfg = make_cfg(s3_shards, f"s3://{BUCKET}/reference")
+    return cfg, run_stage1(cfg, base, progress=False)
+
+
+def test_stage1_from_s3_shards_into_an_s3_cache(s3_reference, base, shards, tmp_path):
+    """Same records as stage 1 over the local shards into a local cache; every part file equal;
+    `tec cache verify` and `tec cache inspect` on the s3:// URL succeed from a fresh process."""
+    from stages.stage1 import run_stage1
+
+    cfg, summary = s3_reference
+    assert summary.parts_done == 3 and summary.images == 15
+    local = make_cfg(shards, tmp_path / "cache")
+    run_stage1(local, base, progress=False)
+    assert_same_records(all_records(local.cache), all_records(cfg.cache))
+    remote = _s3_files(cfg.cache)
+    for rel, digest in _data_files(remote).items():
+        on_disk = Path(local.cache) / rel
+        assert hashlib.sha256(on_disk.read_bytes()).hexdigest() == digest, rel
+    assert "tmp/" not in " ".join(remote)  # no rename area on the store
+    assert verify_cache(cfg.cache) == []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", cfg.cache],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and f"ok: every part of {cfg.cache}" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "inspect", cfg.cache],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "15" in out.stdout, out.stderr
+    # damage one object: verify names the part and file; the CLI exits 1
+    target = Url(cfg.cache) / sorted(r for r in remote if r.startswith("parts/"))[0]
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        problems = verify_cache(cfg.cache)
+        assert problems and target.relative_to(Url(cfg.cache) / "parts").parts[1] in problems[0]
+        bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", cfg.cache],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and "BAD part" in bad.stderr
+    finally:
+        target.write_bytes(original)
+    assert verify_cache(cfg.cache) == []
+
+
+def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3_shards,
+                                                           s3_reference, tmp_path):
+    """SIGKILL the stage-1 driver once a part's marker is on S3; the rerun keeps that part's
+    objects as they are and ends with every data object equal to the uninterrupted run's."""
+    from stages.stage1 import TEST_HOOKS_ENV, run_stage1
+    from stages.configs import to_dict
+
+    cfg = make_cfg(s3_shards, f"s3://{BUCKET}/killed")
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": 0.4})}
+    log = tmp_path / "driver.log"
+    cmd = [sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)), json.dumps(to_dict(base)),
+           address]
+    status = Url(cfg.cache) / "status"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.name.endswith(".json") for p in status.iterdir()):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_session(proc.pid)
+    time.sleep(1.5)  # the joined Ray ends the dead driver's workers
+    committed = sorted(p.name[:-5] for p in status.iterdir() if p.name.endswith(".json"))
+    assert 1 <= len(committed) < 3, committed
+    before = {rel: d for rel, d in _s3_files(cfg.cache).items()
+              if any(rel.startswith(f"parts/{p}/") or rel == f"status/{p}.json" for p in committed)}
+
+    summary = run_stage1(cfg, base, progress=False)
+    assert (summary.parts_skipped, summary.parts_done) == (len(committed), 3 - len(committed))
+    after = _s3_files(cfg.cache)
+    assert {rel: after[rel] for rel in before} == before  # committed objects untouched
+    assert _data_files(after) == _data_files(_s3_files(s3_reference[0].cache))  # bit-identical
+    assert verify_cache(cfg.cache) == []
+
+
+def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, tmp_path):
+    """A run reading the cache on S3 takes the same steps with the same losses as the same run
+    reading a local copy of it."""
+    import torch
+
+    from stages.train import train
+    from test_train_helpers import Source, run_config
+
+    cfg = s3_reference[0]
+    local = tmp_path / "copy"
+    root = Url(cfg.cache)
+    for rel in root.find():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes((root / rel).read_bytes())
+    torch.set_num_threads(1)
+    run = run_config(epochs=1, batch_size=5)
+    a = train(run, cache=cfg.cache, source=Source(cfg.source.path), base=None,
+              out_dir=tmp_path / "s3run", progress=False)
+    b = train(run, cache=str(local), source=Source(cfg.source.path), base=None,
+              out_dir=tmp_path / "localrun", progress=False)
+    assert a.steps == b.steps == 3 and a.cached_samples == 15 and a.online_samples == 0
+    assert a.losses == b.losses
