@@ -23,6 +23,8 @@ one core even when the shared machine makes the process wait; wall-clock rates a
 * ``cache/<codec>/<jpeg|png>``: the self-contained path, stages.loader.BatchedTrainDataset:
   batched record reads in stored dtypes (dequantised later on the device), the stored view
   image decoded, the recorded view checked against the policy, mask noise;
+* ``stream/<codec>/jpeg``: a WebDataset cache with jpeg pixels read as a stream
+  (stages.loader.StreamingCacheDataset: sequential reads of one view's tars, shuffle buffer 64);
 * ``targets/<codec>/none``: the batched target reads alone (what the cache costs per sample).
 
 Every path runs ``--repeats`` times, interleaved (path A, B, C, A, B, C, ...), and the median
@@ -175,6 +177,17 @@ def make_path(kind: str, cache: str, shards: list[str], geo: dict):
                           cache=CacheRead(cache, cache_index, geo["k"], True,
                                           reader.spec.codec == "float16"))
         return lambda items: collate([ds[it] for it in items])
+    if kind == "stream":
+        from stages.loader import StreamingCacheDataset
+
+        stream = StreamingCacheDataset(reader, policy=policy, seed=0, num_patches=geo["L"],
+                                       k=geo["k"], attention=True, batch_size=BATCH,
+                                       shuffle_buffer=BATCH)
+
+        def epoch(_items):
+            return sum(len(b) for b in stream)
+        epoch.whole_epoch = True
+        return epoch
     if kind == "targets":
         from storage.batch import fields_for
 
@@ -206,9 +219,12 @@ def time_path(load, n_samples: int, seed: int) -> tuple[float, float]:
     on a shared machine."""
     todo = batches(n_samples, seed)
     cpu, wall = time.process_time(), time.perf_counter()
-    for b in todo:
-        load(b)
-    n = sum(len(b) for b in todo)
+    if getattr(load, "whole_epoch", False):  # a stream: one epoch in its own order
+        n = load(None)
+    else:
+        for b in todo:
+            load(b)
+        n = sum(len(b) for b in todo)
     return n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
 
 
@@ -373,6 +389,9 @@ def main() -> None:
                 paths[f"targets/{codec}/none"] = make_path("targets", caches["none"], shards, geo)
                 for pixels in ("jpeg", "png"):
                     paths[f"cache/{codec}/{pixels}"] = make_path("cache", caches[pixels], shards, geo)
+                wds = write_cache(tmp / f"{geo_name}-{codec}-jpeg-wds", shards, geo, codec, "jpeg",
+                                  "webdataset")
+                paths[f"stream/{codec}/jpeg"] = make_path("stream", wds, shards, geo)
             for load in paths.values():  # warm the page cache and the readers
                 load(batches(args.samples, 99)[0])
             rates: dict[str, list[float]] = {k: [] for k in paths}
@@ -414,6 +433,7 @@ PATH_LABELS = [
     ("source", "none", "today's path: source JPEG decoded, view rendered, record read per sample"),
     ("cache", "jpeg", "self-contained cache, jpeg pixels (quality 90), batched"),
     ("cache", "png", "self-contained cache, png pixels, batched"),
+    ("stream", "jpeg", "WebDataset cache with jpeg pixels, streamed (shuffle buffer 64)"),
     ("targets", "none", "batched target reads alone (no pixels)"),
 ]
 
