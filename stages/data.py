@@ -496,10 +496,10 @@ class TrainDataset(Dataset):
             self._reader = open_cache(self.cache.path)
         return self._reader
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_reader"] = None
-        return state
+    def use_reader(self, reader) -> None:
+        """Read targets through an already open CacheReader (the trainer's): workers then get
+        it with the dataset instead of re-opening and re-checking the cache each."""
+        self._reader = reader
 
     def view_of(self, item: PlanItem, height: int, width: int) -> tuple[View, dict | None]:
         """The view to render and, for a cached item, its cache record."""

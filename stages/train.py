@@ -667,6 +667,8 @@ class Trainer:
         if inputs.source_index is not None:
             self.dataset = TrainDataset(inputs.source_index, inputs.policy, seed=run.seed,
                                         num_patches=cfg.num_patches, cache=cache_read)
+            if cache_read is not None:
+                self.dataset.use_reader(inputs.cache_reader)  # no re-open per worker
         keys = (inputs.source_index.keys if inputs.source_index is not None
                 else inputs.cache_reader.keys)
         # one micro-batch per call (__getitems__): cached views of a cache with pixels are read

@@ -364,3 +364,20 @@ def test_inspect_names_the_view_pixels(world):
     text = format_inspect(inspect_cache(world["caches"]["zarr-jpeg-float16"]))
     assert "view pixels   jpeg quality 75, 32 px: stored with every view" in text
     assert "view pixels" not in format_inspect(inspect_cache(world["caches"]["zarr-none-float16"]))
+
+
+def test_the_per_sample_dataset_takes_the_open_reader_to_its_workers(world, monkeypatch):
+    import pickle
+
+    import storage
+
+    dataset, reader = _batched(world, "zarr-none-float16")
+    dataset.items.use_reader(reader)
+    clone = pickle.loads(pickle.dumps(dataset.items))  # what a spawned worker receives
+
+    def no_reopen(*args, **kwargs):
+        raise AssertionError("the worker re-opened the cache")
+
+    monkeypatch.setattr(storage, "open_cache", no_reopen)
+    item = clone[PlanItem(0, 1, 1, False)]
+    assert torch.equal(item["features"].float(), torch.from_numpy(reader.read(1, 1)["features"]))
