@@ -156,9 +156,10 @@ def targets(config, overrides, ray_address, strict, allow_pickle):
     Resumable: committed parts are skipped on a rerun.
     """
     from pipeline.orchestrate import ensure_base_checkpoint
-    from stages.stage1 import Stage1StrictError, run_stage1
+    from stages.stage1 import Stage1StrictError, check_storage, run_stage1
 
     cfg = _load(config, overrides, allow_pickle)
+    check_storage(cfg.targets)  # an unusable object-store URL: one line before model work
     base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
     try:
         summary = run_stage1(cfg.targets, base, ray_address=ray_address, strict=strict)
@@ -324,8 +325,8 @@ def cache_repair(path, config, overrides, ray_address, allow_pickle):
 
 
 @cache.command("subset")
-@click.argument("src", metavar="CACHE", type=click.Path(path_type=Path))
-@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("src", metavar="CACHE")
+@click.argument("dst", metavar="OUT")
 @click.option("--views", "views", required=True, type=int,
               help="Keep the first K' views of every sample (1 <= K' <= the cache's K).")
 @user_errors
@@ -340,8 +341,8 @@ def cache_subset(src, dst, views):
 
 
 @cache.command("transcode")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src")
+@click.argument("dst")
 @click.option("--codec", required=True, help="float16, int8 or lowrank.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="A codec parameter (lowrank: feature_bits, rank, factor_bits, attn_bits, "

@@ -281,6 +281,10 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     if "data" in wanted:
         summary.add("data", prepare_data(cfg))
     base = None
+    if "targets" in wanted:  # an unusable object-store URL: one line before any model work
+        from stages.stage1 import check_storage
+
+        check_storage(cfg.targets)
     if wanted & {"bootstrap", "targets", "train", "eval"}:
         base = ensure_base_checkpoint(cfg, allow_bootstrap="bootstrap" in wanted,
                                       summary=summary)

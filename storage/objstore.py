@@ -299,3 +299,11 @@ def as_root(path):
     if s.startswith("file://"):
         s = s[len("file://"):]
     return Path(s)
+
+
+def resolved(path) -> str:
+    """A location as recorded in manifests and compared: a URL as given, a path made absolute."""
+    from pathlib import Path
+
+    root = as_root(path)
+    return str(root) if isinstance(root, Url) else str(Path(root).resolve())

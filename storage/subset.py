@@ -23,6 +23,7 @@ import numpy as np
 
 from . import layout
 from .cache import create_cache, open_cache
+from .objstore import as_root, resolved
 from .schema import CacheError, build_manifest, stored_fields
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def subset_cache(src: str | Path, dst: str | Path, *, views: int,
 
     Returns {parts_written, parts_skipped, records, manifest}. progress(part, done, total).
     """
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
+    src, dst = as_root(src), as_root(dst)  # folders or object-store URLs
+    if resolved(src) == resolved(dst):
         raise CacheError(f"subset: CACHE and OUT are the same path ({src}); write a new cache")
     reader = open_cache(src)  # complete, checked against its markers
     total = reader.spec.views
@@ -57,7 +58,7 @@ def subset_cache(src: str | Path, dst: str | Path, *, views: int,
     spec = dataclasses.replace(reader.spec, views=int(views))
     m = reader.manifest
     manifest_sha = hashlib.sha256(layout.manifest_path(src).read_bytes()).hexdigest()
-    step = {"source": str(src.resolve()), "source_manifest_sha256": manifest_sha,
+    step = {"source": resolved(src), "source_manifest_sha256": manifest_sha,
             "source_views": total, "views": int(views),
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     extra = _history(m, spec)

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .cache import create_cache, open_cache
+from .objstore import as_root, resolved
 from .schema import CODECS, CacheError, CacheSpec
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def transcode_cache(src: str | Path, dst: str | Path, *, codec: str,
     {parts_written, parts_skipped, records, warning, manifest}. progress(part, done, total)."""
     if codec not in CODECS:
         raise CacheError(f"--codec {codec!r} is not one of {', '.join(CODECS)}")
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
+    src, dst = as_root(src), as_root(dst)  # folders or object-store URLs
+    if resolved(src) == resolved(dst):
         raise CacheError(f"transcode: SRC and DST are the same path ({src}); write a new cache")
     reader = open_cache(src)  # complete, checked against its markers
     spec = dataclasses.replace(reader.spec, codec=codec, codec_params=codec_params or None,
@@ -53,7 +54,7 @@ def transcode_cache(src: str | Path, dst: str | Path, *, codec: str,
     warning = lossy_chain_warning(reader.spec, spec)
     if warning:
         log.warning("%s", warning)
-    step = {"source": str(src.resolve()), "from_codec": reader.spec.codec,
+    step = {"source": resolved(src), "from_codec": reader.spec.codec,
             "from_params": reader.spec.codec_params, "to_codec": spec.codec,
             "to_params": spec.codec_params, "at": datetime.now(timezone.utc).isoformat(
                 timespec="seconds"), "warning": warning}

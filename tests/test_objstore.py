@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,31 @@ def test_a_half_uploaded_part_is_invisible_and_removed_on_reopen():
     pw.commit()
     w.finalize()
     assert open_cache(url).num_samples == 5 and verify_cache(url) == []
+
+
+def test_subset_and_transcode_read_and_write_object_store_caches(tmp_path):
+    """tec cache subset / transcode with a URL on either side: the copy on the store equals the
+    copy in a folder, record for record and file for file, and names its source URL."""
+    from storage.subset import subset_cache
+    from storage.transcode import transcode_cache
+
+    s = spec(backend="webdataset")
+    url = "memory://tec-copy/cache"
+    w = new_cache(url, s, [("p0", 3), ("p1", 2)])
+    write_part(w, "p0", 1)
+    write_part(w, "p1", 2)
+    w.finalize()
+    out = subset_cache(url, "memory://tec-copy/subset", views=2)
+    assert out["manifest"]["subset"][-1]["source"] == url
+    local = subset_cache(url, tmp_path / "subset", views=2)
+    a, b = open_cache("memory://tec-copy/subset"), open_cache(tmp_path / "subset")
+    assert [m["files"] for m in a._markers.values()] == [m["files"] for m in b._markers.values()]
+    assert local["records"] == out["records"] == 10
+    transcode_cache(tmp_path / "subset", "memory://tec-copy/int8", codec="int8")
+    transcode_cache(tmp_path / "subset", tmp_path / "int8", codec="int8")
+    a, b = open_cache("memory://tec-copy/int8"), open_cache(tmp_path / "int8")
+    assert [m["files"] for m in a._markers.values()] == [m["files"] for m in b._markers.values()]
+    assert verify_cache("memory://tec-copy/int8") == []
 
 
 def test_unusable_urls_are_one_line_errors_naming_the_url():
@@ -264,3 +290,98 @@ def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, tmp_
               out_dir=tmp_path / "localrun", progress=False)
     assert a.steps == b.steps == 3 and a.cached_samples == 15 and a.online_samples == 0
     assert a.losses == b.losses
+
+
+@pytest.mark.slow
+def test_a_two_node_ray_cluster_writes_one_s3_cache(s3_server, s3_shards, s3_reference, base,
+                                                    tmp_path):
+    """`ray start --head` plus a second node (`ray start --address`), token authentication on,
+    each node in its own working directory with its own HOME and nothing shared but the S3
+    endpoint in its environment; a driver in a third directory joins with the token file and
+    writes the cache on S3: the same data objects as the single-node run, verify passes."""
+    import secrets
+
+    from s3_helpers import s3_env
+    from test_stage1 import _free_port, _ray_env
+
+    port = _free_port()
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    ray_cli = Path(sys.executable).with_name("ray")
+    auth = dict(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), **s3_env(s3_server))
+    nodes = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        proc = subprocess.Popen(
+            [str(ray_cli), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--disable-usage-stats", *args],
+            env=_ray_env(tmp_path / f"{name}_home", **auth), cwd=cwd, start_new_session=True,
+            stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+        nodes.append(proc)
+        return proc
+
+    try:
+        head = start("head", "--head", f"--port={port}", "--include-dashboard=false")
+        deadline = time.time() + 120
+        while True:  # the head's GCS port
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, \
+                    (tmp_path / "head.log").read_text()[-2000:]
+                time.sleep(0.2)
+        start("worker", f"--address=127.0.0.1:{port}")
+        time.sleep(5)  # the second raylet registers
+        cfg = make_cfg(s3_shards, f"s3://{BUCKET}/cluster")
+        from stages.configs import to_dict
+
+        driver_dir = tmp_path / "driver"
+        driver_dir.mkdir()
+        env = {**_ray_env(tmp_path / "driver_home", RAY_AUTH_TOKEN_PATH=str(token),
+                          **s3_env(s3_server)), "PYTHONPATH": str(REPO)}
+        out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)),
+                              json.dumps(to_dict(base)), f"127.0.0.1:{port}"],
+                             env=env, cwd=driver_dir, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(l for l in out.stdout.splitlines() if l.startswith("SUMMARY"))
+        assert json.loads(line.split(" ", 1)[1]) == {"parts_done": 3, "images": 15}
+    finally:
+        for proc in nodes:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in nodes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_session(proc.pid)
+            proc.wait()
+    assert _data_files(_s3_files(cfg.cache)) == _data_files(_s3_files(s3_reference[0].cache))
+    assert verify_cache(cfg.cache) == []
+    for name in ("head", "worker", "driver"):  # nothing was written to a node's folder
+        assert not [p for p in (tmp_path / name).rglob("*") if p.is_file()], name
+
+
+@pytest.mark.parametrize("command", ["targets", "run"])
+def test_cli_stops_on_an_unusable_cache_url_before_the_base_model(tmp_path, command):
+    """`tec targets` / `tec run` with a cache URL whose scheme has no installed package: exit 2,
+    one line naming the URL, before the (missing) base-model checkpoint is even looked at."""
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"workdir: {tmp_path / 'work'}\n"
+        f"data: {{train: {tmp_path / 'shards'}}}\n"
+        f"base_model: {{arch: vit_base_patch16_224, checkpoint: {tmp_path / 'missing.pth'}}}\n"
+        "targets: {cache: 'nosuch://bucket/cache', views: 2}\n"
+        "runs: []\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(config)],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: nosuch://bucket/cache: unknown URL scheme nosuch:// (no fsspec filesystem "
+        "implements it); use a local path or s3://, gs://, memory://")
