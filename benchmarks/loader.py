@@ -132,7 +132,10 @@ def write_cache(root: Path, shards: list[str], geo: dict, codec: str, pixels: st
                      image_size=geo["size"] if pixels != "none" else 0)
     source = open_source("webdataset", shards)
     counts = [source.count(s) for s in shards]
-    writer = create_cache(root, spec, base_model={"arch": "synthetic", **geo},
+    patch = geo["size"] // math.isqrt(geo["L"])
+    base_model = {"arch": "synthetic", "img_size": geo["size"], "patch_size": patch,
+                  "embed_dim": geo["C"], "num_heads": geo["H"], "last_n": 2, "k_max": geo["k_max"]}
+    writer = create_cache(root, spec, base_model=base_model,
                           view_policy={**policy.to_dict(), "views": VIEWS},
                           source={"kind": "webdataset", "path": "::".join(shards),
                                   "shards": shards, "num_samples": sum(counts)},
