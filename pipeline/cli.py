@@ -324,6 +324,25 @@ def cache_repair(path, config, overrides, ray_address, allow_pickle):
     click.echo(repair_cache(path, config=cfg, ray_address=ray_address).format())
 
 
+@cache.command("extend")
+@click.argument("path")
+@click.option("--views", "views", required=True, type=int,
+              help="The new number of views K2 (> the cache's K): views K..K2-1 are computed.")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pipeline file whose targets/base_model to use (default: the settings the "
+                   "cache recorded when it was built).")
+@set_opt
+@click.option("--ray-address", default=None, help="Join this Ray cluster to compute the views.")
+@pickle_opt
+@user_errors
+def cache_extend(path, views, config, overrides, ray_address, allow_pickle):
+    """Grow a cache to K2 views without touching its parts (resumable)."""
+    from stages.extend import extend_views
+
+    cfg = _load(config, overrides, allow_pickle) if config is not None else None
+    click.echo(extend_views(path, views, config=cfg, ray_address=ray_address).format())
+
+
 @cache.command("subset")
 @click.argument("src", metavar="CACHE")
 @click.argument("dst", metavar="OUT")

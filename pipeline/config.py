@@ -94,7 +94,10 @@ class PipelineConfig:
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.targets.cache)
+        """The cache folder (a Path), or its object-store location (storage.objstore.Url)."""
+        from storage.objstore import as_root
+
+        return as_root(self.targets.cache)
 
     def run_dir(self, name: str) -> Path:
         return Path(self.workdir) / "runs" / name

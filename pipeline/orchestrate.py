@@ -146,7 +146,8 @@ def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | None = None):
     if base is None:
         base = ensure_base_checkpoint(cfg, allow_bootstrap=False)
     return train(run, cache=str(cfg.cache_path), source=cfg.targets.source, base=base,
-                 view_policy=None, out_dir=cfg.run_dir(run.name))
+                 view_policy=None, out_dir=cfg.run_dir(run.name),
+                 cache_views=cfg.targets.views)  # a grown cache: the views the config names
 
 
 def _set_aside_if_stale(run_dir: Path, run, *, cache: str | None, base) -> str:

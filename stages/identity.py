@@ -29,10 +29,12 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
 
     settings = {k: v for k, v in to_dict(run).items() if k not in OPERATIONAL_KEYS}
     cache_id, base_id = None, None
-    if cache is not None and (Path(cache) / "manifest.json").is_file():
+    from storage.objstore import as_root
+
+    if cache is not None and (as_root(cache) / "manifest.json").is_file():
         from storage.schema import manifest_identity, manifest_section_digests
 
-        manifest = json.loads((Path(cache) / "manifest.json").read_text())
+        manifest = json.loads((as_root(cache) / "manifest.json").read_text())
         cache_id = {"identity": manifest_identity(manifest),
                     "sections": manifest_section_digests(manifest)}
         base_id = manifest.get("base_model")

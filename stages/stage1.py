@@ -177,6 +177,8 @@ class Stage1Config:
     pixels: Literal["none", "jpeg", "png"] = "none"
     pixels_quality: int = 90
     storage_options: dict = field(default_factory=dict)
+    # views first_view .. first_view + views - 1 (a view layer written by `tec cache extend`)
+    first_view: int = 0
 
     def validate(self) -> None:
         if not self.cache:
@@ -185,6 +187,8 @@ class Stage1Config:
             if not isinstance(opts, dict):
                 raise ConfigError(f"targets.storage_options.{proto}: expected a mapping of "
                                   f"filesystem options (endpoint_url, key, ...), got {opts!r:.40}")
+        if self.first_view < 0:
+            raise ConfigError(f"targets.first_view: must be >= 0, got {self.first_view}")
         for name in ("views", "last_n", "k_max", "batch_size", "max_in_flight"):
             value = getattr(self, name)
             if value < 1:
@@ -354,6 +358,7 @@ class ShardJob:
     hooks: dict = field(default_factory=dict)
     renames: dict = field(default_factory=dict)  # this shard's stages.sources.unique_keys
     storage_options: dict = field(default_factory=dict)  # targets.storage_options
+    first_view: int = 0  # compute views first_view .. first_view + views - 1
 
 
 @dataclass
@@ -513,7 +518,8 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
                 continue
             keys_seen.add(key)
             h, w = int(image.shape[0]), int(image.shape[1])
-            views = [view_params(policy, key, v, h, w) for v in range(job.views)]
+            views = [view_params(policy, key, v, h, w)
+                     for v in range(job.first_view, job.first_view + job.views)]
             pixels = render_views(image, views, size, policy.interpolation)  # [K,3,S,S]
             crop, flip = views_to_arrays(views)
             meta = {"slot": slot, "key": key, "crop": crop, "flip": flip,
@@ -864,6 +870,11 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     strict = cfg.strict if strict is None else strict
     start = time.perf_counter()
     check_storage(cfg)  # an unusable URL is one line, before any base-model work
+    built = _grown_from(cfg)
+    if built is not None:  # grown by `tec cache extend` to targets.views: its K parts resume
+        logger.info("cache %s was built with %d views and extended to %d or more: checking "
+                    "its %d-view parts", cfg.cache, built, cfg.views, built)
+        cfg = dataclasses.replace(cfg, views=built)
     geometry, fingerprint = _check_base_model(cfg, base)
     # actors (on any node) load exactly the weights fingerprinted here, or refuse
     base = dataclasses.replace(base, sha256=fingerprint["checkpoint_sha256"])
@@ -926,6 +937,23 @@ def failure_message(failed: list[tuple], parts_total: int, max_retries: int) -> 
     part, reason = failed[0][:2]
     return (f"{len(failed)} of {parts_total} parts failed after {max_retries} retries (first: "
             f"{part}: {reason}); the other parts are committed, rerun to resume")
+
+
+def _grown_from(cfg: Stage1Config) -> int | None:
+    """The K a cache was built with when `tec cache extend --views` grew it to at least
+    ``cfg.views`` (> K) views; None otherwise (no cache there, or not grown that far)."""
+    from storage import layout
+    from storage.cache import EXTENSIONS_KEY
+    from storage.objstore import as_root
+
+    path = layout.manifest_path(as_root(cfg.cache))
+    if not path.exists():
+        return None
+    manifest = layout.read_json(path, "manifest")
+    base = int((manifest.get("spec") or {}).get("views", 0))
+    total = max([base] + [int(e["views"][1]) for e in manifest.get(EXTENSIONS_KEY) or []
+                          if isinstance(e, dict) and e.get("kind") == "views"])
+    return base if base < cfg.views <= total else None
 
 
 def check_storage(cfg: Stage1Config) -> None:
@@ -1006,7 +1034,8 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                                                       shards[0])}
     writer = create_cache(
         cfg.cache, spec, base_model=fingerprint, targets={"precision": precision}, extra=extra,
-        view_policy={**policy.to_dict(), "views": cfg.views},
+        view_policy={**policy.to_dict(), "views": cfg.views,
+                     **({"first_view": cfg.first_view} if cfg.first_view else {})},
         source={"kind": cfg.source.kind, "path": cfg.source.path, "shards": shards,
                 "num_samples": sum(counts)},
         parts=list(zip(names, counts)),
@@ -1022,7 +1051,7 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
                  shard_size=cfg.source.shard_size, cache=_absolute(cfg.cache), views=cfg.views,
                  policy=policy.to_dict(), batch_size=cfg.batch_size,
                  max_in_flight=cfg.max_in_flight, hooks=hooks, renames=renames[i],
-                 storage_options=dict(cfg.storage_options or {}))
+                 storage_options=dict(cfg.storage_options or {}), first_view=cfg.first_view)
         for i, (shard, name, count) in enumerate(zip(shards, names, counts))
         if name not in committed
     ]

@@ -401,7 +401,8 @@ def _same_files(a: list[str], b: list[str]) -> bool:
     return [os.path.realpath(x) for x in a] == [os.path.realpath(x) for x in b]
 
 
-def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, run: TrainConfig):
+def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, run: TrainConfig,
+                        views: int | None = None):
     """Open a complete cache and check it belongs to this run (schema, base model, shapes)."""
     from storage import CacheError, fingerprint_mismatch, open_cache
 
@@ -418,7 +419,7 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
     try:
         # the manifest's identity checksum is checked after the base model, so that a cache of
         # another base model is named as such
-        reader = open_cache(cache, check_identity=False)
+        reader = open_cache(cache, check_identity=False, views=views)
     except CacheError as exc:
         raise refuse(exc) from None
     manifest = reader.manifest
@@ -440,7 +441,7 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
 
 def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseModelConfig | None,
                    view_policy: ViewPolicy | None, device: torch.device,
-                   out_dir: Path, dist: DistEnv) -> RunInputs:
+                   out_dir: Path, dist: DistEnv, cache_views: int | None = None) -> RunInputs:
     """Decide the model config, view policy, shards and target sources; refuse mismatches."""
     target = run.model.get("target", "tec")
     needs_targets = target == "tec"
@@ -466,7 +467,7 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
     reader = None
     views, k_max, last_n, codec = 0, None, 2, None
     if cache is not None:
-        reader = _open_cache_checked(str(cache), base, base_model, run)
+        reader = _open_cache_checked(str(cache), base, base_model, run, cache_views)
         manifest = reader.manifest
         cached_base = manifest.get("base_model", {})
         spec = reader.spec
@@ -1111,13 +1112,16 @@ def _numerics(run: TrainConfig, device: torch.device):
 
 def train(run: TrainConfig, *, cache: str | None = None, source=None,
           base: BaseModelConfig | None = None, view_policy: ViewPolicy | None = None,
-          out_dir: str | Path, progress: bool = True) -> TrainSummary:
+          out_dir: str | Path, progress: bool = True,
+          cache_views: int | None = None) -> TrainSummary:
     """Train one new model; every torchrun rank calls this with the same arguments.
 
     cache: target cache folder (None: fully online or pixel mode). source: an object with
     ``kind`` and ``path`` (checked against the cache's source when both are given). base: the
     base model (online fallback; its fingerprint is checked against the cache). view_policy:
-    only used without a cache. Resumes from ``<out_dir>/checkpoints/last`` when present; writes
+    only used without a cache. cache_views: of a cache grown by `tec cache extend --views`, use
+    its first cache_views views (``targets.views``; never fewer than it was built with; None:
+    all). Resumes from ``<out_dir>/checkpoints/last`` when present; writes
     ``checkpoints/``, ``logs/`` and ``export/`` under ``out_dir``.
     """
     run.validate()
@@ -1126,13 +1130,14 @@ def train(run: TrainConfig, *, cache: str | None = None, source=None,
     try:
         with _numerics(run, dist.device):
             return _train(run, dist, cache=cache, source=source, base=base,
-                          view_policy=view_policy, out_dir=out_dir, progress=progress)
+                          view_policy=view_policy, out_dir=out_dir, progress=progress,
+                          cache_views=cache_views)
     finally:
         dist.close()
 
 
 def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy, out_dir: Path,
-           progress: bool) -> TrainSummary:
+           progress: bool, cache_views: int | None = None) -> TrainSummary:
     """The body of :func:`train` once the process group and numerics are set up."""
     if run.batch_size % (dist.world_size * run.accum_steps):
         raise TrainSetupError(
@@ -1145,7 +1150,7 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     np.random.seed(stable_seed("numpy", run.seed, dist.rank) % 2**32)
     inputs = resolve_inputs(run, cache=cache, source=source, base=base,
                             view_policy=view_policy, device=dist.device, out_dir=out_dir,
-                            dist=dist)
+                            dist=dist, cache_views=cache_views)
     init_source = inputs.base_model  # the trainer keeps it only for online targets
     trainer = Trainer(run, inputs, out_dir, dist, progress=progress)
     from .identity import run_identity

@@ -77,6 +77,9 @@ def read_batch(reader, samples, views, fields: list[str] | None = None, *,
         raise CacheError(f"cache {reader.root} stores no view pixels (targets.pixels: none)")
     if views.size and (views.min() < 0 or views.max() >= spec.views):
         raise IndexError(f"view out of range [0, {spec.views})")
+    base_views = getattr(reader, "_base_spec", spec).views
+    if views.size and views.max() >= base_views:  # views added by `tec cache extend --views`
+        return _read_layers(reader, samples, views, fields, pixels, out)
     result = out if out is not None else allocate(spec, fields, n)
     images: list = [None] * n
     located = [reader._locate(int(i)) for i in samples]
@@ -112,6 +115,28 @@ def read_batch(reader, samples, views, fields: list[str] | None = None, *,
             raise CacheError(f"part {reader.parts[p]} of cache {reader.root}: reading record "
                              f"{local} view {v} failed ({type(e).__name__}: {e}); run `tec cache "
                              f"verify`") from None
+    if pixels:
+        result["pixels"] = images
+    return result
+
+
+def _read_layers(reader, samples: np.ndarray, views: np.ndarray, fields: list[str],
+                 pixels: bool, out: dict | None) -> dict:
+    """read_batch of a grown cache: each record from the view layer that holds its view (the
+    layers hold the same samples, so sample indices carry over; views are shifted)."""
+    result = out if out is not None else allocate(reader.spec, fields, len(samples))
+    images: list = [None] * len(samples)
+    groups = [(0, reader._base_spec.views, reader)] + list(reader._layers)
+    for start, stop, layer in groups:
+        idx = np.flatnonzero((views >= start) & (views < stop))
+        if not idx.size:
+            continue
+        got = read_batch(layer, samples[idx], views[idx] - start, fields, pixels=pixels)
+        for name in fields:
+            result[name][idx] = got[name]
+        if pixels:
+            for j, image in zip(idx.tolist(), got["pixels"]):
+                images[j] = image
     if pixels:
         result["pixels"] = images
     return result
@@ -186,6 +211,10 @@ def stream_view(reader, part: str, view: int, *, block: int = 8 << 20):
     if spec.backend != "webdataset":
         raise CacheError(f"cache {reader.root}: streaming reads WebDataset parts; this cache is "
                          f"{spec.backend} (use random access: read_batch)")
+    if int(view) >= getattr(reader, "_base_spec", spec).views:  # a view layer's tar
+        first, layer = reader._layer_of(int(view))
+        yield from stream_view(layer, part, int(view) - first, block=block)
+        return
     p = reader.parts.index(part)
     wds = reader._part_reader(p)
     table = wds.records[:, int(view)]  # [samples, 3] offset, length, crc32

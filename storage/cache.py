@@ -4,6 +4,7 @@ for stage 2. Backend-specific byte layouts live in zarr_backend.py and wds_backe
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,6 +34,33 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OPEN_FILES = 128
 DEFAULT_MAX_OPEN_PARTS = 64
+
+
+# manifest section of a grown cache (`tec cache extend`): its view layers, in order
+EXTENSIONS_KEY = "extensions"
+
+
+def view_layer_mismatch(manifest: dict, layer: dict, start: int, stop: int,
+                        entry: dict) -> str | None:
+    """Why the cache ``layer`` (a manifest) is not the view layer [start, stop) of the cache
+    ``manifest`` that ``entry`` records, or None when it is."""
+    if manifest_identity(layer) != entry.get("identity"):
+        return "its manifest is not the one the extension recorded"
+    spec, other = dict(manifest["spec"]), dict(layer["spec"])
+    if other.pop("views", None) != stop - start:
+        return f"it holds {layer['spec'].get('views')} views, not {stop - start}"
+    spec.pop("views", None)
+    if spec != other:
+        return "another spec"
+    for key in ("base_model", "source", "parts", "targets"):
+        if manifest.get(key) != layer.get(key):
+            return f"another {key.replace('_', ' ')}"
+    mine = {k: v for k, v in manifest["view_policy"].items() if k not in ("views", "first_view")}
+    theirs = dict(layer["view_policy"])
+    if theirs.pop("first_view", 0) != start or theirs.pop("views", None) != stop - start \
+            or mine != theirs:
+        return "another view policy"
+    return None
 
 
 def _now() -> str:
@@ -508,7 +536,7 @@ class _FdCache:
 
 
 def open_cache(path: str | Path, *, require_complete: bool = True,
-               check_identity: bool = True) -> "CacheReader":
+               check_identity: bool = True, views: int | None = None) -> "CacheReader":
     """Open a cache for reading.
 
     Refuses (CacheError, one line) a path without a cache, another format, an unknown schema
@@ -519,6 +547,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True,
     policy, source, parts) edited after the part was committed. check_identity=False defers the
     last check to `CacheReader.check_manifest_identity()` (e.g. to compare the base model first,
     for a more specific message). No part file is read beyond the sample lists.
+    views: of a cache grown with `tec cache extend --views`, read the first ``views`` views
+    (never fewer than the K it was built with); None reads all (see CacheReader).
     """
     root = as_root(path)
     mpath = layout.manifest_path(root)
@@ -528,7 +558,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True,
     manifest = layout.read_json(mpath, "manifest")
     check_manifest_readable(manifest, str(mpath))
     return CacheReader(root, manifest, require_complete=require_complete,
-                       check_identity=check_identity)
+                       check_identity=check_identity, views=views)
 
 
 class CacheReader:
@@ -536,11 +566,18 @@ class CacheReader:
 
     Samples are numbered 0..num_samples-1 over the valid samples of the committed parts, in part
     order then slot order. Picklable: open files are per process and reopened lazily.
+
+    A cache grown by `tec cache extend --views K2` keeps its K views untouched and holds views
+    [K, K2) in a view layer: a complete cache of the same samples under extensions/ (manifest
+    section ``extensions``). ``spec.views`` is then K2 (or the ``views`` asked for, at least
+    K) and a record of view v >= K is read from the layer holding v; views < K read exactly the
+    records they read before the extension.
     """
 
     def __init__(self, root: Path, manifest: dict, *, require_complete: bool = True,
                  max_open_files: int = DEFAULT_MAX_OPEN_FILES,
-                 max_open_parts: int = DEFAULT_MAX_OPEN_PARTS, check_identity: bool = True):
+                 max_open_parts: int = DEFAULT_MAX_OPEN_PARTS, check_identity: bool = True,
+                 views: int | None = None):
         self.root = as_root(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
@@ -577,6 +614,51 @@ class CacheReader:
         self._starts = starts
         self._key_index: dict[str, int] | None = None
         self._reset_handles()
+        self._base_spec = self.spec  # the part files' own geometry (K views)
+        self._layers: list[tuple[int, int, CacheReader]] = []  # (first view, stop, reader)
+        if not self.missing_parts:
+            self._open_view_layers(views)
+
+    def _open_view_layers(self, views: int | None) -> None:
+        """Open the view layers recorded in the manifest, up to ``views`` views (None: all)."""
+        total = self.spec.views
+        for entry in self.manifest.get(EXTENSIONS_KEY) or []:
+            if not isinstance(entry, dict) or entry.get("kind") != "views":
+                continue
+            if views is not None and total >= views:
+                break
+            try:
+                start, stop = (int(v) for v in entry["views"])
+                layer_root = self.root / str(entry["path"])
+            except (KeyError, TypeError, ValueError):
+                raise CacheError(f"cache {self.root}: an entry of {EXTENSIONS_KEY!r} in "
+                                 f"{layout.MANIFEST} is malformed ({entry!r:.80})") from None
+            if start != total or stop <= start:
+                raise CacheError(f"cache {self.root}: view layer {entry['path']} holds views "
+                                 f"[{start}, {stop}), expected views from {total}")
+            try:
+                layer = open_cache(layer_root)
+            except CacheError as e:
+                raise CacheError(f"cache {self.root}: view layer {entry['path']}: {e}") from None
+            why = view_layer_mismatch(self.manifest, layer.manifest, start, stop, entry)
+            if why is None and (layer.parts != self.parts or layer.keys != self.keys):
+                why = "its samples differ from the cache's (the source changed?)"
+            if why is not None:
+                raise CacheError(f"cache {self.root}: view layer {entry['path']} does not belong "
+                                 f"to it ({why}); run `tec cache verify`")
+            self._layers.append((start, stop, layer))
+            total = stop
+        if views is not None:
+            total = max(self._base_spec.views, min(int(views), total))
+        if total != self.spec.views:
+            self.spec = dataclasses.replace(self._base_spec, views=total)
+
+    def _layer_of(self, view: int) -> tuple[int, "CacheReader"]:
+        """(first view, reader) of the view layer holding ``view`` (>= the base K)."""
+        for start, stop, layer in self._layers:
+            if start <= view < stop:
+                return start, layer
+        raise IndexError(f"view {view} out of range [0, {self.spec.views})")
 
     def _check_against_markers(self) -> None:
         """The manifest's per-part facts (slot counts, part-status checksums written by finalize)
@@ -638,6 +720,8 @@ class CacheReader:
     def close(self) -> None:
         self._fds.close()
         self._readers.clear()
+        for _, _, layer in getattr(self, "_layers", ()):
+            layer.close()
 
     def __enter__(self) -> "CacheReader":
         return self
@@ -752,10 +836,10 @@ class CacheReader:
         directory = layout.part_dir(self.root, part)
         files = marker.get("files", {})
         if self.spec.backend == "zarr":
-            r = ZarrPartReader(directory, self.spec, part, self._slots_total[part], files, self._fds,
+            r = ZarrPartReader(directory, self._base_spec, part, self._slots_total[part], files, self._fds,
                                str(self.root))
         else:
-            r = WdsPartReader(directory, self.spec, part, len(self._part_slots[p]), files, self._fds,
+            r = WdsPartReader(directory, self._base_spec, part, len(self._part_slots[p]), files, self._fds,
                               str(self.root))
         with self._lock:
             self._readers[part] = r
@@ -769,6 +853,11 @@ class CacheReader:
         return int(view)
 
     def _record(self, p: int, local: int, view: int, decode: bool, streaming: bool = False) -> dict:
+        if view >= self._base_spec.views:  # a view added by `tec cache extend --views`
+            start, layer = self._layer_of(view)
+            rec = layer._record(p, local, view - start, decode, streaming)
+            rec["view"] = view
+            return rec
         reader = self._part_reader(p)
         try:
             if self.spec.backend == "zarr":

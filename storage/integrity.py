@@ -9,8 +9,8 @@ import numpy as np
 
 from . import layout
 from .objstore import Url, as_root
-from .cache import (_committed, _read_marker, _shown, manifest_edits, open_cache, part_checksum,
-                    slot_count_edits)
+from .cache import (EXTENSIONS_KEY, _committed, _read_marker, _shown, manifest_edits, open_cache,
+                    part_checksum, slot_count_edits, view_layer_mismatch)
 from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
 
 
@@ -89,6 +89,10 @@ def inspect_cache(path: str | Path) -> dict:
         "float32_bytes_per_view": decoded_nbytes(spec),
         "compression_ratio": (raw / per_view) if per_view else None,
         "unfinished_writes": unfinished,
+        # view layers added by `tec cache extend --views` (each a cache of its own)
+        "view_layers": [{"path": e.get("path"), "views": e.get("views"), "at": e.get("at")}
+                        for e in manifest.get(EXTENSIONS_KEY) or []
+                        if isinstance(e, dict) and e.get("kind") == "views"],
     }
 
 
@@ -180,6 +184,10 @@ def format_inspect(summary: dict) -> str:
     if s["missing_parts"]:
         shown = ", ".join(s["missing_parts"][:10]) + (" ..." if len(s["missing_parts"]) > 10 else "")
         lines.append(f"missing       {shown}")
+    for layer in s.get("view_layers") or []:
+        first, stop = layer["views"]
+        lines.append(f"view layer    views {first}..{stop - 1} in {layer['path']} (tec cache extend, "
+                     f"{layer.get('at')}): K={stop} in all")
     if s["unfinished_writes"]:
         lines.append(f"unfinished    temp data of {len(s['unfinished_writes'])} part(s) being written "
                      f"or left by a crash: {', '.join(s['unfinished_writes'][:10])}")
@@ -256,6 +264,35 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
                         f"or rebuild the cache")
     if deep and not problems:
         problems.extend(_decode_all(root))
+    problems.extend(_verify_view_layers(root, manifest, deep))
+    return problems
+
+
+def _verify_view_layers(root, manifest: dict, deep: bool) -> list[str]:
+    """Each view layer (`tec cache extend --views`): recorded identity and settings agreeing
+    with the cache's, same samples, and itself verified (its lines prefixed with its path)."""
+    problems = []
+    total = CacheSpec.from_dict(manifest["spec"]).views
+    for entry in manifest.get(EXTENSIONS_KEY) or []:
+        if not isinstance(entry, dict) or entry.get("kind") != "views":
+            continue
+        where = f"view layer {entry.get('path')}"
+        try:
+            start, stop = (int(v) for v in entry["views"])
+            layer_root = root / str(entry["path"])
+            layer_manifest = _load_manifest(layer_root)
+        except CacheError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"manifest: an entry of {EXTENSIONS_KEY!r} is malformed")
+            continue
+        why = view_layer_mismatch(manifest, layer_manifest, start, stop, entry) \
+            if start == total else f"holds views from {start}, expected from {total}"
+        if why is not None:
+            problems.append(f"{where}: does not belong to this cache ({why})")
+        problems.extend(f"{where}: {line}" for line in verify_cache(layer_root, deep=deep))
+        total = stop
     return problems
 
 
@@ -285,7 +322,7 @@ def _decode_all(root: Path) -> list[str]:
     """Decode every record of every committed part: each must decode and hold finite values
     (checksums only prove the bytes are the ones written, not that they were right)."""
     problems = []
-    reader = open_cache(root, require_complete=False)
+    reader = open_cache(root, require_complete=False, views=0)  # layers: verified on their own
     for part in reader.parts:
         try:
             for rec in reader.iter_records(parts=[part], decode=True):

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["subset_cache"]
 
-# manifest keys that a new cache writes itself (the rest is history to carry over)
-_OWN_KEYS = frozenset({"created", "finalized", "subset"})
+# manifest keys that a new cache writes itself (the rest is history to carry over); the
+# source's view layers (tec cache extend) are read into the copy, not referenced by it
+_OWN_KEYS = frozenset({"created", "finalized", "subset", "extensions"})
 
 
 def _history(manifest: dict, spec) -> dict:

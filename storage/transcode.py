@@ -62,7 +62,8 @@ def transcode_cache(src: str | Path, dst: str | Path, *, codec: str,
     extra = {"transcode": list(m.get("transcode") or []) + [step]}
     if m.get("target_error") is not None:
         extra["source_target_error"] = m["target_error"]  # of the source's codec and precision
-    writer = create_cache(dst, spec, base_model=m["base_model"], view_policy=m["view_policy"],
+    writer = create_cache(dst, spec, base_model=m["base_model"],
+                          view_policy={**m["view_policy"], "views": spec.views},  # grown: K2
                           source=m["source"], parts=[(p["name"], int(p["slots"]))
                                                      for p in m["parts"]],
                           targets=m.get("targets") or {}, extra=extra)

@@ -427,7 +427,7 @@ def test_usage_errors_exit_2_without_traceback(ws):
 SUBCOMMANDS = [
     ["run"], ["plan"], ["targets"], ["train"], ["export"],
     ["cache"], ["cache", "inspect"], ["cache", "verify"], ["cache", "repair"],
-    ["cache", "transcode"], ["cache", "subset"],
+    ["cache", "transcode"], ["cache", "subset"], ["cache", "extend"],
     ["data"], ["data", "fashion-mnist"],
     ["eval"], ["eval", "knn"], ["eval", "linear"], ["eval", "finetune"],
     ["viz"], ["viz", "attention"],
