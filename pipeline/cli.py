@@ -308,7 +308,7 @@ def cache_verify(path, deep):
 
 
 @cache.command("repair")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Pipeline file whose targets/base_model to use (default: the settings the "
                    "cache recorded when it was built).")

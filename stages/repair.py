@@ -112,7 +112,11 @@ def repair_cache(path: str | Path, *, config=None, ray_address: str | None = Non
     from storage import layout, verify_cache
     from storage.schema import CacheError
 
-    root = Path(path).resolve()
+    from storage.objstore import Url, as_root
+
+    root = as_root(path)  # a folder or an object-store URL
+    if not isinstance(root, Url):
+        root = root.resolve()
     if not (root / layout.MANIFEST).is_file():
         raise FileNotFoundError(f"no target cache at {path} ({layout.MANIFEST} missing)")
     summary = RepairSummary(cache=str(root))

@@ -211,21 +211,30 @@ def test_stage1_from_s3_shards_into_an_s3_cache(s3_reference, base, shards, tmp_
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "inspect", cfg.cache],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "15" in out.stdout, out.stderr
-    # damage one object: verify names the part and file; the CLI exits 1
+    # damage one object: verify names the part and file, the CLI exits 1, repair recomputes
+    # exactly that part on the bucket (the other parts' objects untouched)
     target = Url(cfg.cache) / sorted(r for r in remote if r.startswith("parts/"))[0]
     original = target.read_bytes()
     try:
         target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         problems = verify_cache(cfg.cache)
-        assert problems and target.relative_to(Url(cfg.cache) / "parts").parts[1] in problems[0]
+        damaged = target.relative_to(Url(cfg.cache) / "parts").parts[0]
+        assert problems and problems[0].startswith(f"part {damaged}: ")
         bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", cfg.cache],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 1 and "BAD part" in bad.stderr
+        from stages.repair import repair_cache
+
+        fixed = repair_cache(cfg.cache, progress=False)
+        assert fixed.recomputed == [damaged] and fixed.problems_after == []
     finally:
-        target.write_bytes(original)
+        if target.read_bytes() != original:
+            target.write_bytes(original)
+    assert _data_files(_s3_files(cfg.cache)) == _data_files(remote)
     assert verify_cache(cfg.cache) == []
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3_shards,
                                                            s3_reference, tmp_path):
     """SIGKILL the stage-1 driver once a part's marker is on S3; the rerun keeps that part's
@@ -268,6 +277,7 @@ def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3
     assert verify_cache(cfg.cache) == []
 
 
+@pytest.mark.slow
 def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, tmp_path):
     """A run reading the cache on S3 takes the same steps with the same losses as the same run
     reading a local copy of it."""
@@ -385,3 +395,27 @@ def test_cli_stops_on_an_unusable_cache_url_before_the_base_model(tmp_path, comm
     assert out.stderr.strip().splitlines()[-1] == (
         "error: nosuch://bucket/cache: unknown URL scheme nosuch:// (no fsspec filesystem "
         "implements it); use a local path or s3://, gs://, memory://")
+
+
+@pytest.mark.slow
+def test_extend_views_of_a_cache_on_s3(s3_reference, base, tmp_path):
+    """tec cache extend on an s3:// cache: the layer is written to the bucket, the old objects
+    stay as they were, and the grown cache verifies and reads K+1 views."""
+    from stages.extend import extend_views
+    from storage import CacheError as _CacheError
+
+    url = f"s3://{BUCKET}/grown"
+    for rel in Url(s3_reference[0].cache).find():  # a copy of the reference on the bucket
+        (Url(url) / rel).write_bytes((Url(s3_reference[0].cache) / rel).read_bytes())
+    before = _s3_files(url)
+    extend_views(url, 4, progress=False)
+    after = _s3_files(url)
+    assert {rel: after[rel] for rel in before if rel != "manifest.json"} == \
+        {rel: d for rel, d in before.items() if rel != "manifest.json"}
+    assert any(rel.startswith("extensions/views-3-4/parts/") for rel in after)
+    reader = open_cache(url)
+    assert reader.spec.views == 4 and open_cache(url, views=3).spec.views == 3
+    assert reader.read(0, 3)["view"] == 3
+    assert verify_cache(url) == []
+    with pytest.raises(_CacheError, match="has 4 views already"):
+        extend_views(url, 4, progress=False)
