@@ -16,6 +16,7 @@ touches the store (the driver and each stage-1 worker).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import uuid
 from pathlib import PurePosixPath
@@ -73,7 +74,7 @@ def configured() -> dict:
     return {k: dict(v) for k, v in _configured.items()}
 
 
-_fs_cache: dict[str, object] = {}
+_fs_cache: dict[str, tuple[int, object]] = {}  # protocol -> (pid that made it, filesystem)
 
 
 def filesystem(url: str):
@@ -82,7 +83,9 @@ def filesystem(url: str):
     import fsspec
 
     proto = protocol_of(url)
-    fs = _fs_cache.get(proto)
+    pid, fs = _fs_cache.get(proto, (None, None))
+    if pid != os.getpid():  # a forked child (DataLoader worker) makes its own client
+        fs = None
     if fs is None:
         try:
             cls = fsspec.get_filesystem_class(proto)
@@ -100,7 +103,7 @@ def filesystem(url: str):
         except Exception as e:
             raise StorageError(f"{url}: cannot set up the {proto}:// filesystem "
                                f"({type(e).__name__}: {_one_line(e)})") from None
-        _fs_cache[proto] = fs
+        _fs_cache[proto] = (os.getpid(), fs)
     return fs, fs._strip_protocol(url)
 
 

@@ -278,7 +278,7 @@ def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3
 
 
 @pytest.mark.slow
-def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, tmp_path):
+def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, base, tmp_path):
     """A run reading the cache on S3 takes the same steps with the same losses as the same run
     reading a local copy of it."""
     import torch
@@ -300,6 +300,14 @@ def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, tmp_
               out_dir=tmp_path / "localrun", progress=False)
     assert a.steps == b.steps == 3 and a.cached_samples == 15 and a.online_samples == 0
     assert a.losses == b.losses
+    # forked DataLoader workers read the bucket with their own clients; half the samples are
+    # fresh views whose images come from the shards on S3
+    workers = run_config(epochs=1, batch_size=5, num_workers=2, online_fraction=0.5)
+    c = train(workers, cache=cfg.cache, source=Source(cfg.source.path), base=base,
+              out_dir=tmp_path / "s3workers", progress=False)
+    d = train(workers, cache=str(local), source=Source(cfg.source.path), base=base,
+              out_dir=tmp_path / "localworkers", progress=False)
+    assert c.steps == 3 and c.online_samples > 0 and c.losses == d.losses
 
 
 @pytest.mark.slow
