@@ -961,10 +961,13 @@ def check_storage(cfg: Stage1Config) -> None:
     cache is reachable and writable and an object-store source reachable (StorageError, one line
     naming the URL: scheme not installed, endpoint unreachable, credentials refused, bucket
     missing). Local paths are left to the steps that use them."""
-    from storage.objstore import check_location, configure
+    from storage.objstore import check_location, configure, is_url
 
     configure(cfg.storage_options)
     check_location(cfg.cache, write=True, what="targets.cache")
+    if cfg.source.kind == "imagefolder" and is_url(cfg.source.path):
+        raise Stage1Error(f"targets.source.path: {cfg.source.path}: an image folder must be a "
+                          "local (or mounted) folder; on object storage use WebDataset shards")
     if cfg.source.kind == "webdataset":
         for item in str(cfg.source.path).split("::"):
             check_location(item, what="targets.source.path")

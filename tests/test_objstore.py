@@ -114,6 +114,14 @@ def test_unusable_urls_are_one_line_errors_naming_the_url():
         with pytest.raises(StorageError, match=r"^gs://b/c: the gs:// scheme needs gcsfs"):
             check_location("gs://b/c")
     check_location("/a/local/path", write=True)  # local paths are checked where they are used
+    from stages.configs import BaseModelConfig
+    from stages.stage1 import Stage1Error, run_stage1
+
+    cfg = make_cfg("memory://images/folder", "memory://tec-if/cache", kind="imagefolder")
+    with pytest.raises(Stage1Error, match=r"^targets.source.path: memory://images/folder: an "
+                                          r"image folder must be a local"):
+        run_stage1(cfg, BaseModelConfig(arch="vit_base_patch16_224", checkpoint="/no/such.pth"),
+                   progress=False)
 
 
 # ------------------------------------------------------------------ S3 (moto on loopback)
@@ -186,6 +194,18 @@ def test_a_cache_on_s3_reads_and_verifies_like_a_local_one(s3_server, tmp_path, 
     for i in range(a.num_samples):
         np.testing.assert_array_equal(a.read(i, 2)["features"], b.read(i, 2)["features"])
     assert verify_cache(url) == []
+
+
+def test_evaluation_images_load_from_shards_on_s3(s3_shards, shards):
+    """data.test on S3: the evaluation loader reads the same images and labels as from disk."""
+    import torch
+
+    from stages.evaluate import load_eval_images
+
+    a_images, a_labels = load_eval_images(s3_shards, 32)
+    b_images, b_labels = load_eval_images(str(shards), 32)
+    assert len(a_images) == 15
+    assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
 
 
 def _s3_files(url: str) -> dict[str, str]:
