@@ -5,7 +5,7 @@
     python benchmarks/reliability.py --no-readme  # leave benchmarks/README.md alone
 
 Runs ``tests/test_reliability_*.py`` with pytest in this process and collects, for every test,
-its category (``test_reliability_common.category``), its outcome and what it recorded
+its category (``reliability_helpers.category``), its outcome and what it recorded
 (``record_cases`` / ``record_details``). Counts therefore come from real runs:
 
 * a test that checks several sub-cases (e.g. one per bad sample of a shard) counts each;

@@ -228,7 +228,7 @@ def test_a_run_configured_for_the_old_k_trains_on_the_same_records(ray_session, 
     import torch
 
     from stages.train import train
-    from test_train_helpers import run_config
+    from train_helpers import run_config
 
     cache = tmp_path / "cache"
     shutil.copytree(reference[0].cache, cache)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tec_helpers import tiny_new_model, tiny_vit
-from test_train_helpers import Source, build_cache, make_data, run_config, save_base_model
+from train_helpers import Source, build_cache, make_data, run_config, save_base_model
 
 from stages.checkpoint import load_checkpoint
 from stages.train import TrainSetupError, train

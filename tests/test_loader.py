@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_helpers import (K_MAX, VIEWS, Source, build_cache, make_data, run_config,
+from train_helpers import (K_MAX, VIEWS, Source, build_cache, make_data, run_config,
                                 save_base_model)
 from stages.data import PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder, TrainDataset, CacheRead
 from stages.loader import BatchedTrainDataset, cached_to_device, loader_settings

@@ -331,7 +331,7 @@ def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, base
     import torch
 
     from stages.train import train
-    from test_train_helpers import Source, run_config
+    from train_helpers import Source, run_config
 
     cfg = s3_reference[0]
     local = tmp_path / "copy"

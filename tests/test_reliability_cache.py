@@ -22,9 +22,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from test_reliability_common import (VIEWS, category, fsync_off, invoke_cli, make_data,
-                                     no_fsync,  # noqa: F401
-                                     one_line_error, one_thread, pipeline_yaml, record_details,
+from reliability_helpers import (VIEWS, category, fsync_off, invoke_cli, make_data,
+                                     one_line_error, pipeline_yaml, record_details,
                                      save_base_model, stage1_config, stage1_in_process)
 
 pytestmark = pytest.mark.usefixtures("no_fsync", "one_thread")

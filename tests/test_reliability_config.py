@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import (BAD_INPUT_CASES, TARGETS, TRAIN, BadInput, _set, make_workspace,
+from cli_helpers import (BAD_INPUT_CASES, TARGETS, TRAIN, BadInput, _set, make_workspace,
                       run_bad_input)
 from image_helpers import make_shards
-from test_reliability_common import category
+from reliability_helpers import category
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_reliability_common import (category, no_fsync,  # noqa: F401
-                                     one_thread)
+from reliability_helpers import category
 
 
 # ------------------------------------------------------------------------------ YAML
@@ -54,7 +53,7 @@ def test_webdataset_parts_are_byte_reproducible(tmp_path, monkeypatch, no_fsync,
     import hashlib
     import time
 
-    from test_reliability_common import (make_data, save_base_model, stage1_config,
+    from reliability_helpers import (make_data, save_base_model, stage1_config,
                                          stage1_in_process)
 
     make_data(tmp_path / "shards", n_shards=1, per_shard=3)
@@ -89,7 +88,7 @@ def _dup_shards(directory, n_shards: int = 2, per_shard: int = 4) -> str:
 
 
 def _stage2_inputs(cache, source_path, tmp_path, kind="webdataset"):
-    from test_reliability_common import Source, run_config
+    from reliability_helpers import Source, run_config
     from stages.train import DistEnv, resolve_inputs
 
     run = run_config()
@@ -127,7 +126,7 @@ def _one_record_per_sample(inputs) -> list[str]:
 @pytest.mark.parametrize("backend", ["zarr", "webdataset"])
 def test_shards_sharing_member_names_are_cached_and_trained_apart(tmp_path, backend, no_fsync,
                                                                   one_thread, record_property):
-    from test_reliability_common import (record_details, save_base_model, stage1_config,
+    from reliability_helpers import (record_details, save_base_model, stage1_config,
                                          stage1_in_process)
     from storage import open_cache, verify_cache
 
@@ -160,8 +159,8 @@ def _folder_with_shared_stems(root):
 def test_image_folder_files_sharing_a_stem_are_cached_under_their_own_keys(tmp_path, no_fsync,
                                                                           one_thread):
     """x.jpg beside x.png: both cached (keys keep the extension), never a failed part."""
-    from test_reliability_common import save_base_model, stage1_config
-    from stages.stage1 import BaseModelActor, ShardJob, _prepare_cache, process_shard
+    from reliability_helpers import save_base_model, stage1_config
+    from stages.stage1 import BaseModelActor, _prepare_cache, process_shard
     from stages.configs import to_dict
     from storage import open_cache
 
@@ -195,7 +194,7 @@ def test_unique_keys_qualifies_repeats_and_reports_taken_names():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two shards of distinct keys, a base model and an intact zarr cache (no Ray)."""
-    from test_reliability_common import (fsync_off, make_data, save_base_model, stage1_config,
+    from reliability_helpers import (fsync_off, make_data, save_base_model, stage1_config,
                                          stage1_in_process)
 
     tmp = tmp_path_factory.mktemp("silent")
@@ -225,7 +224,7 @@ def _link_part(root, part="shard-000001", to="shard-000000"):
 
 
 def _train_cli(world, cache, tag, run=None):
-    from test_reliability_common import invoke_cli, pipeline_yaml
+    from reliability_helpers import invoke_cli, pipeline_yaml
 
     config = pipeline_yaml(world["tmp"] / "configs" / f"{tag}.yaml", shards=world["shards"],
                            base=world["base"], cache=cache, workdir=world["tmp"] / "work" / tag,
@@ -236,7 +235,7 @@ def _train_cli(world, cache, tag, run=None):
 @category("missing_records")
 def test_a_part_linked_to_another_is_refused_naming_the_part(world, no_fsync, one_thread):
     """online_fraction 0: the part's samples must not go online without a word."""
-    from test_reliability_common import one_line_error
+    from reliability_helpers import one_line_error
 
     root = _copy(world, "linked")
     _link_part(root)
@@ -265,7 +264,7 @@ def test_an_allowed_fallback_is_counted_in_the_summary_and_metrics(world, no_fsy
 def test_samples_stage1_reported_bad_are_skipped_not_counted(tmp_path, no_fsync, one_thread):
     """A cache whose parts report bad samples is complete: no fallback, no refusal."""
     from image_helpers import make_bad_shard
-    from test_reliability_common import (Source, make_data, run_config, save_base_model,
+    from reliability_helpers import (Source, make_data, run_config, save_base_model,
                                          stage1_config, stage1_in_process)
     from stages.train import train
 
@@ -294,7 +293,7 @@ def _run_cli(config, *extra):
 @category("stale_reuse")
 def test_tec_run_reuses_only_what_was_built_from_the_same_inputs(world, tmp_path, no_fsync,
                                                                  one_thread, record_property):
-    from test_reliability_common import (invoke_cli, one_line_error, pipeline_yaml, record_cases,
+    from reliability_helpers import (invoke_cli, one_line_error, pipeline_yaml, record_cases,
                                          stage1_config, stage1_in_process)
 
     work = tmp_path / "work"
@@ -378,7 +377,7 @@ def ray_in_process(monkeypatch):
 def _nan_base_model(path):
     from safetensors.torch import load_file, save_file
 
-    from test_reliability_common import save_base_model
+    from reliability_helpers import save_base_model
 
     base = save_base_model(path)
     state = load_file(str(path))
@@ -391,7 +390,7 @@ def _nan_base_model(path):
 @category("deterministic_failures")
 def test_a_base_model_giving_nan_fails_once_saying_what_to_change(tmp_path, ray_in_process,
                                                                  one_thread):
-    from test_reliability_common import make_data, stage1_config
+    from reliability_helpers import make_data, stage1_config
     from stages.stage1 import Stage1Error, run_stage1
 
     make_data(tmp_path / "shards", n_shards=3, per_shard=2)
@@ -426,7 +425,7 @@ def test_on_ray_a_nan_base_model_is_tried_once_per_part(tmp_path, monkeypatch, o
 
     import ray
 
-    from test_reliability_common import make_data, stage1_config
+    from reliability_helpers import make_data, stage1_config
     from stages.stage1 import TEST_HOOKS_ENV, Stage1Error, run_stage1
 
     make_data(tmp_path / "shards", n_shards=4, per_shard=2)
@@ -454,7 +453,7 @@ def test_strict_prints_its_summary_on_stdout(tmp_path, ray_in_process, one_threa
 
     from image_helpers import make_bad_shard
     from pipeline.cli import main
-    from test_reliability_common import make_data, pipeline_yaml, save_base_model
+    from reliability_helpers import make_data, pipeline_yaml, save_base_model
 
     make_data(tmp_path / "shards", n_shards=1, per_shard=2)
     make_bad_shard(tmp_path / "shards" / "zz-bad.tar")
@@ -520,7 +519,7 @@ def _part_digests(root) -> dict:
 @category("deep_damage")
 def test_verify_deep_finds_nan_records_and_repair_recomputes_only_that_part(
         world, ray_in_process, one_thread, record_property):
-    from test_reliability_common import invoke_cli, record_cases
+    from reliability_helpers import invoke_cli, record_cases
 
     root = _copy(world, "nan")
     with pytest.MonkeyPatch.context() as mp:
@@ -551,7 +550,7 @@ def test_verify_deep_finds_nan_records_and_repair_recomputes_only_that_part(
 def test_inspect_and_repair_of_a_part_linked_to_another(world, ray_in_process, one_thread,
                                                         record_property):
     from storage import format_inspect, inspect_cache
-    from test_reliability_common import invoke_cli, record_cases
+    from reliability_helpers import invoke_cli, record_cases
 
     root = _copy(world, "linked-repair")
     _link_part(root)

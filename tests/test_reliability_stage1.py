@@ -37,9 +37,8 @@ import numpy as np
 import pytest
 
 from image_helpers import encode, make_bad_shard, smooth_image, write_tar
-from test_reliability_common import (category, child_processes, fsync_off, make_data,
-                                     no_fsync,  # noqa: F401
-                                     one_thread, record_cases, record_details, save_base_model,
+from reliability_helpers import (category, child_processes, fsync_off, make_data,
+                                     record_cases, record_details, save_base_model,
                                      cache_snapshot, sigkill_self, snapshot_diff, stage1_config,
                                      stage1_in_process, wait_until)
 
@@ -309,7 +308,7 @@ def test_training_on_the_cache_of_bad_shards_skips_what_is_missing(bad_data, tmp
                                                                   one_thread):
     """Stage 2 over the same shards: the source index agrees with the cache and the bad samples
     are skipped and counted, not fatal."""
-    from test_reliability_common import Source, run_config
+    from reliability_helpers import Source, run_config
     from stages.train import train
     from storage import open_cache
 

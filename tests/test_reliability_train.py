@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_reliability_common import (category, fsync_off, invoke_cli, make_data,
-                                     no_fsync,  # noqa: F401
-                                     one_line_error, one_thread, pipeline_yaml, record_details,
+from reliability_helpers import (category, fsync_off, invoke_cli, make_data,
+                                     one_line_error, pipeline_yaml, record_details,
                                      run_config, save_base_model, sigkill_self, stage1_config,
                                      stage1_in_process)
 

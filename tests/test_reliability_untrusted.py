@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from image_helpers import encode, smooth_image, write_tar
-from test_reliability_common import (MarkerOnUnpickle, Source, category, evil_pickle,
+from reliability_helpers import (MarkerOnUnpickle, Source, category, evil_pickle,
                                      fsync_off, invoke_cli, make_data,
-                                     no_fsync, one_line_error,  # noqa: F401
-                                     one_thread, pipeline_yaml, record_cases, run_config,
+                                     one_line_error,  # noqa: F401
+                                     pipeline_yaml, record_cases, run_config,
                                      save_base_model, stage1_config, stage1_in_process)
 
 pytestmark = pytest.mark.usefixtures("no_fsync", "one_thread")

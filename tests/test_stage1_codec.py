@@ -11,7 +11,7 @@ from stages.stage1 import Stage1Config, _check_base_model, _prepare_cache, proce
     resolve_precision, BaseModelActor
 from stages.target_error import compare_targets
 from storage import format_inspect, inspect_cache, open_cache
-from test_train_helpers import BASE_KWARGS, make_data, save_base_model
+from train_helpers import BASE_KWARGS, make_data, save_base_model
 
 
 @pytest.fixture(scope="module")

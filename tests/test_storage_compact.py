@@ -182,7 +182,7 @@ def test_bad_codec_parameters_are_one_line_errors_naming_key_and_allowed_values(
 def test_config_errors_name_targets_codec_and_its_parameters():
     from pipeline.config import parse_config
     from stages.configs import ConfigError
-    from test_config import minimal_pipeline
+    from config_helpers import minimal_pipeline
 
     def error(**targets) -> str:
         raw = minimal_pipeline()
@@ -234,7 +234,7 @@ def test_schema_v1_caches_still_open_and_verify(v1_copy, name):
 def test_a_schema_v1_cache_still_trains(v1_copy, tmp_path):
     from stages.configs import BaseModelConfig
     from stages.train import train
-    from test_train_helpers import BASE_KWARGS, Source, run_config
+    from train_helpers import BASE_KWARGS, Source, run_config
 
     base = BaseModelConfig(arch="vit_base_patch16_224", checkpoint="base.safetensors",
                            timm_kwargs=dict(BASE_KWARGS))
@@ -245,7 +245,7 @@ def test_a_schema_v1_cache_still_trains(v1_copy, tmp_path):
 
 
 def test_a_lowrank_cache_trains(tmp_path):
-    from test_train_helpers import Source, build_cache, make_data, run_config, save_base_model
+    from train_helpers import Source, build_cache, make_data, run_config, save_base_model
     from stages.train import train
 
     shards = make_data(tmp_path, n_shards=1, per_shard=8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_helpers import PYTHON, build_cache, make_data, python_env, save_base_model
+from train_helpers import PYTHON, build_cache, make_data, python_env, save_base_model
 from stages.checkpoint import load_checkpoint
 from stages.train import DEBUG_SAMPLES_ENV
 
@@ -21,7 +21,7 @@ SCRIPT = r'''
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-from test_train_helpers import Source, run_config
+from train_helpers import Source, run_config
 from stages import checkpoint, train
 from stages.configs import BaseModelConfig
 
@@ -94,7 +94,7 @@ def test_two_process_torchrun_shards_disjointly_and_keeps_ranks_identical(world,
         assert len(keys[0] | keys[1]) == 16  # and together the whole dataset
 
     # same global batches, same masks: the 2-rank run trains the single-process model
-    from test_train_helpers import run_config
+    from train_helpers import run_config
     from stages.train import train
 
     train(run_config(**dict(run, accum_steps=1, num_workers=0)), cache=world["cache"],
@@ -105,7 +105,7 @@ def test_two_process_torchrun_shards_disjointly_and_keeps_ranks_identical(world,
 
 
 def test_run_killed_mid_epoch_resumes_to_the_same_weights(world, tmp_path):
-    from test_train_helpers import run_config
+    from train_helpers import run_config
     from stages.train import train
 
     run = dict(epochs=3, batch_size=4, checkpoint_every=3, keep_checkpoints=2, num_workers=0,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from image_helpers import encode, smooth_image, write_tar
-from test_train_helpers import (K_MAX, Source, build_cache, make_data, run_config,
+from train_helpers import (K_MAX, Source, build_cache, make_data, run_config,
                                 save_base_model)
 from stages.configs import ConfigError
 from stages.checkpoint import load_checkpoint

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_helpers import K_MAX, STUDENT, VIEWS, build_cache, make_data, save_base_model
+from train_helpers import K_MAX, STUDENT, VIEWS, build_cache, make_data, save_base_model
 from stages.data import (CacheRead, PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder,
                          TrainDataset, collate)
 from stages.sources import WebDatasetSource, decode_image

@@ -71,22 +71,6 @@ def assert_all_ok(results: dict[str, tuple[bool, str]]) -> None:
     assert not failed, "\n".join(f"{name}: {detail}" for name, detail in failed.items())
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (the machine is shared; and the crash/resume comparisons run the same
-    arithmetic in the killed child, the resumed run and the reference)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_fsync(monkeypatch):
-    """Skip fsync in the cache writer (slow here); atomicity against crashes does not need it."""
-    monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
-
-
 @contextlib.contextmanager
 def fsync_off():
     """no_fsync for module-scoped fixtures (the environment is restored afterwards)."""
