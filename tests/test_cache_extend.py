@@ -19,7 +19,7 @@ from stages.stage1 import run_stage1
 from storage import CacheError, inspect_cache, open_cache, verify_cache
 from storage.schema import manifest_identity
 from storage_helpers import VIEW_POLICY, new_cache, spec, write_part
-from test_stage1 import (RECORD_FIELDS, assert_same_records, base, make_cfg,  # noqa: F401
+from stage1_helpers import (RECORD_FIELDS, assert_same_records, base, make_cfg,  # noqa: F401
                          ray_session, reference, shards)
 
 REPO = Path(__file__).resolve().parents[1]

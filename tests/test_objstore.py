@@ -21,7 +21,7 @@ from s3_helpers import BUCKET, s3_server, start_moto, stop, upload_tree  # noqa:
 from storage import CacheError, open_cache, verify_cache
 from storage.objstore import StorageError, Url, check_location
 from storage_helpers import new_cache, part_records, spec, write_part
-from test_stage1 import (DRIVER, all_records, assert_same_records, base, kill_session,  # noqa: F401
+from stage1_helpers import (DRIVER, all_records, assert_same_records, base, kill_session,  # noqa: F401
                          make_cfg, ray_session, shards)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +367,7 @@ def test_a_two_node_ray_cluster_writes_one_s3_cache(s3_server, s3_shards, s3_ref
     import secrets
 
     from s3_helpers import s3_env
-    from test_stage1 import _free_port, _ray_env
+    from stage1_helpers import _free_port, _ray_env
 
     port = _free_port()
     token = tmp_path / "auth_token"
