@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from stages.configs import EvalConfig
+
 log = logging.getLogger("tec")
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
@@ -433,40 +435,37 @@ def _eval_options(fn):
     return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(fn)
 
 
-@eval_group.command("knn")
-@_eval_options
-@click.option("-k", "k", default=20, show_default=True, help="Neighbours.")
-@click.option("--temperature", default=0.07, show_default=True, help="Vote temperature.")
-@user_errors
-def eval_knn(model, train_shards, test_shards, arch, timm_kwargs, train_limit, test_limit,
-             device, allow_pickle, k, temperature):
-    """k-NN top-1 (cosine, temperature-weighted vote) of a checkpoint or export."""
+def _run_eval(metric: str, model, train_shards, test_shards, arch, timm_kwargs, train_limit,
+              test_limit, device, allow_pickle, **settings):
+    """The body of ``tec eval knn`` / ``tec eval linear``: one metric of one model file, printed
+    as a table; ``settings``: that metric's EvalConfig fields."""
     from pipeline.orchestrate import evaluate_file
 
-    result = evaluate_file(model, train_shards, test_shards, arch=arch,
-                           timm_kwargs=_parse_timm_kwargs(timm_kwargs), train_limit=train_limit,
-                           test_limit=test_limit, device=device, allow_pickle=allow_pickle,
-                           metrics=("knn",), knn_k=k,
-                           knn_temperature=temperature)
-    click.echo(result)
+    cfg = EvalConfig(train_limit=train_limit, test_limit=test_limit, device=device, **settings)
+    click.echo(evaluate_file(model, train_shards, test_shards, cfg, metrics=(metric,), arch=arch,
+                             timm_kwargs=_parse_timm_kwargs(timm_kwargs),
+                             allow_pickle=allow_pickle))
+
+
+@eval_group.command("knn")
+@_eval_options
+@click.option("-k", "knn_k", default=EvalConfig.knn_k, show_default=True, help="Neighbours.")
+@click.option("--temperature", "knn_temperature", default=EvalConfig.knn_temperature,
+              show_default=True, help="Vote temperature.")
+@user_errors
+def eval_knn(**options):
+    """k-NN top-1 (cosine, temperature-weighted vote) of a checkpoint or export."""
+    _run_eval("knn", **options)
 
 
 @eval_group.command("linear")
 @_eval_options
-@click.option("--epochs", default=50, show_default=True)
-@click.option("--lr", default=1e-2, show_default=True)
+@click.option("--epochs", "linear_epochs", default=EvalConfig.linear_epochs, show_default=True)
+@click.option("--lr", "linear_lr", default=EvalConfig.linear_lr, show_default=True)
 @user_errors
-def eval_linear(model, train_shards, test_shards, arch, timm_kwargs, train_limit, test_limit,
-                device, allow_pickle, epochs, lr):
+def eval_linear(**options):
     """Linear-probe top-1 on frozen features of a checkpoint or export."""
-    from pipeline.orchestrate import evaluate_file
-
-    result = evaluate_file(model, train_shards, test_shards, arch=arch,
-                           timm_kwargs=_parse_timm_kwargs(timm_kwargs), train_limit=train_limit,
-                           test_limit=test_limit, device=device, allow_pickle=allow_pickle,
-                           metrics=("linear",),
-                           linear_epochs=epochs, linear_lr=lr)
-    click.echo(result)
+    _run_eval("linear", **options)
 
 
 @eval_group.command("finetune")

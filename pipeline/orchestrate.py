@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.configs import BaseModelConfig, ConfigError, from_dict
+from stages.configs import BaseModelConfig, ConfigError, EvalConfig, from_dict
 
 from .config import PipelineConfig
 
@@ -170,63 +170,15 @@ def _already_done(result) -> bool:
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _load_model(path: Path, arch: str | None, allow_pickle: bool = False,
-                timm_kwargs: dict | None = None):
-    """A frozen encoder from a model file. ``arch`` and ``timm_kwargs`` (the geometry) apply to
-    plain checkpoints; our exports carry their own geometry and it wins."""
-    from tec.teacher import load_base_model
-
-    return load_base_model(arch or "vit_base_patch16_224", path, allow_pickle=allow_pickle,
-                           plain_kwargs=timm_kwargs)
-
-
-def evaluate_models(models: dict[str, Path], train_shards, test_shards, *, arch=None,
-                    train_limit=None, test_limit=None, device="auto", knn_k=20,
-                    knn_temperature=0.07, linear_epochs=50, linear_lr=1e-2,
-                    batch_size=256, metrics=("knn", "linear"),
-                    allow_pickle=False, timm_kwargs: dict | None = None) -> list[dict]:
-    """Top-1 rows (percent) for each named model file on the same train/test images.
-
-    arch / timm_kwargs: the timm model and geometry of plain checkpoints (exports carry theirs).
-    """
-    import torch
-
-    from stages.evaluate import (extract_features, knn_classify, linear_probe,
-                                 load_eval_images)
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    rows, images = [], {}
-    for name, path in models.items():
-        model = _load_model(Path(path), arch, allow_pickle, timm_kwargs)
-        size = model.patch_embed.img_size[0]
-        if size not in images:
-            images[size] = (load_eval_images(train_shards, size, limit=train_limit),
-                            load_eval_images(test_shards, size, limit=test_limit))
-        (tr_x, tr_y), (te_x, te_y) = images[size]
-        train = extract_features(model, tr_x, tr_y, device=device, batch_size=batch_size)
-        test = extract_features(model, te_x, te_y, device=device, batch_size=batch_size)
-        row = {"model": name, "file": str(path)}
-        for readout in ("cls", "mean"):
-            if "knn" in metrics:
-                row[f"knn_{readout}"] = knn_classify(
-                    train[readout], train["labels"], test[readout], test["labels"],
-                    k=knn_k, temperature=knn_temperature)
-            if "linear" in metrics:
-                row[f"linear_{readout}"] = linear_probe(
-                    train[readout], train["labels"], test[readout], test["labels"],
-                    epochs=linear_epochs, lr=linear_lr)
-        log.info("evaluated %s: %s", name, {k: v for k, v in row.items() if k != "file"})
-        rows.append(row)
-    return rows
-
-
-def evaluate_file(path: Path, train_shards, test_shards, **kwargs) -> str:
-    """One model file's metrics as a table (the ``tec eval`` commands)."""
-    from stages.evaluate import format_table
+def evaluate_file(path: Path, train_shards, test_shards, cfg: EvalConfig, **kwargs) -> str:
+    """One model file's metrics as a table (the ``tec eval`` commands); ``kwargs``: those of
+    :func:`stages.evaluate.evaluate_models` (metrics, arch, allow_pickle, timm_kwargs)."""
+    from stages.evaluate import evaluate_models, format_table
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    rows = evaluate_models({model_display_name(path): Path(path)}, train_shards, test_shards, **kwargs)
+    rows = evaluate_models({model_display_name(path): Path(path)}, train_shards, test_shards, cfg,
+                           **kwargs)
     return format_table(rows)
 
 
@@ -247,7 +199,7 @@ def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *
     """
     if not isinstance(models, dict):
         models = {model_display_name(p): Path(p) for p in models}
-    from stages.evaluate import load_eval_images
+    from stages.evaluate import load_eval_images, load_model
     from stages.viz import attention_maps, save_attention_grid
     from tec.targets import normalize_images
 
@@ -255,7 +207,7 @@ def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *
     for name, path in models.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        model = _load_model(Path(path), arch, allow_pickle, timm_kwargs)
+        model = load_model(Path(path), arch, allow_pickle=allow_pickle, timm_kwargs=timm_kwargs)
         size = model.patch_embed.img_size[0]
         images, _ = load_eval_images(shards, size, limit=num_images)
         if shown is None:
@@ -350,7 +302,7 @@ def finetune_rows(cfg: PipelineConfig, models: dict[str, Path], rows: list[dict]
 
 
 def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSummary) -> None:
-    from stages.evaluate import format_table
+    from stages.evaluate import evaluate_models, format_table
 
     if cfg.data.test is None:
         summary.add("eval", "skipped: data.test is not set")
@@ -364,12 +316,9 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
         if export is not None:
             models[run.name] = export
     ev = cfg.eval
-    rows = evaluate_models(
-        models, cfg.data.train, cfg.data.test, arch=cfg.base_model.arch,
-        train_limit=ev.train_limit, test_limit=ev.test_limit, device=ev.device,
-        knn_k=ev.knn_k, knn_temperature=ev.knn_temperature, linear_epochs=ev.linear_epochs,
-        linear_lr=ev.linear_lr, batch_size=ev.batch_size,
-        allow_pickle=cfg.base_model.allow_pickle, timm_kwargs=cfg.base_model.timm_kwargs)
+    rows = evaluate_models(models, cfg.data.train, cfg.data.test, ev, arch=cfg.base_model.arch,
+                           allow_pickle=cfg.base_model.allow_pickle,
+                           timm_kwargs=cfg.base_model.timm_kwargs)
     if ev.finetune is not None and ev.finetune.enabled:
         finetune_rows(cfg, models, rows, summary)
     summary.eval_table = format_table(rows)

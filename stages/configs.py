@@ -179,6 +179,32 @@ def to_dict(obj: Any) -> Any:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation settings (the pipeline file's ``eval`` section and the ``tec eval`` commands):
+    the one place their defaults live; :mod:`stages.evaluate` takes it whole."""
+
+    enabled: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 50
+    linear_lr: float = 1e-2
+    batch_size: int = 256
+    train_limit: int | None = None
+    test_limit: int | None = None
+    viz_images: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    finetune: object = None  # stages.finetune.FinetuneConfig (built by parse_config)
+
+    def validate(self) -> None:
+        if self.knn_k < 1:
+            raise ConfigError(f"eval.knn_k: must be >= 1, got {self.knn_k}")
+        if self.knn_temperature <= 0:
+            raise ConfigError(f"eval.knn_temperature: must be > 0, got {self.knn_temperature}")
+        if self.linear_epochs < 1:
+            raise ConfigError(f"eval.linear_epochs: must be >= 1, got {self.linear_epochs}")
+
+
+@dataclass
 class BaseModelConfig:
     """The frozen base model whose targets the new model learns (stage 1 and online fallback).
 

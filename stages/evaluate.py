@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.configs import EvalConfig
 from tec.targets import normalize_images
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,8 @@ def knn_predict(
     train_labels: Tensor,
     test_feats: Tensor,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EvalConfig.knn_k,
+    temperature: float = EvalConfig.knn_temperature,
     num_classes: int | None = None,
     chunk_size: int = 256,
     device: str | torch.device | None = None,
@@ -239,8 +241,8 @@ def knn_classify(
     train_labels: Tensor,
     test_feats: Tensor,
     test_labels: Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EvalConfig.knn_k,
+    temperature: float = EvalConfig.knn_temperature,
     num_classes: int | None = None,
     *,
     chunk_size: int = 256,
@@ -289,8 +291,8 @@ def linear_probe(
     test_feats: Tensor,
     test_labels: Tensor,
     *,
-    epochs: int = 50,
-    lr: float = 1e-2,
+    epochs: int = EvalConfig.linear_epochs,
+    lr: float = EvalConfig.linear_lr,
     batch_size: int = 1024,
     weight_decay: float = 0.0,
     warmup_epochs: int = 5,
@@ -393,10 +395,10 @@ def evaluate_model(
     test_labels: Tensor | None,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 256,
+    batch_size: int = EvalConfig.batch_size,
     amp: bool = False,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EvalConfig.knn_k,
+    temperature: float = EvalConfig.knn_temperature,
     linear: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """k-NN and linear-probe top-1 (percent) on the cls and mean-patch features of ``model``.
@@ -431,6 +433,53 @@ def evaluate_model(
         )
     log.info("evaluation: %s", ", ".join(f"{k_}={v:.2f}" for k_, v in results.items()))
     return {name: results[name] for name in METRICS}
+
+
+def load_model(path, arch: str | None = None, *, allow_pickle: bool = False,
+               timm_kwargs: dict | None = None) -> nn.Module:
+    """A frozen encoder from a model file. ``arch`` and ``timm_kwargs`` (the geometry) apply to
+    plain checkpoints; our exports carry their own geometry and it wins."""
+    from tec.teacher import load_base_model
+
+    return load_base_model(arch or "vit_base_patch16_224", Path(path), allow_pickle=allow_pickle,
+                           plain_kwargs=timm_kwargs)
+
+
+def evaluate_models(models: dict, train_shards: Any, test_shards: Any, cfg: EvalConfig, *,
+                    metrics: Sequence[str] = ("knn", "linear"), arch: str | None = None,
+                    allow_pickle: bool = False, timm_kwargs: dict | None = None) -> list[dict]:
+    """Top-1 rows (percent) for each named model file (name -> path) on the same train/test
+    images, with the settings of ``cfg`` (k-NN k / temperature, linear epochs / lr, limits,
+    batch size, device).
+
+    arch / timm_kwargs: the timm model and geometry of plain checkpoints (exports carry theirs).
+    """
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, images = [], {}
+    for name, path in models.items():
+        model = load_model(path, arch, allow_pickle=allow_pickle, timm_kwargs=timm_kwargs)
+        size = model.patch_embed.img_size[0]
+        if size not in images:
+            images[size] = (load_eval_images(train_shards, size, limit=cfg.train_limit),
+                            load_eval_images(test_shards, size, limit=cfg.test_limit))
+        (tr_x, tr_y), (te_x, te_y) = images[size]
+        train = extract_features(model, tr_x, tr_y, device=device, batch_size=cfg.batch_size)
+        test = extract_features(model, te_x, te_y, device=device, batch_size=cfg.batch_size)
+        row = {"model": name, "file": str(path)}
+        for readout in ("cls", "mean"):
+            if "knn" in metrics:
+                row[f"knn_{readout}"] = knn_classify(
+                    train[readout], train["labels"], test[readout], test["labels"],
+                    k=cfg.knn_k, temperature=cfg.knn_temperature)
+            if "linear" in metrics:
+                row[f"linear_{readout}"] = linear_probe(
+                    train[readout], train["labels"], test[readout], test["labels"],
+                    epochs=cfg.linear_epochs, lr=cfg.linear_lr)
+        log.info("evaluated %s: %s", name, {k: v for k, v in row.items() if k != "file"})
+        rows.append(row)
+    return rows
 
 
 _HEADERS = {
