@@ -9,7 +9,7 @@ at JPEG quality 98: these photos are smoother than ImageNet's, and quality 98 br
 ~ImageNet's average file size of ~110 KB; the mean is recorded), and target caches at ViT-B/16 geometry (L =
 196, C = 768, H = 12, k_max = 16, 224 px views, K = 2) and at the miniature's (L = 49, C = 96,
 H = 3, 28 px): one per codec x pixels (none | jpeg | png). The cache's targets are synthetic
-(the tests' ViT-shaped generator: loader speed depends on bytes and compressibility, not on the
+(storage.synthetic's ViT-shaped generator: loader speed depends on bytes and compressibility, not on the
 values); its crops, flips and pixels are the real view policy's on the real photos.
 
 Then, in this one process (no DataLoader workers, one torch thread, files in the page cache),
@@ -47,7 +47,6 @@ import io
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,8 +55,6 @@ from common import REPO_ROOT, result_header, setup_logging, write_result, log  #
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the ViT-shaped target generator of the tests
 
 PHOTOS = "/tmp/ocv/usr/share/doc/opencv-doc/examples"
 GEOMETRIES = {
@@ -119,12 +116,11 @@ def write_cache(root: Path, shards: list[str], geo: dict, codec: str, pixels: st
                 backend: str = "zarr") -> str:
     """A cache as stage 1 writes it (same writer, same view policy and pixel function), with
     synthetic ViT-shaped targets (16 distinct records, reused)."""
-    from storage_helpers import realistic_targets
-
     from stages.sources import decode_image, open_source
     from stages.stage1 import _stored_view_pixels, part_names
     from stages.views import ViewPolicy, render_views, view_params, views_to_arrays
     from storage import CacheSpec, create_cache
+    from storage.synthetic import realistic_targets
 
     policy = ViewPolicy(seed=0, output_size=geo["size"])
     spec = CacheSpec(num_patches=geo["L"], channels=geo["C"], heads=geo["H"], k_max=geo["k_max"],

@@ -340,13 +340,13 @@ def attention_target_entropy(cache_path, *, k: int, tau: float, samples: int = 5
 def random_init_export(cfg) -> Path:
     """The encoder the bootstrap starts from (same seed, same initialisation), never trained:
     the reference that tells how much pretraining moved the features."""
-    from pipeline.orchestrate import _bootstrap_run, _view_policy
+    from pipeline.orchestrate import bootstrap_run_config, pipeline_view_policy
     from tec.export import export_timm
     from tec.model import NewModel
 
-    run = _bootstrap_run(cfg)
+    run = bootstrap_run_config(cfg)
     # the bootstrap's geometry: its img_size is the views' size (stages.train derives it so)
-    model_cfg = run.model_config(img_size=_view_policy(cfg).output_size)
+    model_cfg = run.model_config(img_size=pipeline_view_policy(cfg).output_size)
     path = Path(cfg.workdir) / "random_init" / "model.safetensors"
     if not path.is_file():
         torch.manual_seed(run.seed)  # what stages.train does before building the model

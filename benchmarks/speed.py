@@ -75,7 +75,7 @@ def write_jpeg_shards(pattern: str, num_images: int, size_range: tuple[int, int]
     import braceexpand
 
     from stages.sources import open_source
-    from tests.image_helpers import encode, smooth_image, write_tar
+    from stages.synthetic import encode, smooth_image, write_tar
 
     paths = [str(REPO_ROOT / p) if not Path(p).is_absolute() else p
              for p in braceexpand.braceexpand(pattern)]

@@ -134,13 +134,17 @@ def run(config, overrides, ray_address, only, allow_pickle):
 @main.command()
 @config_arg
 @set_opt
+@click.option("--speed-results", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("benchmarks/results/speed.json"), show_default=True,
+              help="benchmarks/speed.py's results: measured throughput is added when they are "
+                   "of the same architecture (a missing file adds nothing).")
 @user_errors
-def plan(config, overrides):
+def plan(config, overrides, speed_results):
     """Estimate samples, cache size and compute of both stages before renting a cluster."""
     from pipeline.plan import make_plan
 
     cfg = _load(config, overrides)
-    click.echo(make_plan(cfg).format())
+    click.echo(make_plan(cfg, speed_results).format())
 
 
 @main.command()

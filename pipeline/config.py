@@ -205,7 +205,7 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
         boot["model"] = model
         bootstrap.run = boot
         # validate now, build later; with the base-model geometry it is trained with
-        # (as pipeline.orchestrate._bootstrap_run does)
+        # (as pipeline.orchestrate.bootstrap_run_config does)
         model = dict(model)
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             if key in base.timm_kwargs:

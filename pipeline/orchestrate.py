@@ -77,7 +77,8 @@ def bootstrap_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.workdir) / "bootstrap"
 
 
-def _bootstrap_run(cfg: PipelineConfig):
+def bootstrap_run_config(cfg: PipelineConfig):
+    """The bootstrap's TrainConfig: ``bootstrap.run`` with the base model's geometry."""
     from stages.train import TrainConfig
 
     run = dict(cfg.bootstrap.run)
@@ -108,7 +109,8 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
     export = find_export(bootstrap_dir(cfg))
     anew = ""
     if export is not None and allow_bootstrap:  # a bootstrap of other settings is not reused
-        anew = _set_aside_if_stale(bootstrap_dir(cfg), _bootstrap_run(cfg), cache=None, base=None)
+        anew = _set_aside_if_stale(bootstrap_dir(cfg), bootstrap_run_config(cfg), cache=None,
+                                   base=None)
         export = find_export(bootstrap_dir(cfg)) if not anew else None
     if export is None:  # a finished bootstrap has its export; an unfinished one resumes
         if not allow_bootstrap:
@@ -116,9 +118,9 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
                               "not trained yet; run `tec run CONFIG --only bootstrap` first")
         from stages.train import train
 
-        run = _bootstrap_run(cfg)
+        run = bootstrap_run_config(cfg)
         result = train(run, cache=None, source=cfg.targets.source, base=None,
-                       view_policy=_view_policy(cfg), out_dir=bootstrap_dir(cfg))
+                       view_policy=pipeline_view_policy(cfg), out_dir=bootstrap_dir(cfg))
         export = find_export(bootstrap_dir(cfg))
         if summary is not None:
             summary.add("bootstrap", anew + f"trained pixel-target base model ({result.steps} "
@@ -128,7 +130,8 @@ def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
     return dataclasses.replace(base, checkpoint=str(export))
 
 
-def _view_policy(cfg: PipelineConfig):
+def pipeline_view_policy(cfg: PipelineConfig):
+    """The config's view policy (``targets.view_policy``) as a ViewPolicy."""
     from stages.views import ViewPolicy
 
     vp = cfg.targets.view_policy

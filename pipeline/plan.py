@@ -5,7 +5,8 @@ tokens of width D and MLP ratio r, ``(8 + 4r)·N·D² + 4·N²·D``; the patch e
 ``2·L·(3·p²)·D``. The new model adds its encoder adapter, decoder streams, heads and attention
 logits (:func:`new_model_forward_flops`); both agree with torch's FLOP counter within 1%.
 Training costs about 3x a forward pass (forward + backward). Measured throughput is added when
-``benchmarks/results/speed.json`` holds a run on the same architecture.
+the speed results file given to :func:`make_plan` (``tec plan --speed-results``, default
+``benchmarks/results/speed.json``) holds a run on the same architecture.
 """
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ from stages.configs import ConfigError
 from .config import PipelineConfig
 
 log = logging.getLogger(__name__)
-
-SPEED_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "speed.json"
-
 
 def vit_forward_flops(*, tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
     """FLOPs of ``depth`` transformer blocks on one image of ``tokens`` tokens."""
@@ -232,7 +230,7 @@ def count_samples(cfg: PipelineConfig) -> tuple[int, str]:
     return sum(source.count(s) for s in shards), f"counted in {len(shards)} shards"
 
 
-def make_plan(cfg: PipelineConfig) -> Plan:
+def make_plan(cfg: PipelineConfig, speed_results: Path | None = None) -> Plan:
     t = cfg.targets
     base = {"arch": cfg.base_model.arch, **_geometry(cfg.base_model.timm_kwargs,
                                                      cfg.base_model.arch)}
@@ -271,15 +269,17 @@ def make_plan(cfg: PipelineConfig) -> Plan:
             "flops_cached": run.epochs * per_epoch, "flops_online": run.epochs * online,
             "flops_planned": run.epochs * (per_epoch + run.online_fraction * samples * base_fwd),
         })
-    plan.measured = _measured(base)
+    plan.measured = _measured(base, speed_results)
     return plan
 
 
-def _measured(base: dict) -> dict | None:
-    if not SPEED_RESULTS.is_file():
+def _measured(base: dict, speed_results: Path | None) -> dict | None:
+    """Throughput from ``speed_results`` (benchmarks/speed.py's JSON) when it measured the same
+    architecture; None without one."""
+    if speed_results is None or not Path(speed_results).is_file():
         return None
     try:
-        result = json.loads(SPEED_RESULTS.read_text())
+        result = json.loads(Path(speed_results).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     model = result.get("config", {}).get("base_model", {})

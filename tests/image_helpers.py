@@ -8,47 +8,17 @@ Reusable by every test that needs image data; nothing here touches the network.
 
 from __future__ import annotations
 
-import io
 import pickle
 import struct
-import tarfile
 import zlib
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from stages.synthetic import encode, smooth_image, write_tar
+
 __all__ = ["smooth_image", "encode", "write_tar", "make_shards", "make_bad_shard", "BadShardExpectation", "png_header_only"]
-
-
-def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Random but natural-ish uint8 RGB [H, W, 3]: upsampled low-res noise plus a gradient."""
-    low = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((width, height), Image.BILINEAR), dtype=np.int16)
-    ramp = np.linspace(-30, 30, width, dtype=np.float32)[None, :, None]
-    return np.clip(img + ramp, 0, 255).astype(np.uint8)
-
-
-def encode(image: np.ndarray | Image.Image, fmt: str, **save_kwargs) -> bytes:
-    """Encode a uint8 array or PIL image with PIL ('JPEG', 'PNG', 'WEBP', ...)."""
-    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save_kwargs)
-    return buf.getvalue()
-
-
-def write_tar(path: str | Path, members: Sequence[tuple[str, bytes]]) -> list[tarfile.TarInfo]:
-    """Write (name, data) members to a tar at `path`; returns their TarInfos (with offsets)."""
-    with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(path, mode="r:") as tar:
-        return tar.getmembers()
 
 
 def make_shards(
