@@ -39,8 +39,9 @@ def user_errors(fn):
         except USER_ERRORS as exc:
             if os.environ.get("TEC_DEBUG"):
                 raise
-            msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            click.echo(f"error: {msg.splitlines()[0] if msg else type(exc).__name__}", err=True)
+            from storage.util import first_line  # here: `tec --help` stays free of numpy
+
+            click.echo(f"error: {first_line(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: committed work is kept; rerun the same command to resume",
@@ -73,11 +74,12 @@ def _parse_timm_kwargs(text: str | None) -> dict | None:
     import yaml
 
     from stages.configs import ConfigError
+    from storage.util import first_line
 
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--timm-kwargs: not YAML/JSON ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"--timm-kwargs: not YAML/JSON ({first_line(exc)})") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ConfigError(f"--timm-kwargs: expected a mapping like '{{img_size: 28, patch_size: "
                           f"4}}', got {text!r}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.configs import ConfigError
+from storage.util import first_line, format_bytes
 
 from .config import PipelineConfig
 
@@ -65,9 +66,8 @@ def _geometry(timm_kwargs: dict, arch: str) -> dict:
         with _meta_device():
             model = timm.create_model(arch, num_classes=0, pretrained=False, **timm_kwargs)
     except (TypeError, AssertionError, RuntimeError, ValueError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"base_model.timm_kwargs: cannot create {arch} with {timm_kwargs}: "
-                          f"{first}") from None
+                          f"{first_line(exc)}") from None
     block = model.blocks[0]
     return {
         "img_size": model.patch_embed.img_size[0],
@@ -152,10 +152,10 @@ class Plan:
             f"bytes per view   {self.bytes_per_view:,} ({self.codec}, before lossless "
             f"compression; {self.bytes_per_view / self.raw_bytes_per_view:.2f} of the float32 "
             f"tensors)",
-            f"cache size       {_human(self.cache_bytes)} (tensor bytes: lossless compression "
+            f"cache size       {format_bytes(self.cache_bytes, si=True)} (tensor bytes: lossless compression "
             f"shrinks it, file framing adds about 1-3%)",
             *(f"  codec {name:<8} {n:,} B per view ({n / 1024:.1f} KiB), "
-              f"{_human(self.samples * self.views * n)} in all"
+              f"{format_bytes(self.samples * self.views * n, si=True)} in all"
               + ("  <- targets.codec" if name == self.codec else "")
               for name, n in self.codecs.items()),
             self._pixels_line(),
@@ -188,15 +188,7 @@ class Plan:
         what = f"jpeg quality {self.pixels_quality}" if self.pixels == "jpeg" else "png"
         n = self.pixel_bytes_per_view
         return (f"view pixels      {what}: ~{n:,} B per view more (measured on real photos), "
-                f"{_human(self.samples * self.views * n)} in all; the cache is self-contained")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
+                f"{format_bytes(self.samples * self.views * n, si=True)} in all; the cache is self-contained")
 
 
 FASHION_MNIST_TRAIN = 60000

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from storage.layout import fsync_directory
+from storage.util import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointFormatError(f"{path}: not a readable training checkpoint ({first})") from None
+        raise CheckpointFormatError(f"{path}: not a readable training checkpoint "
+                                    f"({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointFormatError(
             f"{path}: not a stage-2 training checkpoint (no '{FORMAT}' marker); "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.configs import EvalConfig
+from stages.optim import cosine_decay
 from tec.targets import normalize_images
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def _cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_decay(progress, base_lr)
 
 
 def linear_probe(

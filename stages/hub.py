@@ -14,6 +14,8 @@ import importlib
 import logging
 from pathlib import Path
 
+from storage.util import first_line
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["HubError", "check_push_ready", "push_folder"]
@@ -23,11 +25,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors")
 
 class HubError(ValueError):
     """Pushing to the Hugging Face Hub is not possible or failed (one line)."""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _hub(repo_id: str):
@@ -49,7 +46,7 @@ def check_push_ready(repo_id: str, token: str | None = None) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(f"--push-to-hub {repo_id!r}: not a Hub repo id ({_first_line(e)}); "
+        raise HubError(f"--push-to-hub {repo_id!r}: not a Hub repo id ({first_line(e)}); "
                        "give OWNER/NAME") from None
     token = token or hub.get_token()
     if not token:
@@ -91,10 +88,10 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None,
             from None
     except HfHubHTTPError as e:
         raise HubError(f"--push-to-hub {repo_id}: the Hub at {api.endpoint} refused the upload "
-                       f"({_first_line(e)}); check the token's write access and the repo "
+                       f"({first_line(e)}); check the token's write access and the repo "
                        "name") from None
     except _transport_errors() as e:
-        raise HubError(f"--push-to-hub {repo_id}: cannot reach {api.endpoint} ({_first_line(e)}); "
+        raise HubError(f"--push-to-hub {repo_id}: cannot reach {api.endpoint} ({first_line(e)}); "
                        "check the network or HF_ENDPOINT") from None
     url = str(getattr(info, "commit_url", None) or info)
     logger.info("pushed %s to %s (%s)", folder, repo.repo_id, url)

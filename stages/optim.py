@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LRSchedule", "build_optimizer", "param_groups", "scaled_lr"]
+__all__ = ["LRSchedule", "build_optimizer", "cosine_decay", "param_groups", "scaled_lr"]
 
 
 def scaled_lr(blr: float, global_batch: int) -> float:
@@ -42,6 +42,12 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
 
 
+def cosine_decay(progress: float, base_lr: float, min_lr: float = 0.0) -> float:
+    """Half-cycle cosine from ``base_lr`` (progress 0) to ``min_lr`` (progress 1): the one cosine
+    of the stage-2 schedule and the linear probe's."""
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """Per-step learning rate: linear warm-up over ``warmup_steps``, then half-cycle cosine.
@@ -60,7 +66,7 @@ class LRSchedule:
             return self.base_lr * step / self.warmup_steps
         span = max(self.total_steps - self.warmup_steps, 1e-12)
         progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine_decay(progress, self.base_lr, self.min_lr)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every group's lr for ``step``; returns it."""

@@ -11,6 +11,7 @@ from . import layout
 from .objstore import Url, as_root
 from .cache import (EXTENSIONS_KEY, _committed, _read_marker, _shown, manifest_edits, open_cache,
                     part_checksum, slot_count_edits, view_layer_mismatch)
+from .util import format_bytes
 from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
 
 
@@ -96,14 +97,6 @@ def inspect_cache(path: str | Path) -> dict:
     }
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _kv(d: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in d.items())
 
@@ -167,7 +160,7 @@ def format_inspect(summary: dict) -> str:
         f"parts         {s['parts_committed']}/{s['parts_total']} committed - {status}",
         f"samples       {s['samples']} valid of {s['slots_total']} slots, {s['bad_samples']} bad "
         f"samples reported; {s['records']} records",
-        f"size          {_human(s['bytes_total'])} total, {_human(s['bytes_data'])} part data",
+        f"size          {format_bytes(s['bytes_total'])} total, {format_bytes(s['bytes_data'])} part data",
     ]
     if spec.get("pixels", "none") != "none":
         quality = f" quality {spec.get('pixels_quality')}" if spec["pixels"] == "jpeg" else ""
@@ -175,9 +168,9 @@ def format_inspect(summary: dict) -> str:
                      f"with every view (self-contained: cached views need no source image; "
                      f"the per-view size below includes them)")
     if s["records"]:
-        lines.append(f"per view      {_human(s['bytes_per_view'])} on disk = "
+        lines.append(f"per view      {format_bytes(s['bytes_per_view'])} on disk = "
                      f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored tensors "
-                     f"({_human(s['raw_bytes_per_view'])}); {_human(s['float32_bytes_per_view'])} "
+                     f"({format_bytes(s['raw_bytes_per_view'])}); {format_bytes(s['float32_bytes_per_view'])} "
                      f"decoded to float32")
     for part, why in list(damaged.items())[:10]:
         lines.append(f"damaged       part {part}: {why}")

@@ -23,6 +23,7 @@ from pathlib import PurePosixPath
 from types import SimpleNamespace
 
 from .schema import CacheError
+from .util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,9 @@ def filesystem(url: str):
             fs = cls(use_listings_cache=False, skip_instance_cache=True)
         except Exception as e:
             raise StorageError(f"{url}: cannot set up the {proto}:// filesystem "
-                               f"({type(e).__name__}: {_one_line(e)})") from None
+                               f"({type(e).__name__}: {first_line(e)})") from None
         _fs_cache[proto] = (os.getpid(), fs)
     return fs, fs._strip_protocol(url)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _classify(url: str, e: BaseException) -> StorageError:
@@ -119,15 +115,15 @@ def _classify(url: str, e: BaseException) -> StorageError:
     if isinstance(e, PermissionError) or any(s in low for s in (
             "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
             "forbidden", "403", "credentials", "unauthorized", "invalidtoken")):
-        return StorageError(f"{url}: access refused ({_one_line(e)}); check the credentials "
+        return StorageError(f"{url}: access refused ({first_line(e)}); check the credentials "
                             f"(environment or storage_options)")
     if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket" in low:
         return StorageError(f"{url}: the bucket does not exist; create it or fix the URL")
     if any(s in low for s in ("connect", "timeout", "timed out", "unreachable", "name or service",
                               "nodename", "refused", "endpoint")):
-        return StorageError(f"{url}: cannot reach the storage endpoint ({_one_line(e)}); check "
+        return StorageError(f"{url}: cannot reach the storage endpoint ({first_line(e)}); check "
                             f"the endpoint (AWS_ENDPOINT_URL / storage_options) and the network")
-    return StorageError(f"{url}: storage error ({type(e).__name__}: {_one_line(e)})")
+    return StorageError(f"{url}: storage error ({type(e).__name__}: {first_line(e)})")
 
 
 def call(url: str, fn, *args, **kwargs):
