@@ -350,6 +350,7 @@ def ray_in_process(monkeypatch):
     """run_stage1 without Ray: the shard tasks run here, one after another, with the real
     base-model actor class and the real failure classification (stages.stage1.task_failure)."""
     import stages.stage1 as s1
+    import stages.stage1.driver as s1_driver  # the module run_stage1 looks _run_on_ray up in
     from stages.configs import to_dict
 
     attempts = []
@@ -369,7 +370,7 @@ def ray_in_process(monkeypatch):
                     break
         return results, failed, None
 
-    monkeypatch.setattr(s1, "_run_on_ray", run)
+    monkeypatch.setattr(s1_driver, "_run_on_ray", run)
     monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
     return attempts
 

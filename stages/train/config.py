@@ -1,0 +1,227 @@
+"""Stage-2 settings of one run (:class:`TrainConfig`), what a run did (:class:`TrainSummary`) and
+the errors that stop a run before or during training."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stages.configs import ConfigError
+from stages.optim import scaled_lr
+
+logger = logging.getLogger("stages.train")
+
+
+# Set to 1 to write the (step, key, view) of every sample each rank trains on to
+# <out_dir>/debug/samples_rank<r>.tsv (used by the DDP tests to check disjoint sharding).
+DEBUG_SAMPLES_ENV = "TEC_DEBUG_SAMPLE_KEYS"
+# NewModelConfig fields that come from the cache / base model / view policy, not from the run.
+_DERIVED_MODEL_KEYS = ("img_size", "base_embed_dim", "base_num_heads")
+
+
+class TrainSetupError(ValueError):
+    """The run cannot start as configured (one line naming what and how to fix it)."""
+
+
+class CacheMismatchError(TrainSetupError):
+    """The target cache does not belong to the configured run (base model, source, shapes)."""
+
+
+class StaleRunError(TrainSetupError):
+    """The run folder holds a run trained from other inputs (settings, cache, base model)."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN/inf loss; the run stopped, the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    """One stage-2 run (``train.runs[]`` in pipeline.yaml).
+
+    model: NewModelConfig fields (img_size, base_embed_dim and base_num_heads come from the
+    cache / base model; patch_size defaults to the base model's). batch_size is the global
+    batch per optimizer step (all ranks x accum_steps). lr = blr x batch_size / 256, per-step
+    linear warm-up over warmup_epochs then half-cycle cosine to min_lr. online_fraction: share
+    of samples trained on a fresh view with targets computed online (1.0 = the reference fully
+    online training). checkpoint_every: optimizer steps between checkpoints (0 = epoch ends
+    only). max_steps: stop early (the schedule still spans ``epochs``). num_workers,
+    prefetch_factor, persistent_workers, pin_memory: the DataLoader's, chosen from the machine
+    when null (stages.loader.loader_settings; the choice is logged).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    model: dict = field(default_factory=dict)
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    num_workers: int | None = None
+    prefetch_factor: int | None = None
+    persistent_workers: bool | None = None
+    pin_memory: bool | None = None
+    online_fraction: float = 0.0
+    # share of samples that may lack their cache record (damaged part, changed shard) and fall
+    # back to online targets; null: 0 when online_fraction is 0, else online_fraction
+    max_fallback_fraction: float | None = None
+    view_selection: Literal["uniform", "round_robin"] = "uniform"
+    feature_norm: Literal["patch", "channel", "none"] = "patch"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    amp: Literal["auto", "bf16", "none"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int | None = None
+    clip_grad: float | None = None
+    deterministic: bool = False
+    # start the new model's encoder from the base model's weights (paper Tab. 6(d) ablation;
+    # the paper's default, and ours, is random initialisation)
+    init_from_base: bool = False
+
+    def validate(self) -> None:
+        def fail(key: str, why: str) -> None:
+            raise ConfigError(f"{key}: {why}")
+
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            fail("name", f"{self.name!r} must be a plain folder name")
+        for key in ("epochs", "batch_size", "accum_steps", "keep_checkpoints", "log_every"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("num_workers", "checkpoint_every", "seed"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.batch_size % self.accum_steps:
+            fail("batch_size", f"{self.batch_size} is not divisible by accum_steps "
+                 f"{self.accum_steps}")
+        if not self.blr > 0:
+            fail("blr", f"must be > 0, got {self.blr}")
+        for key in ("min_lr", "warmup_epochs", "weight_decay"):
+            if not getattr(self, key) >= 0:
+                fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.min_lr > scaled_lr(self.blr, self.batch_size):
+            fail("min_lr", f"{self.min_lr} exceeds the peak lr blr x batch / 256 = "
+                 f"{scaled_lr(self.blr, self.batch_size):.3g}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            fail("betas", f"each must be in [0, 1), got {list(self.betas)}")
+        if not 0.0 <= self.online_fraction <= 1.0:
+            fail("online_fraction", f"must be between 0 and 1, got {self.online_fraction}")
+        if self.max_fallback_fraction is not None and not 0.0 <= self.max_fallback_fraction <= 1.0:
+            fail("max_fallback_fraction", f"must be between 0 and 1 or null, got "
+                 f"{self.max_fallback_fraction}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            fail("prefetch_factor", f"must be >= 1 or null, got {self.prefetch_factor}")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("max_steps", f"must be >= 1 or null, got {self.max_steps}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            fail("clip_grad", f"must be > 0 or null, got {self.clip_grad}")
+        self.model_config()  # raises on unknown keys / invalid values
+
+    def model_config(self, **derived) -> Any:
+        """NewModelConfig of this run; ``derived`` supplies img_size/base_* (placeholders if absent).
+
+        Placeholders only let the run's own keys be checked before the cache is opened.
+        """
+        from tec.model import NewModelConfig
+
+        given = sorted(set(self.model) & set(_DERIVED_MODEL_KEYS))
+        if given:
+            raise ConfigError(f"model.{given[0]}: comes from the target cache / base model; "
+                              "remove it from the run's model settings")
+        names = {f.name for f in dataclasses.fields(NewModelConfig)}
+        unknown = sorted(set(self.model) - names)
+        if unknown:
+            raise ConfigError(f"unknown key model.{unknown[0]}; allowed keys: "
+                              f"{', '.join(sorted(names - set(_DERIVED_MODEL_KEYS)))}")
+        values = dict(self.model)
+        patch = int(values.get("patch_size", derived.get("patch_size", 16)))
+        values.setdefault("patch_size", patch)
+        values["img_size"] = derived.get("img_size", patch * 64)
+        values["base_embed_dim"] = derived.get("base_embed_dim", 8)
+        values["base_num_heads"] = derived.get("base_num_heads", 1)
+        tau = values.get("tau", 1.8)
+        if isinstance(tau, (int, float)) and not tau > 0:
+            raise ConfigError(f"model.tau: must be > 0, got {tau}")
+        try:
+            return NewModelConfig(**values).validate()
+        except (TypeError, ValueError) as exc:
+            message = _one_line(exc)
+            if message.startswith("new-model config "):  # 'new-model config depth=4: ...'
+                raise ConfigError("model." + message.removeprefix("new-model config ")) from None
+            raise ConfigError(f"model: {message}") from None
+
+
+@dataclass
+class TrainSummary:
+    """What a stage-2 run did. samples/seconds/samples_per_s and the sample counts are this
+    invocation's (a resumed run counts from its checkpoint on); steps/epochs are totals."""
+
+    name: str
+    steps: int = 0
+    epochs: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    loader_samples_per_s: float | None = None
+    data_wait_fraction: float | None = None
+    online_samples: int = 0
+    cached_samples: int = 0
+    skipped_missing: int = 0
+    skipped_bad: int = 0
+    fallback_online: int = 0  # trained on online targets because their cache record is missing
+    resumed_from_step: int | None = None
+    losses: dict = field(default_factory=dict)
+    lr: float = 0.0
+    world_size: int = 1
+    device: str = "cpu"
+    checkpoint: str | None = None
+    export: str | None = None
+    export_adapters: str | None = None
+    export_info: str | None = None
+    log_dir: str | None = None
+
+    def format(self) -> str:
+        loss = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.losses.items())) or "n/a"
+        loader = "not measured"
+        if self.loader_samples_per_s is not None:
+            loader = (f"{self.loader_samples_per_s:.1f} samples/s capacity "
+                      f"({self.loader_samples_per_s / max(self.samples_per_s, 1e-9):.1f}x training"
+                      + (f", training waited {100 * self.data_wait_fraction:.0f}% of the time"
+                         if self.data_wait_fraction is not None else "") + ")")
+        lines = [
+            f"run            {self.name} ({self.world_size} process(es) on {self.device})",
+            f"trained        {self.steps} steps, {self.epochs:.2f} epochs"
+            + (f" (resumed from step {self.resumed_from_step})"
+               if self.resumed_from_step is not None else ""),
+            f"this run       {self.samples} samples in {self.seconds:.1f} s "
+            f"({self.samples_per_s:.1f} samples/s)",
+            f"data           {self.cached_samples} cached views, {self.online_samples} online, "
+            f"{self.skipped_missing} skipped (missing from cache), {self.skipped_bad} bad"
+            + (f"; {self.fallback_online} of the online fell back from missing cache records"
+               if self.fallback_online else ""),
+            f"loader         {loader}",
+            f"final loss     {loss} (lr {self.lr:.3g})",
+            f"checkpoint     {self.checkpoint}",
+            f"export         {self.export}",
+        ]
+        if self.export_adapters:
+            lines.append(f"adapters       {self.export_adapters}")
+        return "\n".join(lines)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
