@@ -16,13 +16,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from s3_helpers import BUCKET, s3_server, start_moto, stop, upload_tree  # noqa: F401  (fixture)
+from stage1_helpers import (  # noqa: F401
+    DRIVER,
+    all_records,
+    assert_same_records,
+    base,
+    kill_session,
+    make_cfg,
+    ray_session,
+    shards,
+)
+from storage_helpers import new_cache, part_records, spec, write_part
+
 from storage import CacheError, open_cache, verify_cache
 from storage.objstore import StorageError, Url, check_location
-from storage_helpers import new_cache, part_records, spec, write_part
-from stage1_helpers import (DRIVER, all_records, assert_same_records, base, kill_session,  # noqa: F401
-                         make_cfg, ray_session, shards)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +144,7 @@ def test_s3_bad_locations_fail_before_any_base_model_work(s3_server, shards, tmp
     cfg = make_cfg(shards, "s3://no-such-bucket/cache")
     with pytest.raises(StorageError, match=r"^s3://no-such-bucket/cache: the bucket 'no-such-bucket' does not exist"):
         run_stage1(cfg, missing_base, progress=False)
-    cfg = make_cfg(f"s3://no-such-bucket/shards/", f"s3://{BUCKET}/bad-src")
+    cfg = make_cfg("s3://no-such-bucket/shards/", f"s3://{BUCKET}/bad-src")
     with pytest.raises(StorageError, match=r"^s3://no-such-bucket/shards/: the bucket"):
         run_stage1(cfg, missing_base, progress=False)
     # nothing listens on port 9 of loopback: connection refused, without minutes of retries
@@ -286,15 +294,15 @@ def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3
                                                            s3_reference, tmp_path):
     """SIGKILL the stage-1 driver once a part's marker is on S3; the rerun keeps that part's
     objects as they are and ends with every data object equal to the uninterrupted run's."""
-    from stages.stage1 import TEST_HOOKS_ENV, run_stage1
     from stages.configs import to_dict
+    from stages.stage1 import run_stage1
 
     cfg = make_cfg(s3_shards, f"s3://{BUCKET}/killed")
     address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": 0.4})}
+    env = dict(os.environ)
     log = tmp_path / "driver.log"
     cmd = [sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)), json.dumps(to_dict(base)),
-           address]
+           address, json.dumps({"batch_delay_s": 0.4})]
     status = Url(cfg.cache) / "status"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out,
@@ -329,9 +337,9 @@ def test_stage2_trains_from_the_s3_cache_as_from_a_local_copy(s3_reference, base
     """A run reading the cache on S3 takes the same steps with the same losses as the same run
     reading a local copy of it."""
     import torch
+    from train_helpers import Source, run_config
 
     from stages.train import train
-    from train_helpers import Source, run_config
 
     cfg = s3_reference[0]
     local = tmp_path / "copy"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import timm
 import torch
-
 from image_helpers import make_shards
+
 from stages.configs import BaseModelConfig, from_dict
 from stages.train import TrainConfig
 
@@ -50,12 +50,11 @@ def build_cache(root: Path, shards: list[str], base: BaseModelConfig, *, views: 
     pixels, pixels_quality: store the views' pixels (targets.pixels) as stage 1 does.
     skip_parts: parts left uncommitted (an incomplete cache).
     """
-    from stages.stage1 import BaseModelActor, ShardJob, part_names, process_shard
+    from stages.configs import to_dict
     from stages.sources import open_source
+    from stages.stage1 import BaseModelActor, ShardJob, part_names, process_shard
     from stages.views import ViewPolicy
     from storage import CacheSpec, create_cache
-
-    from stages.configs import to_dict
 
     policy = policy or ViewPolicy(seed=0, output_size=BASE_KWARGS["img_size"])
     model = base.load()
@@ -135,3 +134,15 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def log_sample_keys(trainer, batches) -> None:
+    """Trainer ``on_batches`` callback (``train(..., on_batches=log_sample_keys)``): append the
+    (step, epoch, key, view, fresh) of this step's samples to <out_dir>/debug/samples_rank<r>.tsv
+    (the DDP tests check disjoint sharding with it)."""
+    debug_dir = trainer.out_dir / "debug"
+    debug_dir.mkdir(parents=True, exist_ok=True)
+    with open(debug_dir / f"samples_rank{trainer.dist.rank}.tsv", "a") as f:
+        for batch in batches:
+            for key, view, fresh in zip(batch.keys, batch.views, batch.fresh.tolist()):
+                f.write(f"{trainer.global_step}\t{trainer.epoch}\t{key}\t{view}\t{int(fresh)}\n")

@@ -16,7 +16,6 @@ from .cluster import (  # noqa: F401
 from .config import (  # noqa: F401
     CONFIG_NAME,
     REPORT_NAME,
-    TEST_HOOKS_ENV,
     NonFiniteTargetsError,
     RayConfig,
     SourceConfig,
@@ -36,6 +35,7 @@ from .driver import (  # noqa: F401
 from .shard import (  # noqa: F401
     BaseModelActor,
     PartResult,
+    ShardHooks,
     ShardJob,
     _stored_view_pixels,
     part_names,
@@ -47,6 +47,7 @@ __all__ = [
     "BaseModelActor",
     "PartResult",
     "RayConfig",
+    "ShardHooks",
     "ShardJob",
     "SourceConfig",
     "Stage1Config",

@@ -14,11 +14,6 @@ REPORT_NAME = "reports/bad_samples.jsonl"
 # The stage-1 settings and base model a cache was built with (absolute paths), relative to the
 # cache root: what `tec cache repair` recomputes damaged parts with. Not part of the identity.
 CONFIG_NAME = "reports/stage1_config.json"
-# Test-only fault injection (JSON): {"crash_dir": DIR, "batch_delay_s": SECONDS}. A shard task
-# whose part has a file DIR/<part>.crash renames it to .crashed and kills its own worker process
-# half-way through the shard; batch_delay_s slows every batch down (to interrupt a run midway).
-# Read by the driver and passed to the tasks, so it reaches workers of any cluster.
-TEST_HOOKS_ENV = "TEC_STAGE1_TEST_HOOKS"
 
 
 class Stage1Error(ValueError):

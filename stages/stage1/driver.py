@@ -35,7 +35,6 @@ from .cluster import _run_on_ray, failure_message
 from .config import (
     CONFIG_NAME,
     REPORT_NAME,
-    TEST_HOOKS_ENV,
     Stage1Config,
     Stage1Error,
     Stage1StrictError,
@@ -43,26 +42,15 @@ from .config import (
     _absolute,
     resolve_precision,
 )
-from .shard import ShardJob, _open_source, part_names
+from .shard import ShardHooks, ShardJob, _open_source, part_names
 
 logger = logging.getLogger("stages.stage1")
 
 
-def _test_hooks() -> dict:
-    raw = os.environ.get(TEST_HOOKS_ENV)
-    if not raw:
-        return {}
-    try:
-        hooks = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Stage1Error(f"${TEST_HOOKS_ENV} is not valid JSON ({exc})") from None
-    logger.warning("stage-1 test hooks active: %s", hooks)
-    return hooks
-
-
 # ------------------------------------------------------------------------------ the driver
 def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | None = None,
-               strict: bool | None = None, progress: bool = True) -> Stage1Summary:
+               strict: bool | None = None, progress: bool = True,
+               hooks: ShardHooks | None = None) -> Stage1Summary:
     """Fill ``cfg.cache`` with the base model's targets for ``cfg.views`` views of every sample.
 
     Resumes: parts already committed are skipped (a complete cache costs no forward pass and
@@ -72,7 +60,8 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     connected Ray (``ray.init`` by the caller) is used as is. strict (default ``cfg.strict``)
     raises :class:`Stage1StrictError` once the cache is complete if any sample was bad.
     Parts that still fail after ``cfg.ray.max_retries`` raise :class:`Stage1Error` after the
-    others are committed.
+    others are committed. hooks: callbacks every shard task calls (fault injection in tests;
+    see :class:`ShardHooks`).
     """
     strict = cfg.strict if strict is None else strict
     start = time.perf_counter()
@@ -85,7 +74,7 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
     geometry, fingerprint = _check_base_model(cfg, base)
     # actors (on any node) load exactly the weights fingerprinted here, or refuse
     base = dataclasses.replace(base, sha256=fingerprint["checkpoint_sha256"])
-    writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base)
+    writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base, hooks=hooks)
     _record_config(cfg, base)
     summary = Stage1Summary(cache=_absolute(cfg.cache), backend=cfg.backend,
                             parts_total=len(writer.parts),
@@ -180,7 +169,7 @@ def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, d
 
 
 def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
-                   base: BaseModelConfig | None = None):
+                   base: BaseModelConfig | None = None, hooks: ShardHooks | None = None):
     """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts)."""
     from stages.sources import unique_keys
     from storage import CacheSpec, create_cache
@@ -223,7 +212,6 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
         parts=list(zip(names, counts)),
     )
     committed = writer.committed_parts()
-    hooks = _test_hooks()
     # Workers may run elsewhere (another cwd, another node): give them absolute paths.
     wds = cfg.source.kind == "webdataset"
     jobs = [

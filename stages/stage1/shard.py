@@ -9,7 +9,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -93,6 +92,27 @@ class BaseModelActor:
 
 
 # ------------------------------------------------------------------------------ the shard task
+class ShardHooks:
+    """Callbacks a shard task calls at fixed points; this base class does nothing.
+
+    Fault injection (the tests' crashes, slow batches, attempt counts) subclasses it and hands an
+    instance to :func:`stages.stage1.run_stage1` (``hooks=``). It travels to the workers inside
+    each :class:`ShardJob`, so an instance must pickle.
+    """
+
+    def attempt(self, job: ShardJob) -> None:
+        """An attempt at ``job.part`` starts (the part is open, no sample read yet)."""
+
+    def sample(self, job: ShardJob, slot: int) -> None:
+        """Sample ``slot`` of the shard was read and is about to be decoded."""
+
+    def batch(self, job: ShardJob) -> None:
+        """A batch of views was submitted to a base-model actor."""
+
+
+_NO_HOOKS = ShardHooks()
+
+
 @dataclass
 class ShardJob:
     """Everything a shard task needs (plain data, sent to the worker)."""
@@ -109,7 +129,7 @@ class ShardJob:
     policy: dict
     batch_size: int
     max_in_flight: int
-    hooks: dict = field(default_factory=dict)
+    hooks: ShardHooks | None = None  # fault injection (tests); None: no callbacks
     renames: dict = field(default_factory=dict)  # this shard's stages.sources.unique_keys
     storage_options: dict = field(default_factory=dict)  # targets.storage_options
     first_view: int = 0  # compute views first_view .. first_view + views - 1
@@ -209,8 +229,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     else:
         def fetch(out):
             return out
-    crash_dir = job.hooks.get("crash_dir")
-    delay = float(job.hooks.get("batch_delay_s") or 0.0)
+    hooks = job.hooks or _NO_HOOKS
 
     try:
         part = writer.open_part(job.part)
@@ -233,28 +252,20 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
         in_flight.append(actor.__call__.remote(head) if remote else actor(head))
         result.forward_passes += 1
         result.views += len(head)
-        if delay:
-            time.sleep(delay)
+        hooks.batch(job)
 
     def drain(keep: int) -> None:
         while len(in_flight) > keep:
             assembler.add(fetch(in_flight.popleft()))
 
-    attempts = job.hooks.get("attempts_dir")
-    if attempts:  # test hook: count the attempts at this part
-        Path(attempts, f"{job.part}.{os.getpid()}.{time.monotonic_ns()}").touch()
+    hooks.attempt(job)
     keys_seen: set[str] = set()
     try:
         for slot, sample in enumerate(source.samples(job.shard)):
             if slot >= job.slots:
                 raise Stage1Error(f"shard {job.shard} holds more than the {job.slots} samples "
                                   "counted when the cache was created; the source changed")
-            if crash_dir and slot == job.slots // 2:
-                marker = Path(crash_dir) / f"{job.part}.crash"
-                if marker.exists():
-                    marker.rename(marker.with_suffix(".crashed"))
-                    logger.warning("test hook: killing the worker of part %s", job.part)
-                    os._exit(1)
+            hooks.sample(job, slot)
             key = job.renames.get(sample.key, sample.key)  # unique across the source
             try:
                 if sample.error:

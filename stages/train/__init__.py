@@ -19,7 +19,6 @@ Modules, one job each: :mod:`.config` (TrainConfig, TrainSummary, errors), :mod:
 (the exports) and :mod:`.run` (the entry point :func:`train`).
 """
 from .config import (  # noqa: F401
-    DEBUG_SAMPLES_ENV,
     CacheMismatchError,
     NonFiniteLossError,
     StaleRunError,
@@ -31,7 +30,7 @@ from .dist import DistEnv  # noqa: F401
 from .export import export_checkpoint
 from .inputs import RunInputs, resolve_inputs  # noqa: F401
 from .run import train
-from .trainer import StepCounters, Trainer  # noqa: F401
+from .trainer import OnBatches, StepCounters, Trainer  # noqa: F401
 
 __all__ = [
     "CacheMismatchError",

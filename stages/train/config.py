@@ -13,9 +13,6 @@ from stages.optim import scaled_lr
 logger = logging.getLogger("stages.train")
 
 
-# Set to 1 to write the (step, key, view) of every sample each rank trains on to
-# <out_dir>/debug/samples_rank<r>.tsv (used by the DDP tests to check disjoint sharding).
-DEBUG_SAMPLES_ENV = "TEC_DEBUG_SAMPLE_KEYS"
 # NewModelConfig fields that come from the cache / base model / view policy, not from the run.
 _DERIVED_MODEL_KEYS = ("img_size", "base_embed_dim", "base_num_heads")
 
@@ -131,7 +128,8 @@ class TrainConfig:
         self.model_config()  # raises on unknown keys / invalid values
 
     def model_config(self, **derived) -> Any:
-        """NewModelConfig of this run; ``derived`` supplies img_size/base_* (placeholders if absent).
+        """NewModelConfig of this run; ``derived`` supplies img_size/base_* (placeholders if
+        absent).
 
         Placeholders only let the run's own keys be checked before the cache is opened.
         """

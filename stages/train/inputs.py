@@ -174,7 +174,8 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
             raise TrainSetupError(f"run {run.name}: no cache and no source; configure source.path")
         if geometry is not None:
             derived = dict(img_size=geometry["img_size"], patch_size=geometry["patch_size"],
-                           base_embed_dim=geometry["embed_dim"], base_num_heads=geometry["num_heads"])
+                           base_embed_dim=geometry["embed_dim"],
+                           base_num_heads=geometry["num_heads"])
             policy = view_policy or ViewPolicy(output_size=geometry["img_size"])
             if policy.output_size != geometry["img_size"]:
                 raise TrainSetupError(
@@ -275,8 +276,9 @@ def _check_source_exists(shards: list[str], reader, run: TrainConfig, cache) -> 
     if reader is not None:
         raise TrainSetupError(
             f"run {run.name}: source shard {first} does not exist; cache {cache} stores no view "
-            "pixels (targets.pixels: none), so stage 2 renders every view from the source - restore "
-            "the source, or rebuild the cache with targets.pixels: jpeg to train without it")
+            "pixels (targets.pixels: none), so stage 2 renders every view from the source - "
+            "restore the source, or rebuild the cache with targets.pixels: jpeg to train without "
+            "it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .config import TrainConfig, TrainSetupError, TrainSummary
 from .dist import DistEnv
 from .export import _write_export
 from .inputs import RunInputs, resolve_inputs
-from .trainer import Trainer
+from .trainer import OnBatches, Trainer
 
 logger = logging.getLogger("stages.train")
 
@@ -48,7 +48,8 @@ def _numerics(run: TrainConfig, device: torch.device):
 def train(run: TrainConfig, *, cache: str | None = None, source=None,
           base: BaseModelConfig | None = None, view_policy: ViewPolicy | None = None,
           out_dir: str | Path, progress: bool = True,
-          cache_views: int | None = None) -> TrainSummary:
+          cache_views: int | None = None,
+          on_batches: OnBatches | None = None) -> TrainSummary:
     """Train one new model; every torchrun rank calls this with the same arguments.
 
     cache: target cache folder (None: fully online or pixel mode). source: an object with
@@ -57,7 +58,9 @@ def train(run: TrainConfig, *, cache: str | None = None, source=None,
     only used without a cache. cache_views: of a cache grown by `tec cache extend --views`, use
     its first cache_views views (``targets.views``; never fewer than it was built with; None:
     all). Resumes from ``<out_dir>/checkpoints/last`` when present; writes
-    ``checkpoints/``, ``logs/`` and ``export/`` under ``out_dir``.
+    ``checkpoints/``, ``logs/`` and ``export/`` under ``out_dir``. on_batches: called with
+    (trainer, the step's micro-batches) before each step (tests observe what each rank trains
+    on).
     """
     run.validate()
     out_dir = Path(out_dir)
@@ -66,13 +69,14 @@ def train(run: TrainConfig, *, cache: str | None = None, source=None,
         with _numerics(run, dist.device):
             return _train(run, dist, cache=cache, source=source, base=base,
                           view_policy=view_policy, out_dir=out_dir, progress=progress,
-                          cache_views=cache_views)
+                          cache_views=cache_views, on_batches=on_batches)
     finally:
         dist.close()
 
 
 def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy, out_dir: Path,
-           progress: bool, cache_views: int | None = None) -> TrainSummary:
+           progress: bool, cache_views: int | None = None,
+           on_batches: OnBatches | None = None) -> TrainSummary:
     """The body of :func:`train` once the process group and numerics are set up."""
     if run.batch_size % (dist.world_size * run.accum_steps):
         raise TrainSetupError(
@@ -87,7 +91,7 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
                             view_policy=view_policy, device=dist.device, out_dir=out_dir,
                             dist=dist, cache_views=cache_views)
     init_source = inputs.base_model  # the trainer keeps it only for online targets
-    trainer = Trainer(run, inputs, out_dir, dist, progress=progress)
+    trainer = Trainer(run, inputs, out_dir, dist, progress=progress, on_batches=on_batches)
     from stages.identity import run_identity
 
     trainer.identity = run_identity(run, cache=inputs.cache_path, base=base,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ from stages.metrics import (
 from stages.optim import LRSchedule, build_optimizer, scaled_lr
 
 from .config import (
-    DEBUG_SAMPLES_ENV,
     NonFiniteLossError,
     StaleRunError,
     TrainConfig,
@@ -62,11 +61,15 @@ class StepCounters:
     fallback: int = 0  # samples that lacked their cache record (records.MISSING)
 
 
+# a callback the trainer calls before each step: (trainer, the step's micro-batches)
+OnBatches = Callable[["Trainer", list[Batch]], None]
+
+
 class Trainer:
     """Assembles the components for one run and runs the loop (every rank builds one)."""
 
     def __init__(self, run: TrainConfig, inputs: RunInputs, out_dir: Path, dist: DistEnv,
-                 *, progress: bool = True):
+                 *, progress: bool = True, on_batches: OnBatches | None = None):
         from tec.model import NewModel
 
         self.run = run
@@ -174,11 +177,9 @@ class Trainer:
         self.final_losses: dict[str, float] = {}
         self.lr = 0.0
         self._last_batch: Batch | None = None
-        self._debug_file = None
-        if os.environ.get(DEBUG_SAMPLES_ENV, "") not in ("", "0"):
-            debug_dir = self.out_dir / "debug"
-            debug_dir.mkdir(parents=True, exist_ok=True)
-            self._debug_file = open(debug_dir / f"samples_rank{dist.rank}.tsv", "a")
+        # called with (trainer, the step's micro-batches) before each step (tests observe the
+        # samples each rank trains on)
+        self.on_batches = on_batches
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -230,7 +231,8 @@ class Trainer:
         if (state.get("steps_per_epoch") != self.steps_per_epoch
                 or state["train_config"].get("batch_size") != self.run.batch_size):
             raise TrainSetupError(
-                f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per epoch "
+                f"checkpoint {path} was written with {state.get('steps_per_epoch')} steps per "
+                f"epoch "
                 f"and batch_size {state['train_config'].get('batch_size')}, this run has "
                 f"{self.steps_per_epoch} and {self.run.batch_size} (data or batch changed); use a "
                 "new run name or delete the run folder to start over")
@@ -316,15 +318,6 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _log_samples(self, batches: list[Batch]) -> None:
-        if self._debug_file is None:
-            return
-        for batch in batches:
-            for key, view, fresh in zip(batch.keys, batch.views, batch.fresh.tolist()):
-                self._debug_file.write(f"{self.global_step}\t{self.epoch}\t{key}\t{view}\t"
-                                       f"{int(fresh)}\n")
-        self._debug_file.flush()
-
     def fit(self) -> TrainSummary:
         run, dist = self.run, self.dist
         self.maybe_resume()
@@ -339,7 +332,8 @@ class Trainer:
             while self.global_step < self.total_steps:
                 self.sampler.set_position(self.epoch, self.step_in_epoch)
                 batches = iter(self.loader)
-                while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
+                while (self.step_in_epoch < self.steps_per_epoch
+                       and self.global_step < self.total_steps):
                     t0 = time.perf_counter()
                     try:
                         micro = [next(batches) for _ in range(run.accum_steps)]
@@ -349,7 +343,8 @@ class Trainer:
                     window_wait += wait
                     self.loader_meter.add(sum(len(b) + len(b.skipped) for b in micro),
                                           sum(b.load_seconds for b in micro), wait)
-                    self._log_samples(micro)
+                    if self.on_batches is not None:
+                        self.on_batches(self, micro)
                     losses = self.train_step(micro)
                     step_samples = sum(len(b) for b in micro) * dist.world_size
                     throughput.add(step_samples)
@@ -384,8 +379,6 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
-            if self._debug_file is not None:
-                self._debug_file.close()
             self.loader = None  # shuts persistent loader workers down (fit runs once)
         seconds = time.perf_counter() - start
         return self._summary(seconds)
@@ -398,7 +391,8 @@ class Trainer:
         samples = self.counters.samples
         capacity = None
         if float(meter[1]) > 0:
-            capacity = self.loader_meter.workers * float(meter[0]) / float(meter[1]) * dist.world_size
+            capacity = (self.loader_meter.workers * float(meter[0]) / float(meter[1])
+                        * dist.world_size)
         return TrainSummary(
             name=self.run.name,
             steps=self.global_step,
@@ -407,7 +401,8 @@ class Trainer:
             seconds=seconds,
             samples_per_s=samples / seconds if seconds > 0 else 0.0,
             loader_samples_per_s=capacity,
-            data_wait_fraction=(float(meter[2]) / dist.world_size / seconds) if seconds > 0 else None,
+            data_wait_fraction=((float(meter[2]) / dist.world_size / seconds) if seconds > 0
+                                else None),
             online_samples=self.counters.online if self.needs_targets else 0,
             cached_samples=self.counters.cached if self.needs_targets else 0,
             skipped_missing=self.plan.skipped_per_epoch * max(
