@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.configs import BaseModelConfig, to_dict
+from storage.util import first_line
 
 from .config import (
     NonFiniteTargetsError,
@@ -45,7 +46,7 @@ def _connect_ray(cfg: Stage1Config, ray_address: str | None) -> tuple[bool, str]
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             hint = ("check that $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH hold the head's token"
                     if token_given else
                     "if the cluster uses token authentication, give the driver the head's token: "
@@ -275,8 +276,7 @@ def task_failure(exc: BaseException) -> tuple[str, bool]:
     """
     cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, ValueError) and not isinstance(cause, OSError):
-        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-        return (lines[0] if lines else type(cause).__name__), True
+        return first_line(cause), True
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}", False
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from stages.configs import ConfigError
 from stages.views import ViewPolicy
+from storage.util import format_bytes
 
 # The bad-sample report of the whole cache, relative to the cache root (one JSON object a line).
 REPORT_NAME = "reports/bad_samples.jsonl"
@@ -184,7 +185,8 @@ class Stage1Summary:
 
     def format(self) -> str:
         lines = [
-            f"target cache   {self.cache} ({self.backend}, {_human_bytes(self.cache_bytes)})",
+            f"target cache   {self.cache} ({self.backend}, "
+            f"{format_bytes(self.cache_bytes, digits=1)})",
             f"parts          {self.parts_done} computed, {self.parts_skipped} already committed "
             f"(resumed), {self.parts_total} in all",
             f"this run       {self.images} images, {self.views} views, "
@@ -202,15 +204,6 @@ class Stage1Summary:
         else:
             lines.append("bad samples    none")
         return "\n".join(lines)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 # ------------------------------------------------------------------------------ parts

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from stages.configs import ConfigError
 from stages.optim import scaled_lr
+from storage.util import first_line
 
 logger = logging.getLogger("stages.train")
 
@@ -156,7 +157,7 @@ class TrainConfig:
         try:
             return NewModelConfig(**values).validate()
         except (TypeError, ValueError) as exc:
-            message = _one_line(exc)
+            message = first_line(exc)
             if message.startswith("new-model config "):  # 'new-model config depth=4: ...'
                 raise ConfigError("model." + message.removeprefix("new-model config ")) from None
             raise ConfigError(f"model: {message}") from None
@@ -218,8 +219,3 @@ class TrainSummary:
         if self.export_adapters:
             lines.append(f"adapters       {self.export_adapters}")
         return "\n".join(lines)
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -18,8 +18,9 @@ from stages.data import (
     index_digest,
 )
 from stages.views import ViewPolicy
+from storage.util import first_line
 
-from .config import CacheMismatchError, TrainConfig, TrainSetupError, _one_line
+from .config import CacheMismatchError, TrainConfig, TrainSetupError
 from .dist import DistEnv
 
 logger = logging.getLogger("stages.train")
@@ -77,7 +78,7 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
         raise FileNotFoundError(f"cache: target cache {cache} does not exist; run stage 1 first")
 
     def refuse(exc: CacheError) -> CacheMismatchError:
-        message = _one_line(exc)
+        message = first_line(exc)
         return CacheMismatchError(message if str(cache) in message else f"cache {cache}: {message}")
 
     try:
