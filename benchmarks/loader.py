@@ -51,10 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, result_header, setup_logging, write_result, log  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import REPO_ROOT, log, result_header, setup_logging, write_result  # noqa: E402
 
 PHOTOS = "/tmp/ocv/usr/share/doc/opencv-doc/examples"
 GEOMETRIES = {

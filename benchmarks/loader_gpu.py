@@ -35,11 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, result_header, setup_logging, write_result, log  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
+from common import REPO_ROOT, log, result_header, setup_logging, write_result  # noqa: E402
 from loader import GEOMETRIES, write_cache, write_source  # noqa: E402
 
 VITB_STUDENT = dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=2,

@@ -45,8 +45,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CONFIGS_DIR, REPO_ROOT, RESULTS_DIR, mean_spread, result_header,  # noqa: E402
-                    setup_logging, write_result)
+from common import (  # noqa: E402
+    CONFIGS_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    mean_spread,
+    result_header,
+    setup_logging,
+    write_result,
+)
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -357,8 +364,13 @@ def random_init_export(cfg) -> Path:
 def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
     """Bootstrap the base model, build the cache, train every run; returns model files and
     per-run training summaries (reused work shows as reused)."""
-    from pipeline.orchestrate import (PipelineSummary, bootstrap_dir, ensure_base_checkpoint,
-                                      find_export, train_run)
+    from pipeline.orchestrate import (
+        PipelineSummary,
+        bootstrap_dir,
+        ensure_base_checkpoint,
+        find_export,
+        train_run,
+    )
     from stages.stage1 import run_stage1
 
     summary = PipelineSummary()

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if not pattern.search(text):
             print(f"README has no block {name}; skipped", file=sys.stderr)
             continue
-        text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, b=block: m.group(1) + b + "\n" + m.group(2), text)
     README.write_text(text)
     print(f"updated {README}")
     return 0

@@ -47,8 +47,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CONFIGS_DIR, REPO_ROOT, RESULTS_DIR, load_average, result_header,  # noqa: E402
-                    setup_logging, write_result)
+from common import (  # noqa: E402
+    CONFIGS_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    load_average,
+    result_header,
+    setup_logging,
+    write_result,
+)
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -279,9 +286,9 @@ def start_local_ray(num_cpus: int | None) -> None:
 
 def actor_plan(cfg) -> dict:
     """How stage 1 will spread over this machine (actors, threads per actor, shard tasks)."""
-    from stages.stage1 import _plan  # the plan run_stage1 itself uses
-
     from common import usable_cores
+
+    from stages.stage1 import _plan  # the plan run_stage1 itself uses
 
     cpus = cfg.targets.ray.num_cpus or usable_cores()
     plan = _plan(cfg.targets, {"CPU": cpus, "GPU": 0})

@@ -41,7 +41,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # codec timings are per core
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -51,8 +50,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CONFIGS_DIR, REPO_ROOT, RESULTS_DIR, load_average, result_header,  # noqa: E402
-                    setup_logging, write_result)
+from common import (  # noqa: E402
+    CONFIGS_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    load_average,
+    result_header,
+    setup_logging,
+    write_result,
+)
 
 log = logging.getLogger("benchmarks.storage")
 
@@ -101,6 +107,7 @@ def bits_per_value(spec) -> dict:
 def quality_base(args) -> tuple:
     """(quality config of seed 0, base-model config) of the quality benchmark's trained base."""
     import quality as Q
+
     from pipeline.orchestrate import ensure_base_checkpoint, prepare_data
 
     raw, q = Q.load_raw(str(CONFIGS_DIR / "quality.yaml"), [])
@@ -154,8 +161,9 @@ def energy_kept(features: np.ndarray, rank: int) -> float:
 
 def time_codec(spec, targets: dict, keys, views, repeats: int) -> dict:
     """Encode / decode microseconds per view (best of repeats, one core)."""
-    from storage.codecs import decode_view, prepare_views
     import dataclasses
+
+    from storage.codecs import decode_view, prepare_views
 
     one = dataclasses.replace(spec, views=1)
     n = len(keys)
@@ -269,9 +277,9 @@ def precision_table(args, cfg, base) -> dict:
 def stage1_efficiency(args) -> dict:
     """speed.py's stage-1 efficiency with float16 and lowrank (its config and images)."""
     import ray
+    import speed as S
     import yaml
 
-    import speed as S
     from pipeline.config import apply_overrides, parse_config
 
     path = CONFIGS_DIR / "speed.yaml"

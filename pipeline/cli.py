@@ -250,7 +250,8 @@ def _launch_ranks(nproc: int, config: Path, run_name: str | None, overrides, all
               help="Keep the input and encoder adapters (for parameter-efficient fine-tuning).")
 @click.option("--push-to-hub", "repo_id", default=None, metavar="OWNER/NAME",
               help="Upload the --out folder to this Hugging Face Hub repo (token: HF_TOKEN or "
-                   "`hf auth login`); then timm.create_model('hf-hub:OWNER/NAME', pretrained=True).")
+                   "`hf auth login`); then "
+                   "timm.create_model('hf-hub:OWNER/NAME', pretrained=True).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @user_errors
 def export(checkpoint, out, keep_adapters, repo_id, private):
@@ -268,7 +269,8 @@ def export(checkpoint, out, keep_adapters, repo_id, private):
     if repo_id is not None:
         from stages.hub import push_folder
 
-        click.echo(f"pushed to {repo_id}: {push_folder(path, repo_id, token=token, private=private)}")
+        url = push_folder(path, repo_id, token=token, private=private)
+        click.echo(f"pushed to {repo_id}: {url}")
 
 
 # --------------------------------------------------------------------------- cache

@@ -103,7 +103,8 @@ def _parse_value(text: str):
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to the raw config mapping.
 
-    A list is indexed by position (``runs.0.epochs``) or by an entry's ``name`` (``runs.tec.epochs``).
+    A list is indexed by position (``runs.0.epochs``) or by an entry's ``name``
+    (``runs.tec.epochs``).
     """
     raw = copy.deepcopy(raw)
     for item in overrides:
@@ -233,7 +234,8 @@ def check_duplicate_keys(text: str, where: str = "config") -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key_node, value_node in node.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if (isinstance(key_node, yaml.ScalarNode)
+                        and key_node.tag != "tag:yaml.org,2002:merge"):
                     key = key_node.value
                     dotted = f"{path}.{key}" if path else str(key)
                     if key in seen:
@@ -268,6 +270,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})")
+        raise ConfigError(  # noqa: B904 (the YAML error stays the context, as before)
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})")
     raw = apply_overrides(raw or {}, overrides)
     return parse_config(raw, source_file=str(path))

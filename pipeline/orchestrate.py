@@ -53,7 +53,8 @@ def prepare_data(cfg: PipelineConfig) -> str:
     if cfg.data.prepare == "none":
         return "using existing shards"
     try:
-        if expand_shards(cfg.data.train) and (cfg.data.test is None or expand_shards(cfg.data.test)):
+        if expand_shards(cfg.data.train) and (cfg.data.test is None
+                                              or expand_shards(cfg.data.test)):
             return f"reused shards {cfg.data.train}"
     except ValueError:
         pass  # not there yet

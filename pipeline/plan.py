@@ -152,8 +152,8 @@ class Plan:
             f"bytes per view   {self.bytes_per_view:,} ({self.codec}, before lossless "
             f"compression; {self.bytes_per_view / self.raw_bytes_per_view:.2f} of the float32 "
             f"tensors)",
-            f"cache size       {format_bytes(self.cache_bytes, si=True)} (tensor bytes: lossless compression "
-            f"shrinks it, file framing adds about 1-3%)",
+            f"cache size       {format_bytes(self.cache_bytes, si=True)} (tensor bytes: "
+            f"lossless compression shrinks it, file framing adds about 1-3%)",
             *(f"  codec {name:<8} {n:,} B per view ({n / 1024:.1f} KiB), "
               f"{format_bytes(self.samples * self.views * n, si=True)} in all"
               + ("  <- targets.codec" if name == self.codec else "")
@@ -188,7 +188,8 @@ class Plan:
         what = f"jpeg quality {self.pixels_quality}" if self.pixels == "jpeg" else "png"
         n = self.pixel_bytes_per_view
         return (f"view pixels      {what}: ~{n:,} B per view more (measured on real photos), "
-                f"{format_bytes(self.samples * self.views * n, si=True)} in all; the cache is self-contained")
+                f"{format_bytes(self.samples * self.views * n, si=True)} in all; "
+                "the cache is self-contained")
 
 
 FASHION_MNIST_TRAIN = 60000
@@ -218,7 +219,8 @@ def count_samples(cfg: PipelineConfig) -> tuple[int, str]:
         source = open_source(src.kind, src.path, **kwargs)
         shards = source.shards()
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"data.train: {exc} (set data.num_samples to plan without the data)")
+        raise ConfigError(  # noqa: B904 (the source error stays the context, as before)
+            f"data.train: {exc} (set data.num_samples to plan without the data)")
     return sum(source.count(s) for s in shards), f"counted in {len(shards)} shards"
 
 

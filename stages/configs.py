@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import re
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -261,7 +260,7 @@ class BaseModelConfig:
         weights = self.pretrained_weights()
         return str(weights.file) if weights is not None else self.checkpoint
 
-    def as_checkpoint(self) -> "BaseModelConfig":
+    def as_checkpoint(self) -> BaseModelConfig:
         """The same base model as a plain checkpoint config (the resolved file, its timm arch and
         geometry), for code that loads files by (arch, timm_kwargs); ``self`` when not pretrained.
         """

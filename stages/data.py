@@ -32,10 +32,11 @@ import os
 import posixpath
 import tarfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,9 +92,7 @@ def _index_tar(path: str) -> tuple[list[str], list[int], list[int], list[int]]:
     does, so keys match the cache's. Repeated keys and cut members are left out (stage 1
     reports them as bad samples).
     """
-    from .sources import IMAGE_EXTENSIONS
-
-    from .sources import _file_size, _open_shard
+    from .sources import IMAGE_EXTENSIONS, _file_size, _open_shard
 
     keys, offsets, sizes, labels = [], [], [], []
     seen: set[str] = set()
@@ -224,7 +223,7 @@ class SourceIndex:
 
     @classmethod
     def build(cls, kind: str, shards: Sequence[str], *, root: str | None = None,
-              threads: int = 8) -> "SourceIndex":
+              threads: int = 8) -> SourceIndex:
         """Index a source: tar headers only for 'webdataset', a directory walk for 'imagefolder'."""
         if kind == "imagefolder":
             keys, files, labels = _list_image_folder(root)
@@ -257,7 +256,7 @@ class SourceIndex:
 
     @classmethod
     def load_or_build(cls, kind: str, shards: Sequence[str], cache_file: str | Path | None = None,
-                      *, root: str | None = None, write: bool = True) -> "SourceIndex":
+                      *, root: str | None = None, write: bool = True) -> SourceIndex:
         """Reuse ``cache_file`` when it indexes exactly these files (path, size, mtime)."""
         shards = [str(s) for s in shards]
         signature = ([kind, os.path.abspath(root)] if kind == "imagefolder"
@@ -595,7 +594,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         self.images = self.images.pin_memory()
         self.noise = self.noise.pin_memory()
         self.cached = {k: v.pin_memory() for k, v in self.cached.items()}

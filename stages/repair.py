@@ -110,9 +110,8 @@ def repair_cache(path: str | Path, *, config=None, ray_address: str | None = Non
     manifest) or a part is still damaged afterwards.
     """
     from storage import layout, verify_cache
-    from storage.schema import CacheError
-
     from storage.objstore import Url, as_root
+    from storage.schema import CacheError
 
     root = as_root(path)  # a folder or an object-store URL
     if not isinstance(root, Url):

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class ViewPolicy:
         if isinstance(self.ratio, list):
             self.ratio = tuple(self.ratio)
 
-    def validate(self) -> "ViewPolicy":
+    def validate(self) -> ViewPolicy:
         """Raise ViewPolicyError (one line, naming the field) if the policy is unusable."""
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ViewPolicyError(f"view_policy.seed must be an integer, got {self.seed!r}")
@@ -117,7 +118,7 @@ class ViewPolicy:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ViewPolicy":
+    def from_dict(cls, data: dict[str, Any]) -> ViewPolicy:
         """Inverse of to_dict; tolerates a manifest's extra 'views' (K) key, rejects other unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _MANIFEST_ONLY_KEYS)

@@ -24,8 +24,17 @@ Stage 2 reads::
 from .cache import CacheReader, CacheWriter, PartWriter, create_cache, open_cache, open_writer
 from .codecs import dequantize_rows, quantize_rows
 from .integrity import format_inspect, inspect_cache, verify_cache
-from .schema import (FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheSpec, PartCommittedError,
-                     decoded_nbytes, fingerprint_mismatch, part_name_for, record_nbytes)
+from .schema import (
+                     FORMAT_NAME,
+                     SCHEMA_VERSION,
+                     CacheError,
+                     CacheSpec,
+                     PartCommittedError,
+                     decoded_nbytes,
+                     fingerprint_mismatch,
+                     part_name_for,
+                     record_nbytes,
+)
 from .wds_backend import decode_wds_sample
 
 __all__ = [

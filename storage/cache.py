@@ -11,18 +11,29 @@ import os
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import layout
-from .objstore import Url, as_root, is_url
 from .codecs import codec_config, decode_view, prepare_views
-from .schema import (CacheError, CacheSpec, PartCommittedError, build_manifest,
-                     check_manifest_readable, fingerprint_mismatch, identity_mismatch, jsonable,
-                     identity_keys, manifest_identity, manifest_section_digests, stored_fields)
+from .objstore import Url, as_root, is_url
+from .schema import (
+    CacheError,
+    CacheSpec,
+    PartCommittedError,
+    build_manifest,
+    check_manifest_readable,
+    fingerprint_mismatch,
+    identity_keys,
+    identity_mismatch,
+    jsonable,
+    manifest_identity,
+    manifest_section_digests,
+    stored_fields,
+)
 from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
 from .wds_backend import WdsPartReader, WdsPartWriter
 from .zarr_backend import ZarrPartReader, ZarrPartWriter
@@ -72,7 +83,7 @@ def _now() -> str:
 
 def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_policy: dict,
                  source: dict, parts: list[tuple[str, int]], targets: dict | None = None,
-                 extra: dict | None = None) -> "CacheWriter":
+                 extra: dict | None = None) -> CacheWriter:
     """Create a cache at `path` (manifest.json written atomically), or reopen the same one.
 
     parts: (part name, number of sample slots) per input shard, in source order.
@@ -131,7 +142,7 @@ def _is_cache_entry(name: str) -> bool:
         (name.startswith(f".{layout.MANIFEST}.") and name.endswith(".tmp"))
 
 
-def open_writer(path: str | Path) -> "CacheWriter":
+def open_writer(path: str | Path) -> CacheWriter:
     """Reopen an existing cache for writing parts (e.g. in a worker process) without its arguments."""
     root = as_root(path)
     mpath = layout.manifest_path(root)
@@ -255,7 +266,7 @@ class CacheWriter:
         self._check_part(part)
         return _read_marker(self.root, part)
 
-    def open_part(self, part: str, *, overwrite: bool = False) -> "PartWriter":
+    def open_part(self, part: str, *, overwrite: bool = False) -> PartWriter:
         """Start writing a part; leftovers of an earlier unfinished attempt are discarded.
 
         A committed part is refused (PartCommittedError) unless overwrite=True (then it stops
@@ -466,7 +477,7 @@ class PartWriter:
             except OSError:
                 pass
 
-    def __enter__(self) -> "PartWriter":
+    def __enter__(self) -> PartWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -536,7 +547,7 @@ class _FdCache:
 
 
 def open_cache(path: str | Path, *, require_complete: bool = True,
-               check_identity: bool = True, views: int | None = None) -> "CacheReader":
+               check_identity: bool = True, views: int | None = None) -> CacheReader:
     """Open a cache for reading.
 
     Refuses (CacheError, one line) a path without a cache, another format, an unknown schema
@@ -653,7 +664,7 @@ class CacheReader:
         if total != self.spec.views:
             self.spec = dataclasses.replace(self._base_spec, views=total)
 
-    def _layer_of(self, view: int) -> tuple[int, "CacheReader"]:
+    def _layer_of(self, view: int) -> tuple[int, CacheReader]:
         """(first view, reader) of the view layer holding ``view`` (>= the base K)."""
         for start, stop, layer in self._layers:
             if start <= view < stop:
@@ -723,7 +734,7 @@ class CacheReader:
         for _, _, layer in getattr(self, "_layers", ()):
             layer.close()
 
-    def __enter__(self) -> "CacheReader":
+    def __enter__(self) -> CacheReader:
         return self
 
     def __exit__(self, *exc) -> None:

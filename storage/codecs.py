@@ -201,7 +201,7 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
     else:
         out["features"], out["features_scale"] = quantize_rows(arrs["features"])
         out["attn_logits"], out["attn_logits_scale"] = quantize_rows(arrs["attn_logits"])
-    for name, (shape, dt) in fields.items():
+    for name, (_shape, dt) in fields.items():
         out[name] = np.ascontiguousarray(out[name], dtype=dt)
     return out, {"label": label, "source_size": [h, w]}
 

@@ -8,11 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
+from .cache import (
+    EXTENSIONS_KEY,
+    _committed,
+    _read_marker,
+    _shown,
+    manifest_edits,
+    open_cache,
+    part_checksum,
+    slot_count_edits,
+    view_layer_mismatch,
+)
 from .objstore import Url, as_root
-from .cache import (EXTENSIONS_KEY, _committed, _read_marker, _shown, manifest_edits, open_cache,
-                    part_checksum, slot_count_edits, view_layer_mismatch)
-from .util import format_bytes
 from .schema import CacheError, CacheSpec, check_manifest_readable, decoded_nbytes, record_nbytes
+from .util import format_bytes
 
 
 def _load_manifest(root: Path) -> dict:

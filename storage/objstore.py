@@ -175,7 +175,7 @@ class Url(str):
         return super().__new__(cls, s.rstrip("/") if not s.endswith("://") else s)
 
     # -- names ------------------------------------------------------------------------------
-    def __truediv__(self, other) -> "Url":
+    def __truediv__(self, other) -> Url:
         return Url(f"{self}/{str(other).strip('/')}")
 
     @property
@@ -192,10 +192,10 @@ class Url(str):
         return self.rsplit("/", 1)[-1]
 
     @property
-    def parent(self) -> "Url":
+    def parent(self) -> Url:
         return Url(self.rsplit("/", 1)[0])
 
-    def with_name(self, name: str) -> "Url":
+    def with_name(self, name: str) -> Url:
         return self.parent / name
 
     def relative_to(self, other) -> PurePosixPath:

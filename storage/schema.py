@@ -154,7 +154,7 @@ class CacheSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CacheSpec":
+    def from_dict(cls, d: dict) -> CacheSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -28,7 +28,6 @@ the webdataset library into the same record ``CacheReader.read`` returns.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import zlib
 from pathlib import Path

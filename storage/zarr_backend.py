@@ -30,7 +30,6 @@ end) and is read the same way.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 

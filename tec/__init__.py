@@ -7,8 +7,14 @@ base models (:mod:`tec.teacher`), targets (:mod:`tec.targets`), the new model
 from .export import adapters_path, export_timm, load_adapters, timm_kwargs_for
 from .losses import attention_loss, feature_loss, pixel_loss
 from .model import NewModel, NewModelConfig, TargetBatch, random_masking
-from .targets import (IMAGENET_MEAN, IMAGENET_STD, Targets, extract_targets, feature_target,
-                      normalize_images)
+from .targets import (
+                      IMAGENET_MEAN,
+                      IMAGENET_STD,
+                      Targets,
+                      extract_targets,
+                      feature_target,
+                      normalize_images,
+)
 from .teacher import CheckpointError, describe_vit, file_sha256, load_base_model
 
 __all__ = [

@@ -15,10 +15,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
-
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from .losses import attention_loss, feature_loss, pixel_loss
 
@@ -79,14 +78,14 @@ class NewModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "NewModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> NewModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown new-model config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values).validate()
 
-    def validate(self) -> "NewModelConfig":
+    def validate(self) -> NewModelConfig:
         """Raise ValueError naming the field at fault; returns self."""
 
         def fail(field: str, why: str) -> None:

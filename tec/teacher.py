@@ -44,15 +44,15 @@ import hashlib
 import json
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import Any
 
 import timm
+import torch
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -446,8 +446,12 @@ def _hub_download(name: str, repo_id: str, filenames: tuple[str, ...], revision:
                   ) -> Path:
     """The first of ``filenames`` the repo has, from the Hugging Face cache or the Hub."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     def not_cached(why: str) -> CheckpointError:
         return CheckpointError(

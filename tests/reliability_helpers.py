@@ -17,15 +17,15 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import timm
 import torch
-
 from image_helpers import make_shards
+
 from stages.configs import BaseModelConfig, from_dict, to_dict
 
 CATEGORIES = ("stage1_crashes", "bad_input", "damaged_caches", "stage2_crashes", "bad_config",
@@ -120,8 +120,14 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
     Returns {'computed': [parts], 'skipped': [parts]}.
     """
     from stages.sources import open_source
-    from stages.stage1 import (BaseModelActor, ShardJob, _record_config, part_names,
-                               process_shard, resolve_precision)
+    from stages.stage1 import (
+        BaseModelActor,
+        ShardJob,
+        _record_config,
+        part_names,
+        process_shard,
+        resolve_precision,
+    )
     from storage import CacheSpec, create_cache
 
     model = base.load()

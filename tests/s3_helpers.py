@@ -45,7 +45,8 @@ def start_moto(log: Path, **env) -> tuple[subprocess.Popen, str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(  # noqa: B904 (the last connection error stays the context)
+                    f"moto_server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
 
 

@@ -13,14 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stage1_helpers import (  # noqa: F401
+    RECORD_FIELDS,
+    assert_same_records,
+    base,
+    make_cfg,
+    ray_session,
+    reference,
+    shards,
+)
+from storage_helpers import VIEW_POLICY, new_cache, spec, write_part
 
 from stages.extend import extend_views
 from stages.stage1 import run_stage1
 from storage import CacheError, inspect_cache, open_cache, verify_cache
 from storage.schema import manifest_identity
-from storage_helpers import VIEW_POLICY, new_cache, spec, write_part
-from stage1_helpers import (RECORD_FIELDS, assert_same_records, base, make_cfg,  # noqa: F401
-                         ray_session, reference, shards)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,9 +233,9 @@ def test_a_run_configured_for_the_old_k_trains_on_the_same_records(ray_session, 
     """Stage 2 with cache_views = the old K after the extension: the same losses as before it;
     with all views it samples the new ones too."""
     import torch
+    from train_helpers import run_config
 
     from stages.train import train
-    from train_helpers import run_config
 
     cache = tmp_path / "cache"
     shutil.copytree(reference[0].cache, cache)

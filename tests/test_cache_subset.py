@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from storage_helpers import new_cache, part_records, spec
 
 from pipeline.cli import main
 from storage import open_cache, verify_cache
 from storage.schema import CacheError
 from storage.subset import subset_cache
-from storage_helpers import new_cache, part_records, spec
 
 PARTS = [("p0", 4), ("p1", 3)]
 FIXTURES = Path(__file__).parent / "fixtures" / "cache_v1"
@@ -146,13 +146,18 @@ def test_subset_is_what_stage1_writes_for_fewer_views(tmp_path, codec):
     """Stage 1 (its shard pipeline, in-process) with K=3 then K'=2: the subset of the first equals
     the second, record for record and in the manifest's identity."""
     import torch
-
     from image_helpers import make_shards
-    from stages.configs import BaseModelConfig, from_dict, to_dict
-    from stages.stage1 import (BaseModelActor, Stage1Config, _check_base_model, _prepare_cache,
-                               process_shard)
-    from storage.schema import manifest_identity
     from tec_helpers import BASE_KWARGS, tiny_vit
+
+    from stages.configs import BaseModelConfig, from_dict, to_dict
+    from stages.stage1 import (
+        BaseModelActor,
+        Stage1Config,
+        _check_base_model,
+        _prepare_cache,
+        process_shard,
+    )
+    from storage.schema import manifest_identity
 
     make_shards(tmp_path / "shards", n_shards=2, per_shard=3, size_range=(20, 40))
     torch.save({"model": tiny_vit(seed=3).state_dict()}, tmp_path / "base.pth")

@@ -17,11 +17,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import (
+    BAD_INPUT_CASES,
+    SUBPROCESS_CASES,
+    case_argv,
+    make_workspace,
+    run_bad_input,
+    run_bad_inputs_in_processes,
+    tiny_pipeline,
+)
 from click.testing import CliRunner
 
 from pipeline.cli import main
-
-from cli_helpers import (BAD_INPUT_CASES, SUBPROCESS_CASES, case_argv, make_workspace, run_bad_input, run_bad_inputs_in_processes, tiny_pipeline)
 
 
 # ----------------------------------------------------------------------------- tests

@@ -12,13 +12,25 @@ from typing import Literal
 
 import pytest
 import yaml
+from config_helpers import (  # noqa: F401
+    ALL_CONFIGS,
+    BASE_KWARGS,
+    REPO,
+    ROOT_PIPELINE,
+    SHIPPED,
+    config_error,
+    minimal_pipeline,
+)
 
-from pipeline.config import (DataConfig, EvalConfig, PipelineConfig, apply_overrides,
-                             load_config, parse_config)
+from pipeline.config import (
+    DataConfig,
+    EvalConfig,
+    PipelineConfig,
+    apply_overrides,
+    load_config,
+    parse_config,
+)
 from stages.configs import from_dict, to_dict
-
-from config_helpers import (ALL_CONFIGS, BASE_KWARGS, REPO, ROOT_PIPELINE, SHIPPED,  # noqa: F401
-                            config_error, minimal_pipeline)
 
 
 # ----------------------------------------------------------------------------- from_dict

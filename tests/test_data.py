@@ -1,12 +1,11 @@
 """stages/data.py without a cache: source index, sample plan, sampler, mask noise."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from image_helpers import make_bad_shard, make_shards
+
 from stages.data import DataError, PlanSampler, SamplePlan, SourceIndex, mask_noise
 from stages.sources import WebDatasetSource
 
@@ -21,7 +20,7 @@ def test_source_index_matches_the_webdataset_source(tmp_path):
     expected = [(s.key, s.data, s.label) for shard in shards for s in source.samples(shard)
                 if s.error is None]
     assert index.keys == [k for k, _, _ in expected]
-    for i, (key, data, label) in enumerate(expected):
+    for i, (_key, data, label) in enumerate(expected):
         assert index.read_bytes(i) == data
         assert index.labels[i] == label
     # the saved index is reused, and rebuilt when a shard changes

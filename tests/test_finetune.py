@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from image_helpers import make_shards
+from safetensors.torch import save_file
 from tec_helpers import ARCH, BASE_KWARGS, tiny_vit
 
 from stages.configs import ConfigError, from_dict
 from stages.finetune import (
     FinetuneConfig,
-    FinetuneSetupError,
     Finetuner,
+    FinetuneSetupError,
     build_finetune_model,
     finetune,
 )
@@ -207,8 +206,8 @@ def test_finetune_config_errors_name_the_key():
 
 
 def test_unlabelled_data_is_refused(tmp_path, data):
-    from image_helpers import encode, smooth_image, write_tar
     import numpy as np
+    from image_helpers import encode, smooth_image, write_tar
 
     rng = np.random.default_rng(0)
     shard = tmp_path / "nolabels-000000.tar"
@@ -373,8 +372,9 @@ def _bench_quality():
 
 
 def test_quality_benchmark_fine_tunes_a_row_reuses_it_and_scores_the_goals(data, tmp_path):
-    from tec.export import export_timm
     from tec_helpers import tiny_new_model
+
+    from tec.export import export_timm
 
     quality_mod = _bench_quality()
     export = tmp_path / "runs" / "tec" / "export" / "model.safetensors"

@@ -12,10 +12,10 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-
 from hub_helpers import offline_hub
-from pipeline.cli import main
 from tec_helpers import images, tiny_new_model
+
+from pipeline.cli import main
 
 
 @pytest.fixture
@@ -193,6 +193,7 @@ def _base_config(**raw):
 
 def test_a_pretrained_tag_loads_the_cached_weights_as_timm_does(hub_cache):
     from tec_helpers import BASE_KWARGS
+
     from tec.teacher import file_sha256
 
     base = _base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS)
@@ -220,7 +221,6 @@ def test_cached_weights_load_without_touching_the_network(hub_cache, monkeypatch
     import threading
 
     import huggingface_hub
-
     from tec_helpers import BASE_KWARGS
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
@@ -268,6 +268,7 @@ def test_a_tag_whose_repo_has_only_a_torch_bin_loads_it(hub_cache):
 def test_an_hf_hub_export_is_a_base_model_with_its_own_geometry(monkeypatch, tmp_path):
     """A TEC export pushed to the Hub is the next round's base model: hf-hub:OWNER/NAME, no kwargs."""
     from hub_helpers import populate_hub_cache
+
     from tec.export import export_timm_folder
 
     model = tiny_new_model(seed=4).eval()
@@ -330,11 +331,16 @@ def test_stage1_actors_compute_the_same_targets_from_a_tag_as_from_its_file(hub_
     """The actor gets the config as a dict (as Ray ships it) and resolves the tag itself; the
     cache's fingerprint names the tag and the file's sha256."""
     from image_helpers import make_shards
-    from stages.configs import to_dict
-    from stages.stage1 import (BaseModelActor, ShardJob, _check_base_model, _prepare_cache,
-                               process_shard)
-    from storage import open_cache
     from tec_helpers import BASE_KWARGS
+
+    from stages.configs import to_dict
+    from stages.stage1 import (
+        BaseModelActor,
+        _check_base_model,
+        _prepare_cache,
+        process_shard,
+    )
+    from storage import open_cache
     from tec.teacher import file_sha256
 
     make_shards(tmp_path / "shards", n_shards=1, per_shard=3, size_range=(20, 40))
@@ -375,10 +381,10 @@ def test_tec_run_end_to_end_from_a_pretrained_tag_offline(tmp_path):
     import sys
 
     import yaml
-
     from hub_helpers import populate_hub_cache
     from image_helpers import make_shards
     from tec_helpers import BASE_KWARGS, tiny_vit
+
     from tec.teacher import file_sha256
 
     hf_home = tmp_path / "hf"
@@ -420,10 +426,11 @@ def test_a_node_whose_cache_holds_other_weights_is_refused(hub_cache, monkeypatc
     """Stage 1 pins the sha256 it fingerprinted; an actor whose own Hugging Face cache resolves
     the tag to other weights (an older snapshot of main) refuses instead of mixing targets."""
     from hub_helpers import populate_hub_cache
+    from tec_helpers import BASE_KWARGS, tiny_vit
+
     from stages.configs import to_dict
     from stages.stage1 import BaseModelActor
     from tec.teacher import CheckpointError, file_sha256
-    from tec_helpers import BASE_KWARGS, tiny_vit
 
     pinned = dataclasses.replace(_base_config(arch=TAG, pretrained=True, timm_kwargs=BASE_KWARGS),
                                  sha256=file_sha256(hub_cache["mae_file"]))
@@ -439,10 +446,17 @@ def test_stage1_records_the_pinned_sha256_for_repairs(hub_cache, tmp_path):
     """A complete cache: run_stage1 starts no Ray, and records the settings (with the pin) that
     `tec cache repair` recomputes parts with."""
     from image_helpers import make_shards
+
     from pipeline.config import load_config
-    from stages.stage1 import (CONFIG_NAME, BaseModelActor, _check_base_model, _prepare_cache,
-                               process_shard, run_stage1)
     from stages.configs import to_dict
+    from stages.stage1 import (
+        CONFIG_NAME,
+        BaseModelActor,
+        _check_base_model,
+        _prepare_cache,
+        process_shard,
+        run_stage1,
+    )
     from tec.teacher import file_sha256
 
     make_shards(tmp_path / "shards", n_shards=1, per_shard=2, size_range=(20, 40))
@@ -461,8 +475,9 @@ def test_stage1_records_the_pinned_sha256_for_repairs(hub_cache, tmp_path):
 
 
 def test_a_pinned_checkpoint_file_that_changed_is_refused(tmp_path):
-    from tec.teacher import CheckpointError, file_sha256
     from tec_helpers import BASE_KWARGS, tiny_vit
+
+    from tec.teacher import CheckpointError, file_sha256
 
     path = _save_timm_weights(tiny_vit(seed=1), tmp_path / "base.safetensors")
     base = _base_config(checkpoint=str(path), timm_kwargs=BASE_KWARGS, sha256=file_sha256(path))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tec_helpers import tiny_new_model, tiny_vit
 from train_helpers import Source, build_cache, make_data, run_config, save_base_model
 

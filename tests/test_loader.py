@@ -6,10 +6,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from train_helpers import K_MAX, VIEWS, Source, build_cache, make_data, run_config, save_base_model
 
-from train_helpers import (K_MAX, VIEWS, Source, build_cache, make_data, run_config,
-                                save_base_model)
-from stages.data import PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder, TrainDataset, CacheRead
+from stages.data import (
+    CacheRead,
+    PlanItem,
+    ReplayMismatchError,
+    SourceIndex,
+    TargetBuilder,
+    TrainDataset,
+)
 from stages.loader import BatchedTrainDataset, cached_to_device, loader_settings
 from stages.views import ViewPolicy
 from storage import CacheError, CacheSpec, create_cache, open_cache

@@ -18,9 +18,9 @@ import timm
 import torch
 import yaml
 from click.testing import CliRunner
+from image_helpers import make_shards
 from safetensors.torch import save_file
 
-from image_helpers import make_shards
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from config_helpers import ALL_CONFIGS, BASE_KWARGS, REPO, config_error, minimal_pipeline
+
 from pipeline.cli import main
 from pipeline.config import load_config, parse_config
 from pipeline.plan import bytes_per_view, make_plan, new_model_forward_flops, vit_forward_flops

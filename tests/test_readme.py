@@ -27,9 +27,8 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import save_file
-
 from image_helpers import make_shards
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
-from reliability_helpers import (VIEWS, category, fsync_off, invoke_cli, make_data,
-                                     one_line_error, pipeline_yaml, record_details,
-                                     save_base_model, stage1_config, stage1_in_process)
+from reliability_helpers import (
+    VIEWS,
+    category,
+    fsync_off,
+    invoke_cli,
+    make_data,
+    one_line_error,
+    pipeline_yaml,
+    record_details,
+    save_base_model,
+    stage1_config,
+    stage1_in_process,
+)
 
 pytestmark = pytest.mark.usefixtures("no_fsync", "one_thread")
 

@@ -14,9 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from cli_helpers import (BAD_INPUT_CASES, TARGETS, TRAIN, BadInput, _set, make_workspace,
-                      run_bad_input)
+from cli_helpers import (
+    BAD_INPUT_CASES,
+    TARGETS,
+    TRAIN,
+    BadInput,
+    _set,
+    make_workspace,
+    run_bad_input,
+)
 from image_helpers import make_shards
 from reliability_helpers import category
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from reliability_helpers import category
 
 
@@ -53,8 +52,7 @@ def test_webdataset_parts_are_byte_reproducible(tmp_path, monkeypatch, no_fsync,
     import hashlib
     import time
 
-    from reliability_helpers import (make_data, save_base_model, stage1_config,
-                                         stage1_in_process)
+    from reliability_helpers import make_data, save_base_model, stage1_config, stage1_in_process
 
     make_data(tmp_path / "shards", n_shards=1, per_shard=3)
     base = save_base_model(tmp_path / "base.safetensors")
@@ -89,6 +87,7 @@ def _dup_shards(directory, n_shards: int = 2, per_shard: int = 4) -> str:
 
 def _stage2_inputs(cache, source_path, tmp_path, kind="webdataset"):
     from reliability_helpers import Source, run_config
+
     from stages.train import DistEnv, resolve_inputs
 
     run = run_config()
@@ -126,8 +125,13 @@ def _one_record_per_sample(inputs) -> list[str]:
 @pytest.mark.parametrize("backend", ["zarr", "webdataset"])
 def test_shards_sharing_member_names_are_cached_and_trained_apart(tmp_path, backend, no_fsync,
                                                                   one_thread, record_property):
-    from reliability_helpers import (record_details, save_base_model, stage1_config,
-                                         stage1_in_process)
+    from reliability_helpers import (
+        record_details,
+        save_base_model,
+        stage1_config,
+        stage1_in_process,
+    )
+
     from storage import open_cache, verify_cache
 
     shards = _dup_shards(tmp_path / "shards")
@@ -160,8 +164,9 @@ def test_image_folder_files_sharing_a_stem_are_cached_under_their_own_keys(tmp_p
                                                                           one_thread):
     """x.jpg beside x.png: both cached (keys keep the extension), never a failed part."""
     from reliability_helpers import save_base_model, stage1_config
-    from stages.stage1 import BaseModelActor, _prepare_cache, process_shard
+
     from stages.configs import to_dict
+    from stages.stage1 import BaseModelActor, _prepare_cache, process_shard
     from storage import open_cache
 
     root = _folder_with_shared_stems(tmp_path / "folder")
@@ -194,8 +199,13 @@ def test_unique_keys_qualifies_repeats_and_reports_taken_names():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two shards of distinct keys, a base model and an intact zarr cache (no Ray)."""
-    from reliability_helpers import (fsync_off, make_data, save_base_model, stage1_config,
-                                         stage1_in_process)
+    from reliability_helpers import (
+        fsync_off,
+        make_data,
+        save_base_model,
+        stage1_config,
+        stage1_in_process,
+    )
 
     tmp = tmp_path_factory.mktemp("silent")
     make_data(tmp / "shards", n_shards=2, per_shard=4)
@@ -264,8 +274,15 @@ def test_an_allowed_fallback_is_counted_in_the_summary_and_metrics(world, no_fsy
 def test_samples_stage1_reported_bad_are_skipped_not_counted(tmp_path, no_fsync, one_thread):
     """A cache whose parts report bad samples is complete: no fallback, no refusal."""
     from image_helpers import make_bad_shard
-    from reliability_helpers import (Source, make_data, run_config, save_base_model,
-                                         stage1_config, stage1_in_process)
+    from reliability_helpers import (
+        Source,
+        make_data,
+        run_config,
+        save_base_model,
+        stage1_config,
+        stage1_in_process,
+    )
+
     from stages.train import train
 
     make_data(tmp_path / "shards", n_shards=1, per_shard=4)
@@ -293,8 +310,14 @@ def _run_cli(config, *extra):
 @category("stale_reuse")
 def test_tec_run_reuses_only_what_was_built_from_the_same_inputs(world, tmp_path, no_fsync,
                                                                  one_thread, record_property):
-    from reliability_helpers import (invoke_cli, one_line_error, pipeline_yaml, record_cases,
-                                         stage1_config, stage1_in_process)
+    from reliability_helpers import (
+        invoke_cli,
+        one_line_error,
+        pipeline_yaml,
+        record_cases,
+        stage1_config,
+        stage1_in_process,
+    )
 
     work = tmp_path / "work"
     config = pipeline_yaml(tmp_path / "p.yaml", shards=world["shards"], base=world["base"],
@@ -376,9 +399,8 @@ def ray_in_process(monkeypatch):
 
 
 def _nan_base_model(path):
-    from safetensors.torch import load_file, save_file
-
     from reliability_helpers import save_base_model
+    from safetensors.torch import load_file, save_file
 
     base = save_base_model(path)
     state = load_file(str(path))
@@ -392,6 +414,7 @@ def _nan_base_model(path):
 def test_a_base_model_giving_nan_fails_once_saying_what_to_change(tmp_path, ray_in_process,
                                                                  one_thread):
     from reliability_helpers import make_data, stage1_config
+
     from stages.stage1 import Stage1Error, run_stage1
 
     make_data(tmp_path / "shards", n_shards=3, per_shard=2)
@@ -422,24 +445,24 @@ def test_task_failures_are_classified():
 @category("deterministic_failures")
 def test_on_ray_a_nan_base_model_is_tried_once_per_part(tmp_path, monkeypatch, one_thread):
     """The real Ray path: the failing task is not retried and no further part is started."""
-    import ray
+    import json
 
-    from fault_helpers import FaultHooks
+    import ray
     from reliability_helpers import make_data, stage1_config
 
-    from stages.stage1 import Stage1Error, run_stage1
+    from stages.stage1 import TEST_HOOKS_ENV, Stage1Error, run_stage1
 
     make_data(tmp_path / "shards", n_shards=4, per_shard=2)
     base = _nan_base_model(tmp_path / "nan.safetensors")
     (tmp_path / "attempts").mkdir()
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"attempts_dir": str(tmp_path / "attempts")}))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
     cfg = stage1_config(tmp_path / "shards", tmp_path / "cache",
                         ray={"num_cpus": 2, "concurrent_shards": 1, "max_retries": 3})
     try:
         with pytest.raises(Stage1Error) as info:
-            run_stage1(cfg, base, progress=False,
-                       hooks=FaultHooks(attempts_dir=tmp_path / "attempts"))
+            run_stage1(cfg, base, progress=False)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -451,10 +474,10 @@ def test_on_ray_a_nan_base_model_is_tried_once_per_part(tmp_path, monkeypatch, o
 # ------------------------------------------------------------------------------ --strict
 def test_strict_prints_its_summary_on_stdout(tmp_path, ray_in_process, one_thread):
     from click.testing import CliRunner
-
     from image_helpers import make_bad_shard
-    from pipeline.cli import main
     from reliability_helpers import make_data, pipeline_yaml, save_base_model
+
+    from pipeline.cli import main
 
     make_data(tmp_path / "shards", n_shards=1, per_shard=2)
     make_bad_shard(tmp_path / "shards" / "zz-bad.tar")
@@ -550,8 +573,9 @@ def test_verify_deep_finds_nan_records_and_repair_recomputes_only_that_part(
 @category("deep_damage")
 def test_inspect_and_repair_of_a_part_linked_to_another(world, ray_in_process, one_thread,
                                                         record_property):
-    from storage import format_inspect, inspect_cache
     from reliability_helpers import invoke_cli, record_cases
+
+    from storage import format_inspect, inspect_cache
 
     root = _copy(world, "linked-repair")
     _link_part(root)

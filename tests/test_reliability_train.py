@@ -25,11 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from reliability_helpers import (category, fsync_off, invoke_cli, make_data,
-                                     one_line_error, pipeline_yaml, record_details,
-                                     run_config, save_base_model, sigkill_self, stage1_config,
-                                     stage1_in_process)
+from reliability_helpers import (
+    category,
+    fsync_off,
+    invoke_cli,
+    make_data,
+    one_line_error,
+    pipeline_yaml,
+    record_details,
+    run_config,
+    save_base_model,
+    sigkill_self,
+    stage1_config,
+    stage1_in_process,
+)
 
 pytestmark = pytest.mark.usefixtures("no_fsync", "one_thread")
 

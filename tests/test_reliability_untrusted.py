@@ -23,13 +23,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from image_helpers import encode, smooth_image, write_tar
-from reliability_helpers import (MarkerOnUnpickle, Source, category, evil_pickle,
-                                     fsync_off, invoke_cli, make_data,
-                                     one_line_error,  # noqa: F401
-                                     pipeline_yaml, record_cases, run_config,
-                                     save_base_model, stage1_config, stage1_in_process)
+from reliability_helpers import (
+    MarkerOnUnpickle,
+    Source,
+    category,
+    evil_pickle,
+    fsync_off,
+    invoke_cli,
+    make_data,
+    one_line_error,  # noqa: F401
+    pipeline_yaml,
+    record_cases,
+    run_config,
+    save_base_model,
+    stage1_config,
+    stage1_in_process,
+)
 
 pytestmark = pytest.mark.usefixtures("no_fsync", "one_thread")
 

@@ -10,9 +10,16 @@ import time
 
 import numpy as np
 import pytest
+from image_helpers import (
+    encode,
+    make_bad_shard,
+    make_shards,
+    png_header_only,
+    smooth_image,
+    write_tar,
+)
 from PIL import Image
 
-from image_helpers import encode, make_bad_shard, make_shards, png_header_only, smooth_image, write_tar
 from stages.sources import (
     BadSample,
     ImageFolderSource,

@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from train_helpers import BASE_KWARGS, make_data, save_base_model
 
 from stages.configs import from_dict
-from stages.stage1 import Stage1Config, _check_base_model, _prepare_cache, process_shard, \
-    resolve_precision, BaseModelActor
+from stages.stage1 import (
+    BaseModelActor,
+    Stage1Config,
+    _check_base_model,
+    _prepare_cache,
+    process_shard,
+    resolve_precision,
+)
 from stages.target_error import compare_targets
 from storage import format_inspect, inspect_cache, open_cache
-from train_helpers import BASE_KWARGS, make_data, save_base_model
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from storage import CacheError, CacheSpec, open_cache, record_nbytes, verify_cache
-from storage import compact
-from storage.codecs import decode_view, prepare_views
 from storage_helpers import BASE_MODEL, VIEW_POLICY, VIT_B, realistic_targets
+
+from storage import CacheError, CacheSpec, compact, open_cache, record_nbytes, verify_cache
+from storage.codecs import decode_view, prepare_views
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cache_v1"
 
@@ -180,9 +179,10 @@ def test_bad_codec_parameters_are_one_line_errors_naming_key_and_allowed_values(
 
 
 def test_config_errors_name_targets_codec_and_its_parameters():
+    from config_helpers import minimal_pipeline
+
     from pipeline.config import parse_config
     from stages.configs import ConfigError
-    from config_helpers import minimal_pipeline
 
     def error(**targets) -> str:
         raw = minimal_pipeline()
@@ -232,9 +232,10 @@ def test_schema_v1_caches_still_open_and_verify(v1_copy, name):
 
 
 def test_a_schema_v1_cache_still_trains(v1_copy, tmp_path):
+    from train_helpers import BASE_KWARGS, Source, run_config
+
     from stages.configs import BaseModelConfig
     from stages.train import train
-    from train_helpers import BASE_KWARGS, Source, run_config
 
     base = BaseModelConfig(arch="vit_base_patch16_224", checkpoint="base.safetensors",
                            timm_kwargs=dict(BASE_KWARGS))
@@ -246,6 +247,7 @@ def test_a_schema_v1_cache_still_trains(v1_copy, tmp_path):
 
 def test_a_lowrank_cache_trains(tmp_path):
     from train_helpers import Source, build_cache, make_data, run_config, save_base_model
+
     from stages.train import train
 
     shards = make_data(tmp_path, n_shards=1, per_shard=8)

@@ -7,11 +7,18 @@ import signal
 
 import numpy as np
 import pytest
+from storage_helpers import (  # noqa: F401
+    concurrent_writer,
+    killed_writer,
+    make_views,
+    new_cache,
+    no_fsync,
+    part_records,
+    spec,
+    write_part,
+)
 
-from storage import CacheError, inspect_cache, open_cache, open_writer, verify_cache
-from storage import layout
-from storage_helpers import (concurrent_writer, killed_writer, make_views, new_cache, no_fsync,  # noqa: F401
-                             part_records, spec, write_part)
+from storage import CacheError, inspect_cache, layout, open_cache, open_writer, verify_cache
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
 
@@ -41,7 +48,7 @@ def test_four_processes_write_different_parts_at_the_same_time(tmp_path):
         for w in range(4):
             for j in range(2):
                 part = f"p{w + 4 * j}"
-                for slot, (key, rec) in part_records(s, part, dict(parts)[part], 10 * w + j).items():
+                for _slot, (key, rec) in part_records(s, part, dict(parts)[part], 10 * w + j).items():
                     got = cache.read(cache.index_of(key), 2)
                     np.testing.assert_array_equal(got["features"], rec["features"][2].astype(np.float16))
 

@@ -6,11 +6,18 @@ import os
 
 import numpy as np
 import pytest
-
-from storage import (CacheError, SCHEMA_VERSION, fingerprint_mismatch, format_inspect, inspect_cache,
-                     open_cache, verify_cache)
-from storage.cache import part_checksum
 from storage_helpers import BASE_MODEL, new_cache, no_fsync, spec, write_part  # noqa: F401
+
+from storage import (
+    SCHEMA_VERSION,
+    CacheError,
+    fingerprint_mismatch,
+    format_inspect,
+    inspect_cache,
+    open_cache,
+    verify_cache,
+)
+from storage.cache import part_checksum
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
 BACKENDS = ("zarr", "webdataset")

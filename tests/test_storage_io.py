@@ -7,11 +7,10 @@ import tarfile
 
 import numpy as np
 import pytest
-
-from storage import CacheSpec, open_cache
-from storage import cache as cache_module
-from storage import layout, wds_backend, zarr_backend
 from storage_helpers import VIT_B, new_cache, no_fsync, spec, write_part  # noqa: F401
+
+from storage import CacheSpec, layout, open_cache, wds_backend, zarr_backend
+from storage import cache as cache_module
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
 

@@ -5,10 +5,25 @@ import pickle
 
 import numpy as np
 import pytest
+from storage_helpers import (  # noqa: F401
+    VIT_B,
+    make_views,
+    new_cache,
+    no_fsync,
+    realistic_targets,
+    rel_l2,
+    spec,
+    write_part,
+)
 
-from storage import CacheError, CacheSpec, decode_wds_sample, open_cache, quantize_rows, dequantize_rows
-from storage_helpers import (VIT_B, make_views, new_cache, no_fsync, realistic_targets, rel_l2, spec,  # noqa: F401
-                             write_part)
+from storage import (
+    CacheError,
+    CacheSpec,
+    decode_wds_sample,
+    dequantize_rows,
+    open_cache,
+    quantize_rows,
+)
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
 BACKENDS = ("zarr", "webdataset")

@@ -8,11 +8,10 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
-
-from tec.export import (ADAPTER_PREFIX, adapters_path, export_timm, load_adapters,
-                        timm_kwargs_for)
-from tec.teacher import load_base_model
 from tec_helpers import ARCH, images, tiny_new_model
+
+from tec.export import ADAPTER_PREFIX, adapters_path, export_timm, load_adapters, timm_kwargs_for
+from tec.teacher import load_base_model
 
 
 def _trained_a_little(model):

@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tec.model import (EncoderAdapter, NewModel, NewModelConfig, TargetBatch,
-                       get_2d_sincos_pos_embed, patchify, random_masking)
-from tec.targets import extract_targets
 from tec_helpers import images, tiny_config, tiny_new_model, tiny_vit
+
+from tec.model import (
+    EncoderAdapter,
+    NewModel,
+    NewModelConfig,
+    TargetBatch,
+    get_2d_sincos_pos_embed,
+    patchify,
+    random_masking,
+)
+from tec.targets import extract_targets
 
 
 def _targets(batch: int = 2, k_max: int = 6) -> TargetBatch:

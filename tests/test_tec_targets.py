@@ -7,10 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tec.targets import (IMAGENET_MEAN, IMAGENET_STD, extract_targets, feature_target,
-                         normalize_images)
 from tec_helpers import images, tiny_vit
+
+from tec.targets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    extract_targets,
+    feature_target,
+    normalize_images,
+)
 
 
 def _block_inputs_and_outputs(model, x):

@@ -8,9 +8,9 @@ import hashlib
 import pytest
 import torch
 from safetensors.torch import save_file
+from tec_helpers import ARCH, BASE_KWARGS, images, tiny_vit
 
 from tec.teacher import CheckpointError, describe_vit, file_sha256, load_base_model
-from tec_helpers import ARCH, BASE_KWARGS, images, tiny_vit
 
 
 @pytest.fixture(scope="module")

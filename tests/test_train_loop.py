@@ -8,14 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from image_helpers import encode, smooth_image, write_tar
-from train_helpers import (K_MAX, Source, build_cache, make_data, run_config,
-                                save_base_model)
-from stages.configs import ConfigError
+from train_helpers import K_MAX, Source, build_cache, make_data, run_config, save_base_model
+
 from stages.checkpoint import load_checkpoint
-from stages.train import (CacheMismatchError, NonFiniteLossError, TrainSetupError, export_checkpoint,
-                          train)
+from stages.configs import ConfigError
+from stages.train import (
+    CacheMismatchError,
+    NonFiniteLossError,
+    TrainSetupError,
+    export_checkpoint,
+    train,
+)
 from stages.views import ViewPolicy
 
 

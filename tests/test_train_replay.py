@@ -4,10 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from train_helpers import K_MAX, STUDENT, VIEWS, build_cache, make_data, save_base_model
-from stages.data import (CacheRead, PlanItem, ReplayMismatchError, SourceIndex, TargetBuilder,
-                         TrainDataset, collate)
+
+from stages.data import (
+    CacheRead,
+    PlanItem,
+    ReplayMismatchError,
+    SourceIndex,
+    TargetBuilder,
+    TrainDataset,
+    collate,
+)
 from stages.sources import WebDatasetSource, decode_image
 from stages.views import ViewPolicy, render_view, view_params
 from storage import open_cache
