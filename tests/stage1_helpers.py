@@ -131,9 +131,14 @@ from stages.configs import BaseModelConfig, from_dict
 from stages.stage1 import Stage1Config, run_stage1
 cfg = from_dict(Stage1Config, json.loads(sys.argv[1]), "targets")
 base = from_dict(BaseModelConfig, json.loads(sys.argv[2]), "base_model")
-summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False)
+hooks = None
+if len(sys.argv) > 4:  # fault injection (tests/fault_helpers.py), JSON keyword arguments
+    sys.path.insert(0, TESTS_DIR)
+    from fault_helpers import FaultHooks
+    hooks = FaultHooks(**json.loads(sys.argv[4]))
+summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False, hooks=hooks)
 print("SUMMARY", json.dumps({"parts_done": summary.parts_done, "images": summary.images}))
-"""
+""".replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
 
 
 def kill_session(sid: int) -> None:
@@ -147,9 +152,11 @@ def kill_session(sid: int) -> None:
                 pass
 
 
-def driver_cmd(cfg: Stage1Config, base: BaseModelConfig, address: str = "") -> list[str]:
+def driver_cmd(cfg: Stage1Config, base: BaseModelConfig, address: str = "",
+               hooks: dict | None = None) -> list[str]:
+    """The stage-1 driver subprocess; hooks: keyword arguments of fault_helpers.FaultHooks."""
     return [sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)), json.dumps(to_dict(base)),
-            address]
+            address] + ([json.dumps(hooks)] if hooks else [])
 
 
 def _free_port() -> int:

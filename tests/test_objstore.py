@@ -295,14 +295,14 @@ def test_killed_driver_resumes_to_a_bit_identical_s3_cache(ray_session, base, s3
     """SIGKILL the stage-1 driver once a part's marker is on S3; the rerun keeps that part's
     objects as they are and ends with every data object equal to the uninterrupted run's."""
     from stages.configs import to_dict
-    from stages.stage1 import TEST_HOOKS_ENV, run_stage1
+    from stages.stage1 import run_stage1
 
     cfg = make_cfg(s3_shards, f"s3://{BUCKET}/killed")
     address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": 0.4})}
+    env = dict(os.environ)
     log = tmp_path / "driver.log"
     cmd = [sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg)), json.dumps(to_dict(base)),
-           address]
+           address, json.dumps({"batch_delay_s": 0.4})]
     status = Url(cfg.cache) / "status"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out,

@@ -445,24 +445,23 @@ def test_task_failures_are_classified():
 @category("deterministic_failures")
 def test_on_ray_a_nan_base_model_is_tried_once_per_part(tmp_path, monkeypatch, one_thread):
     """The real Ray path: the failing task is not retried and no further part is started."""
-    import json
-
     import ray
+    from fault_helpers import FaultHooks
     from reliability_helpers import make_data, stage1_config
 
-    from stages.stage1 import TEST_HOOKS_ENV, Stage1Error, run_stage1
+    from stages.stage1 import Stage1Error, run_stage1
 
     make_data(tmp_path / "shards", n_shards=4, per_shard=2)
     base = _nan_base_model(tmp_path / "nan.safetensors")
     (tmp_path / "attempts").mkdir()
-    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"attempts_dir": str(tmp_path / "attempts")}))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
     cfg = stage1_config(tmp_path / "shards", tmp_path / "cache",
                         ray={"num_cpus": 2, "concurrent_shards": 1, "max_retries": 3})
     try:
         with pytest.raises(Stage1Error) as info:
-            run_stage1(cfg, base, progress=False)
+            run_stage1(cfg, base, progress=False,
+                       hooks=FaultHooks(attempts_dir=tmp_path / "attempts"))
     finally:
         if ray.is_initialized():
             ray.shutdown()

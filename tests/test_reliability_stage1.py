@@ -372,9 +372,14 @@ from stages.configs import BaseModelConfig, from_dict
 from stages.stage1 import Stage1Config, run_stage1
 cfg = from_dict(Stage1Config, json.loads(sys.argv[1]), "targets")
 base = from_dict(BaseModelConfig, json.loads(sys.argv[2]), "base_model")
-summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False)
+hooks = None
+if len(sys.argv) > 4:  # fault injection (tests/fault_helpers.py), JSON keyword arguments
+    sys.path.insert(0, TESTS_DIR)
+    from fault_helpers import FaultHooks
+    hooks = FaultHooks(**json.loads(sys.argv[4]))
+summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False, hooks=hooks)
 print("SUMMARY", json.dumps({"parts_done": summary.parts_done, "images": summary.images}))
-"""
+""".replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
 
 # (seed, what is killed): the random point of each kill comes from its seed
 RAY_KILLS = [(0, "driver (joined)"), (1, "driver (joined)"), (2, "driver (joined)"),
@@ -402,13 +407,12 @@ def _ray_workers(pid: int, prefix: str) -> list[int]:
 def run_driver_kill(world, ray_session, cache: Path, seed: int, local: bool) -> dict:
     """SIGKILL a stage-1 driver process at a random point, then resume in this process."""
     from stages.configs import to_dict
-    from stages.stage1 import TEST_HOOKS_ENV, run_stage1
+    from stages.stage1 import run_stage1
 
     cfg = ray_config(world, cache)
     point = kill_point(seed)
     address = "" if local else ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": BATCH_DELAY_S}),
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     if local:
         # its own local Ray with the same shape as the shared one
         raw = to_dict(cfg)
@@ -418,7 +422,8 @@ def run_driver_kill(world, ray_session, cache: Path, seed: int, local: bool) -> 
     log = Path(cache).with_name("driver.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(raw),
-                                 json.dumps(to_dict(world["base"])), address], env=env, cwd=REPO,
+                                 json.dumps(to_dict(world["base"])), address,
+                                 json.dumps({"batch_delay_s": BATCH_DELAY_S})], env=env, cwd=REPO,
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     root = Path(cache)
     spawned: dict[int, str] = {}
@@ -477,9 +482,11 @@ def _alive(pid: int) -> bool:
 def run_worker_kill(world, cache: Path, seed: int, target: str, monkeypatch) -> dict:
     """SIGKILL one Ray worker process (a shard task's or the base-model actor's) at a random
     point of a run driven from a thread of this process; Ray retries, the run completes."""
-    from stages.stage1 import TEST_HOOKS_ENV, run_stage1
+    from fault_helpers import FaultHooks
 
-    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"batch_delay_s": BATCH_DELAY_S}))
+    from stages.stage1 import run_stage1
+
+    hooks = FaultHooks(batch_delay_s=BATCH_DELAY_S)
     cfg = ray_config(world, cache)
     point = kill_point(seed)
     prefix = "ray::process_shard" if target == "shard task worker" else "ray::BaseModelActor"
@@ -487,7 +494,7 @@ def run_worker_kill(world, cache: Path, seed: int, target: str, monkeypatch) -> 
 
     def drive():
         try:
-            outcome["summary"] = run_stage1(cfg, world["base"], progress=False)
+            outcome["summary"] = run_stage1(cfg, world["base"], progress=False, hooks=hooks)
         except BaseException as exc:  # noqa: BLE001 - reported to the test thread
             outcome["error"] = exc
 

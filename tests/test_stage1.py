@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_helpers import FaultHooks
 from image_helpers import make_bad_shard, make_shards
 from stage1_helpers import (  # noqa: F401 (fixtures are used as test arguments)
     ARCH,
@@ -41,7 +42,6 @@ from stage1_helpers import (  # noqa: F401 (fixtures are used as test arguments)
 from stages.configs import BaseModelConfig, ConfigError, from_dict, to_dict
 from stages.stage1 import (
     REPORT_NAME,
-    TEST_HOOKS_ENV,
     BaseModelActor,
     ShardJob,
     Stage1Config,
@@ -270,9 +270,8 @@ def test_killed_worker_task_is_retried_and_the_cache_completes(ray_session, base
     crash_dir = tmp_path / "crash"
     crash_dir.mkdir()
     (crash_dir / "shard-000001.crash").touch()
-    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"crash_dir": str(crash_dir)}))
     cfg = make_cfg(shards, tmp_path / "cache")
-    summary = run_stage1(cfg, base, progress=False)
+    summary = run_stage1(cfg, base, progress=False, hooks=FaultHooks(crash_dir=crash_dir))
     assert (crash_dir / "shard-000001.crashed").exists()  # the first attempt did die
     assert summary.parts_done == 3
     assert_same_records(all_records(reference[0].cache), all_records(cfg.cache))
@@ -318,10 +317,11 @@ def test_killed_driver_then_rerun_resumes_without_recomputing(ray_session, base,
     local Ray) once a part is committed; the rerun keeps the committed parts as they are."""
     cfg = make_cfg(shards, tmp_path / "cache")
     address = ray_session.get_runtime_context().gcs_address if ray_mode == "joined" else ""
-    env = {**os.environ, TEST_HOOKS_ENV: json.dumps({"batch_delay_s": 0.4})}
+    env = dict(os.environ)
     log = tmp_path / "driver.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(driver_cmd(cfg, base, address), env=env, cwd=REPO,
+        proc = subprocess.Popen(driver_cmd(cfg, base, address, hooks={"batch_delay_s": 0.4}),
+                                env=env, cwd=REPO,
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     status = Path(cfg.cache) / "status"
     try:

@@ -12,16 +12,16 @@ import torch
 from train_helpers import PYTHON, build_cache, make_data, python_env, save_base_model
 
 from stages.checkpoint import load_checkpoint
-from stages.train import DEBUG_SAMPLES_ENV
 
 # Runs stages.train.train in a fresh process. Test hooks (test code only, patched in here):
 # kill_at: SIGKILL this process right after checkpoint <kill_at> is written;
-# dump_weights: every rank saves its final weights to <out>/weights_rank<r>.pt.
+# dump_weights: every rank saves its final weights to <out>/weights_rank<r>.pt;
+# log_samples: every rank writes the samples it trains on (train_helpers.log_sample_keys).
 SCRIPT = r'''
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-from train_helpers import Source, run_config
+from train_helpers import Source, log_sample_keys, run_config
 from stages import checkpoint, train
 from stages.configs import BaseModelConfig
 
@@ -43,7 +43,8 @@ if args.get("dump_weights"):
     train.Trainer.fit = fit_and_dump
 base = BaseModelConfig(**args["base"]) if args.get("base") else None
 summary = train.train(run_config(**args["run"]), cache=args["cache"], source=None, base=base,
-                      out_dir=args["out"], progress=False)
+                      out_dir=args["out"], progress=False,
+                      on_batches=log_sample_keys if args.get("log_samples") else None)
 print("SUMMARY", json.dumps({"steps": summary.steps, "samples": summary.samples}))
 '''
 
@@ -76,8 +77,7 @@ def _ok(proc) -> None:
 
 def test_two_process_torchrun_shards_disjointly_and_keeps_ranks_identical(world, tmp_path):
     run = dict(epochs=2, batch_size=8, accum_steps=2, num_workers=1, blr=0.05, seed=0)
-    ddp = _run(world, tmp_path / "ddp", run, nproc=2, dump_weights=True,
-               env={DEBUG_SAMPLES_ENV: "1"})
+    ddp = _run(world, tmp_path / "ddp", run, nproc=2, dump_weights=True, log_samples=True)
     _ok(ddp)
     w0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
     w1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")

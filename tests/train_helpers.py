@@ -134,3 +134,15 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def log_sample_keys(trainer, batches) -> None:
+    """Trainer ``on_batches`` callback (``train(..., on_batches=log_sample_keys)``): append the
+    (step, epoch, key, view, fresh) of this step's samples to <out_dir>/debug/samples_rank<r>.tsv
+    (the DDP tests check disjoint sharding with it)."""
+    debug_dir = trainer.out_dir / "debug"
+    debug_dir.mkdir(parents=True, exist_ok=True)
+    with open(debug_dir / f"samples_rank{trainer.dist.rank}.tsv", "a") as f:
+        for batch in batches:
+            for key, view, fresh in zip(batch.keys, batch.views, batch.fresh.tolist()):
+                f.write(f"{trainer.global_step}\t{trainer.epoch}\t{key}\t{view}\t{int(fresh)}\n")
