@@ -19,11 +19,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 
 from stages.configs import BaseModelConfig, ConfigError, EvalConfig, from_dict, to_dict
+
+if TYPE_CHECKING:  # imported when parsing (stage 1 and training pull in Ray and torch)
+    from stages.stage1 import Stage1Config
+    from stages.train import TrainConfig
 
 __all__ = ["PipelineConfig", "DataConfig", "BootstrapConfig", "EvalConfig", "load_config",
            "apply_overrides", "ConfigError"]
@@ -63,8 +67,8 @@ class PipelineConfig:
     workdir: str
     data: DataConfig
     base_model: BaseModelConfig
-    targets: object  # stages.stage1.Stage1Config
-    runs: list  # list[stages.train.TrainConfig]
+    targets: Stage1Config
+    runs: list[TrainConfig]
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source_file: str | None = None
