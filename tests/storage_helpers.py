@@ -74,23 +74,34 @@ def write_part(writer, part: str, seed: int, skip: tuple[int, ...] = (),
     return dict(records.values())
 
 
+def write_gaussian_cache(path: Path, s: CacheSpec, n: int) -> Path:
+    """One committed part of `n` samples whose tensors are standard-normal draws (seed 0): the
+    incompressible worst case the byte-size tests of `tec plan` measure on disk."""
+    writer = create_cache(
+        path, s, base_model={"arch": "test"}, view_policy={"seed": 0},
+        source={"kind": "webdataset", "shards": ["s0"], "num_samples": n}, parts=[("p0", n)])
+    rng = np.random.default_rng(0)
+    K, L, C, H, k_max = s.views, s.num_patches, s.channels, s.heads, s.k_max
+    part = writer.open_part("p0")
+    for slot in range(n):
+        part.write(slot, f"sample{slot:03d}", {
+            "features": rng.standard_normal((K, L, C)).astype(np.float32),
+            "feature_mean": rng.standard_normal((K, C)).astype(np.float32),
+            "feature_std": (rng.random((K, C)) + 0.5).astype(np.float32),
+            "attn_logits": rng.standard_normal((K, H, k_max + 1, L)).astype(np.float32),
+            "attn_index": np.stack([rng.permutation(L)[:k_max] for _ in range(K)]),
+            "crop": np.tile([0, 0, 30, 30], (K, 1)), "flip": np.zeros(K, bool),
+            "source_size": (30, 30), "label": 1})
+    part.commit()
+    return path
+
+
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
 
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and subprocess workers (importable by multiprocessing 'spawn' children)
-
-try:
-    import pytest
-
-    @pytest.fixture
-    def no_fsync(monkeypatch):
-        """Skip fsync (slow on this file system); atomicity against crashes does not need it."""
-        monkeypatch.setenv("TEC_CACHE_FSYNC", "0")
-except ImportError:  # pragma: no cover
-    pass
-
 
 def concurrent_writer(jobs: list[tuple[str, dict, list, str, int]]) -> None:
     """One of several processes: for each (cache path, spec, parts, part, seed) reopen the cache

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from config_helpers import ALL_CONFIGS, BASE_KWARGS, REPO, config_error, minimal_pipeline
+from storage_helpers import write_gaussian_cache
 
 from pipeline.cli import main
 from pipeline.config import load_config, parse_config
@@ -196,21 +196,7 @@ def test_bytes_per_view_matches_a_written_cache(tmp_path, codec):
     assert planned["stored"] == pytest.approx(storage.record_nbytes(spec), rel=0.005)
     assert planned["raw"] == storage.decoded_nbytes(spec)
 
-    writer = storage.create_cache(
-        tmp_path / "cache", spec, base_model={"arch": "test"}, view_policy={"seed": 0},
-        source={"kind": "webdataset", "shards": ["s0"], "num_samples": n}, parts=[("p0", n)])
-    rng = np.random.default_rng(0)
-    part = writer.open_part("p0")
-    for slot in range(n):
-        part.write(slot, f"sample{slot:03d}", {
-            "features": rng.standard_normal((K, L, C)).astype(np.float32),
-            "feature_mean": rng.standard_normal((K, C)).astype(np.float32),
-            "feature_std": (rng.random((K, C)) + 0.5).astype(np.float32),
-            "attn_logits": rng.standard_normal((K, H, k_max + 1, L)).astype(np.float32),
-            "attn_index": np.stack([rng.permutation(L)[:k_max] for _ in range(K)]),
-            "crop": np.tile([0, 0, 30, 30], (K, 1)), "flip": np.zeros(K, bool),
-            "source_size": (30, 30), "label": 1})
-    part.commit()
+    write_gaussian_cache(tmp_path / "cache", spec, n)
     on_disk = storage.inspect_cache(tmp_path / "cache")["bytes_per_view"]
     # uncompressed: the plan's tensor bytes plus a little framing (index, keys, labels)
     assert planned["stored"] <= on_disk <= 1.10 * planned["stored"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from storage_helpers import write_gaussian_cache
 
 from pipeline.config import load_config
 from pipeline.plan import bytes_per_view, make_plan
@@ -44,21 +44,7 @@ def test_a_written_vit_b_lowrank_view_takes_at_most_48_kib_on_disk(tmp_path, bac
     spec = storage.CacheSpec(num_patches=L, channels=C, heads=H, k_max=k_max, views=K,
                              codec="lowrank", backend=backend)
     planned = bytes_per_view(num_patches=L, channels=C, heads=H, k_max=k_max, codec="lowrank")
-    writer = storage.create_cache(
-        tmp_path / "cache", spec, base_model={"arch": "test"}, view_policy={"seed": 0},
-        source={"kind": "webdataset", "shards": ["s0"], "num_samples": n}, parts=[("p0", n)])
-    rng = np.random.default_rng(0)
-    part = writer.open_part("p0")
-    for slot in range(n):
-        part.write(slot, f"sample{slot:03d}", {
-            "features": rng.standard_normal((K, L, C)).astype(np.float32),
-            "feature_mean": rng.standard_normal((K, C)).astype(np.float32),
-            "feature_std": (rng.random((K, C)) + 0.5).astype(np.float32),
-            "attn_logits": rng.standard_normal((K, H, k_max + 1, L)).astype(np.float32),
-            "attn_index": np.stack([rng.permutation(L)[:k_max] for _ in range(K)]),
-            "crop": np.tile([0, 0, 30, 30], (K, 1)), "flip": np.zeros(K, bool),
-            "source_size": (30, 30), "label": 1})
-    part.commit()
+    write_gaussian_cache(tmp_path / "cache", spec, n)
     on_disk = storage.inspect_cache(tmp_path / "cache")["bytes_per_view"]
     # the planned tensor bytes, less what blosc finds in the codes (Gaussian-like values use the
     # middle levels more often), plus framing (zarr: checksums, shard index, metadata; tar headers)

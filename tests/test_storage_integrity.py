@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from storage_helpers import BASE_MODEL, new_cache, no_fsync, spec, write_part  # noqa: F401
+from storage_helpers import BASE_MODEL, new_cache, spec, write_part
 
 from storage import (
     SCHEMA_VERSION,

@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from storage_helpers import VIT_B, new_cache, no_fsync, spec, write_part  # noqa: F401
+from storage_helpers import VIT_B, new_cache, spec, write_part
 
 from storage import CacheSpec, layout, open_cache, wds_backend, zarr_backend
 from storage import cache as cache_module
