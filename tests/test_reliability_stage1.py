@@ -51,6 +51,7 @@ from reliability_helpers import (
     stage1_in_process,
     wait_until,
 )
+from stage1_helpers import DRIVER
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
 
@@ -365,21 +366,6 @@ def ray_reference(ray_session, world):
     assert summary.parts_done == N_SHARDS
     return cache_snapshot(cfg.cache)
 
-
-DRIVER = """
-import json, sys
-from stages.configs import BaseModelConfig, from_dict
-from stages.stage1 import Stage1Config, run_stage1
-cfg = from_dict(Stage1Config, json.loads(sys.argv[1]), "targets")
-base = from_dict(BaseModelConfig, json.loads(sys.argv[2]), "base_model")
-hooks = None
-if len(sys.argv) > 4:  # fault injection (tests/fault_helpers.py), JSON keyword arguments
-    sys.path.insert(0, TESTS_DIR)
-    from fault_helpers import FaultHooks
-    hooks = FaultHooks(**json.loads(sys.argv[4]))
-summary = run_stage1(cfg, base, ray_address=sys.argv[3] or None, progress=False, hooks=hooks)
-print("SUMMARY", json.dumps({"parts_done": summary.parts_done, "images": summary.images}))
-""".replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
 
 # (seed, what is killed): the random point of each kill comes from its seed
 RAY_KILLS = [(0, "driver (joined)"), (1, "driver (joined)"), (2, "driver (joined)"),
