@@ -12,7 +12,6 @@ from storage_helpers import (  # noqa: F401
     killed_writer,
     make_views,
     new_cache,
-    no_fsync,
     part_records,
     spec,
     write_part,

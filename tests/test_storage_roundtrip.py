@@ -9,7 +9,6 @@ from storage_helpers import (  # noqa: F401
     VIT_B,
     make_views,
     new_cache,
-    no_fsync,
     realistic_targets,
     rel_l2,
     spec,
