@@ -278,15 +278,13 @@ class SourceIndex:
         return index
 
     def save(self, path: str | Path, signature: list) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from storage.layout import atomic_file
+
         meta = {"version": _INDEX_VERSION, "signature": signature}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_file(Path(path), "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), files=np.array(self.files, dtype=str),
                      keys=np.array(self.keys, dtype=str), file_id=self.file, offsets=self.offsets,
                      sizes=self.sizes, labels=self.labels)
-        os.replace(tmp, path)
 
     def read_bytes(self, i: int) -> bytes:
         """The encoded image of sample ``i`` (one positional read; safe in forked workers)."""

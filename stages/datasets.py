@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from storage.layout import atomic_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IdxError", "read_idx", "fashion_mnist_to_shards"]
@@ -92,16 +94,11 @@ def _shard_is_complete(path: Path, expected_names: list[str]) -> bool:
 
 
 def _write_shard(path: Path, keys: list[str], images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, image, label in zip(keys, images, labels):
-                _add_member(tar, f"{key}.png", _png_bytes(image))
-                _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, "wb") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, image, label in zip(keys, images, labels):
+            _add_member(tar, f"{key}.png", _png_bytes(image))
+            _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
 
 
 def fashion_mnist_to_shards(

@@ -29,10 +29,8 @@ steps as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -42,6 +40,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from storage.layout import write_json_atomic
 
 from .checkpoint import Checkpointer, load_checkpoint
 from .configs import ConfigError, stable_seed, to_dict
@@ -759,7 +759,4 @@ def _write_result(out_dir: Path, summary: FinetuneSummary, cfg: FinetuneConfig,
                   model_path) -> None:
     info = {"summary": to_dict(summary), "config": to_dict(cfg),
             "model": str(model_path) if model_path is not None else None}
-    path = out_dir / "result.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(out_dir / "result.json", info, style="sorted")

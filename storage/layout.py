@@ -16,13 +16,16 @@ marker are invisible (no marker) and removed when the part is reopened.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from .objstore import Url
 from .schema import CacheError, check_part_name
@@ -101,19 +104,17 @@ def dumps_readable(obj, width: int = 100, _level: int = 0) -> str:
     return "[\n" + ",\n".join(items) + "\n" + pad + "]"
 
 
-def write_json_atomic(path: Path, obj, *, readable: bool = True) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one
-    (an object store's PUT replaces an object atomically)."""
-    if isinstance(path, Url):
-        text = dumps_readable(obj) if readable else json.dumps(obj, separators=(",", ":"))
-        path.write_text(text + "\n")
-        return
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Open a hidden temporary file beside local ``path`` for writing; on a clean exit it is
+    flushed, fsynced (unless TEC_CACHE_FSYNC=0) and renamed over ``path``, so readers see the
+    old file or the new one, never a partial one. On an error it is removed and ``path`` is left
+    as it was. The folder is created if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(dumps_readable(obj) if readable else json.dumps(obj, separators=(",", ":")))
-            f.write("\n")
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             if fsync_enabled():
                 os.fsync(f.fileno())
@@ -122,6 +123,38 @@ def write_json_atomic(path: Path, obj, *, readable: bool = True) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never a partial one
+    (:func:`atomic_file`; an object store's PUT replaces an object atomically)."""
+    if isinstance(path, Url):
+        path.write_text(text)
+        return
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+JSON_STYLES = ("readable", "compact", "sorted")
+
+
+def dumps_json(obj, style: str = "readable") -> str:
+    """``obj`` as JSON text with a final newline. style: 'readable' (:func:`dumps_readable`),
+    'compact' (no spaces), 'sorted' (indent 2, keys sorted: byte-stable for reports)."""
+    if style == "readable":
+        text = dumps_readable(obj)
+    elif style == "compact":
+        text = json.dumps(obj, separators=(",", ":"))
+    elif style == "sorted":
+        text = json.dumps(obj, indent=2, sort_keys=True)
+    else:
+        raise ValueError(f"JSON style {style!r} is not one of {', '.join(JSON_STYLES)}")
+    return text + "\n"
+
+
+def write_json_atomic(path: Path, obj, *, style: str = "readable") -> None:
+    """Write ``obj`` as JSON (:func:`dumps_json` ``style``) with :func:`write_text_atomic`."""
+    write_text_atomic(path, dumps_json(obj, style))
 
 
 def read_json(path: Path, what: str):

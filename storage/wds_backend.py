@@ -142,7 +142,7 @@ class WdsPartWriter:
     def finish(self, slots: np.ndarray, labels: np.ndarray, sizes: np.ndarray,
                samples: dict) -> dict[str, dict]:
         """Close the tars, write records.npy and samples.json; {relpath: {bytes, sha256}} of tars."""
-        write_json_atomic(self.dir / SAMPLES_FILE, samples, readable=False)
+        write_json_atomic(self.dir / SAMPLES_FILE, samples, style="compact")
         hashed = {}
         for tar in self._tars:
             tar.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker

@@ -233,37 +233,25 @@ def _record_config(cfg: Stage1Config, base: BaseModelConfig) -> None:
     base_dict = to_dict(base)
     if base_dict.get("checkpoint"):
         base_dict["checkpoint"] = _absolute(base_dict["checkpoint"])
-    from storage.objstore import Url, as_root
+    from storage import layout
+    from storage.objstore import as_root
 
     path = as_root(cfg.cache) / CONFIG_NAME
     # the source path as configured (it is part of the cache's identity), resolved from cwd
-    text = json.dumps({"targets": to_dict(cfg), "base_model": base_dict,
-                       "cwd": os.getcwd()}, indent=2, sort_keys=True) + "\n"
-    if isinstance(path, Url):  # one PUT replaces the object atomically
-        path.write_text(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    layout.write_json_atomic(path, {"targets": to_dict(cfg), "base_model": base_dict,
+                                    "cwd": os.getcwd()}, style="sorted")
 
 
 def _finish_summary(summary: Stage1Summary, cfg: Stage1Config, writer, start: float) -> None:
     """Aggregate the parts' bad-sample reports into REPORT_NAME and fill the totals."""
-    from storage import inspect_cache
-    from storage.objstore import Url, as_root
+    from storage import inspect_cache, layout
+    from storage.objstore import as_root
 
     root = as_root(cfg.cache)
     bad = _bad_samples(writer)
     report = root / REPORT_NAME
-    text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in bad)
-    if isinstance(report, Url):
-        report.write_text(text)
-    else:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        tmp = report.with_name(report.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, report)
+    layout.write_text_atomic(report, "".join(json.dumps(entry, sort_keys=True) + "\n"
+                                             for entry in bad))
     summary.skipped = len(bad)
     summary.bad_reasons = dict(collections.Counter(_reason_kind(e.get("reason")) for e in bad))
     summary.bad_samples_report = str(report)

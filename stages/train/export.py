@@ -1,14 +1,13 @@
 """Writing the timm-loadable exports of a trained model (:func:`export_checkpoint`)."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from stages.checkpoint import (
     load_checkpoint,
 )
+from storage.layout import write_json_atomic
 
 logger = logging.getLogger("stages.train")
 
@@ -51,9 +50,7 @@ def _write_export(model, out: Path, *, keep_adapters: bool, extra: dict | None =
         **(extra or {}),
     }
     info_path = out.with_name(out.name.removesuffix(".safetensors") + ".json")
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, info_path)
+    write_json_atomic(info_path, info, style="sorted")
     return {"export": str(out), "adapters": str(adapters_path(out)) if keep_adapters else None,
             "info": str(info_path)}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -13,6 +12,7 @@ import torch
 
 from stages.configs import BaseModelConfig, stable_seed, to_dict
 from stages.views import ViewPolicy
+from storage.layout import write_json_atomic
 
 from .config import TrainConfig, TrainSetupError, TrainSummary
 from .dist import DistEnv
@@ -160,7 +160,4 @@ def _write_run_info(out_dir: Path, run: TrainConfig, inputs: RunInputs, trainer:
         "device": str(trainer.device),
         "amp": str(trainer.amp_dtype),
     }
-    path = out_dir / "run.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(out_dir / "run.json", info, style="sorted")
