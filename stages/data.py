@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import posixpath
 import tarfile
 import time
 from collections.abc import Sequence
@@ -75,69 +74,36 @@ class ReplayMismatchError(DataError):
 # Source index: random access to source images
 
 
-def _split_member_name(name: str) -> tuple[str, str] | None:
-    """WebDataset convention (as stages.sources): 'dir/abc.x.JPG' -> ('dir/abc', 'x.jpg')."""
-    dirname, base = posixpath.split(name)
-    dot = base.find(".")
-    if dot <= 0 or dot == len(base) - 1:
-        return None
-    return (posixpath.join(dirname, base[:dot]) if dirname else base[:dot]), base[dot + 1:].lower()
-
-
 def _index_tar(path: str) -> tuple[list[str], list[int], list[int], list[int]]:
     """(keys, data offsets, sizes, labels) of the readable samples of one tar shard, in tar order.
 
-    Groups consecutive members sharing a key and picks the image field in the order of
-    ``stages.sources.IMAGE_EXTENSIONS``, exactly as :class:`stages.sources.WebDatasetSource`
-    does, so keys match the cache's. Repeated keys and cut members are left out (stage 1
-    reports them as bad samples).
+    The samples are :func:`stages.sources.group_tar_members`' (the grouping and image field of
+    :class:`stages.sources.WebDatasetSource`, so keys match the cache's). Repeated keys and
+    samples whose image is cut are left out (stage 1 reports them as bad samples); a cut label
+    reads as -1. A file that is not a tar raises tarfile.TarError.
     """
-    from .sources import IMAGE_EXTENSIONS, _file_size, _open_shard
+    from .sources import _file_size, _open_shard, group_tar_members
 
     keys, offsets, sizes, labels = [], [], [], []
-    seen: set[str] = set()
     with _open_shard(path) as raw:
         size = _file_size(raw)
-
-        def close(key: str | None, fields: dict) -> None:
-            if key is None or key in seen:
-                seen.add(key)
-                return
-            seen.add(key)
-            image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
-            if image is None or image.offset_data + image.size > size:
-                return
+        for group, _ in group_tar_members(raw, path, mark_damage=False, log=False):
+            if group.error is not None:  # a repeated key
+                continue
+            image = group.fields[group.image_field]
+            if image.offset_data + image.size > size:
+                continue
             label = -1
-            cls = fields.get("cls")
+            cls = group.fields.get("cls")
             if cls is not None and cls.offset_data + cls.size <= size:
                 try:
                     label = int(_pread_file(raw, cls.size, cls.offset_data).decode("ascii").strip())
                 except (UnicodeDecodeError, ValueError):
                     label = -1
-            keys.append(key)
+            keys.append(group.key)
             offsets.append(image.offset_data)
             sizes.append(image.size)
             labels.append(label)
-
-        tar = tarfile.open(fileobj=raw, mode="r:")
-        key, fields = None, {}
-        while True:
-            try:
-                member = tar.next()
-            except (tarfile.TarError, EOFError, OSError):
-                member = None
-            if member is None:
-                break
-            if not member.isreg():
-                continue
-            split = _split_member_name(member.name)
-            if split is None:
-                continue
-            if split[0] != key or split[1] in fields:
-                close(key, fields)
-                key, fields = split[0], {}
-            fields[split[1]] = member
-        close(key, fields)
     return keys, offsets, sizes, labels
 
 

@@ -25,7 +25,7 @@ import os
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ __all__ = [
     "expand_shards",
     "decode_image",
     "WebDatasetSource",
+    "TarGroup",
+    "group_tar_members",
     "ImageFolderSource",
     "open_source",
     "folder_key",
@@ -310,8 +312,9 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
 
 
 @dataclass
-class _Group:
-    """Tar members of one sample (consecutive members sharing a key)."""
+class TarGroup:
+    """Tar members of one sample (consecutive members sharing a key): fields by extension, the
+    preferred image field, and the error that makes it a bad sample (None when readable)."""
 
     key: str
     fields: dict[str, tarfile.TarInfo]
@@ -400,104 +403,144 @@ class WebDatasetSource:
             return handle.read()
 
     def _groups(self, shard: str, f, *, with_tar: bool = False, log: bool = True) -> Iterator[Any]:
-        """Walk tar headers; yield candidate _Groups (with the TarFile when with_tar).
+        """:func:`group_tar_members` of an open shard (damage marked on the samples); yields
+        the groups, or (group, TarFile) pairs when with_tar.
 
         log: report damage and skipped members (samples() does; count() stays quiet)."""
-        warn = logger.warning if log else logger.debug
-        size = _file_size(f)
-        shard_name = os.path.basename(shard)
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            hint = " (compressed shards are not supported; decompress them)" if shard_name.endswith((".gz", ".tgz")) else ""
-            group = _Group(f"{shard_name}@0", {}, f"unreadable tar shard: {_one_line(exc)}{hint}")
-            warn("shard %s: %s", shard, group.error)
-            yield (group, None) if with_tar else group
-            return
+        def pickle_warning(member: str) -> None:
+            if log and not self._warned_pickle:
+                logger.warning("shard %s: ignoring member %s; pickle-based fields are never loaded",
+                               shard, member)
+                self._warned_pickle = True
 
-        seen: set[str] = set()
-        current: _Group | None = None
-        skipped_no_image = 0
+        for group, tar in group_tar_members(f, shard, image_extensions=self.image_extensions,
+                                            mark_damage=True, log=log, on_pickle=pickle_warning):
+            yield (group, tar) if with_tar else group
 
-        def close(group: _Group | None) -> _Group | None:
-            nonlocal skipped_no_image
-            if group is None:
-                return None
-            group.image_field = next((e for e in self.image_extensions if e in group.fields), None)
-            duplicate = group.key in seen
-            seen.add(group.key)
-            if group.error is None and group.image_field is None:
-                skipped_no_image += 1
-                return None
-            if duplicate and group.error is None:
-                group.error = "duplicate key (an earlier sample of this shard has the same key)"
-            return group
 
-        with tar:
-            end_offset = 0
-            tail_error: str | None = None
-            while True:
-                try:
-                    member = tar.next()
-                except (tarfile.TarError, EOFError, OSError):
-                    member = None  # read past the end of a cut member, or a corrupt header: see below
-                if member is None:
-                    tail_error = self._tail_error(f, size, end_offset)
-                    break
-                end_offset = member.offset_data + member.size
-                cut = None
-                if end_offset > size:
-                    have = max(0, size - member.offset_data)
-                    cut = f"truncated tar shard: member {member.name} cut at {have} of {member.size} bytes"
-                split = _split_member_name(member.name) if member.isreg() else None
-                if split is not None and split[1].rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
-                    if log and not self._warned_pickle:
-                        logger.warning(
-                            "shard %s: ignoring member %s; pickle-based fields are never loaded", shard, member.name
-                        )
-                        self._warned_pickle = True
-                    split = None
-                if split is None:
-                    if cut is not None:
-                        tail_error = cut
-                        break
-                    continue
-                key, ext = split
-                if current is None or key != current.key or ext in current.fields:
-                    done = close(current)
-                    if done is not None:
-                        yield (done, tar) if with_tar else done
-                    current = _Group(key, {})
-                current.fields[ext] = member
+def group_tar_members(f, shard: str, *, image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                      mark_damage: bool = True, log: bool = True,
+                      on_pickle: Callable[[str], None] | None = None,
+                      ) -> Iterator[tuple[TarGroup, tarfile.TarFile | None]]:
+    """The samples of an open tar shard ``f`` (``shard``: its name, for messages): consecutive
+    regular members sharing a key, from the tar headers only. Yields (TarGroup, TarFile) in tar
+    order; the one grouping of stage 1's :class:`WebDatasetSource` and stage 2's source index.
+
+    A sample without an image field (``image_extensions``, in order of preference) is skipped
+    unless it carries an error; a key seen earlier in the shard (or a field repeated within a
+    sample) gets error 'duplicate key'. Pickle fields (.pth, .pkl, .pickle, .pyd) are passed
+    over (``on_pickle(member name)`` is called for each). Damage ends the walk; what it does to
+    the samples is ``mark_damage``:
+
+    - True: a file that is not a tar is one error sample ``<name>@0`` 'unreadable tar shard'
+      (TarFile None); the sample at a cut member, or the last one before a cut or corrupt header
+      or a missing end-of-archive marker (it may have lost fields), carries 'truncated tar
+      shard: ...'.
+    - False: a file that is not a tar raises tarfile.TarError; the samples keep the members they
+      have, a cut member included: the caller checks byte ranges against the file size.
+
+    log: warn about damage and skipped samples (else they go to the debug log).
+    """
+    warn = logger.warning if log else logger.debug
+    size = _file_size(f)
+    shard_name = os.path.basename(shard)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if not mark_damage:
+            raise
+        hint = (" (compressed shards are not supported; decompress them)"
+                if shard_name.endswith((".gz", ".tgz")) else "")
+        group = TarGroup(f"{shard_name}@0", {}, f"unreadable tar shard: {_one_line(exc)}{hint}")
+        warn("shard %s: %s", shard, group.error)
+        yield group, None
+        return
+
+    seen: set[str] = set()
+    current: TarGroup | None = None
+    skipped_no_image = 0
+
+    def close(group: TarGroup | None) -> TarGroup | None:
+        nonlocal skipped_no_image
+        if group is None:
+            return None
+        group.image_field = next((e for e in image_extensions if e in group.fields), None)
+        duplicate = group.key in seen
+        seen.add(group.key)
+        if group.error is None and group.image_field is None:
+            skipped_no_image += 1
+            return None
+        if duplicate and group.error is None:
+            group.error = "duplicate key (an earlier sample of this shard has the same key)"
+        return group
+
+    with tar:
+        end_offset = 0
+        tail_error: str | None = None
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, EOFError, OSError):
+                member = None  # read past the end of a cut member, or a corrupt header: see below
+            if member is None:
+                if mark_damage:
+                    tail_error = _tail_error(f, size, end_offset)
+                break
+            end_offset = member.offset_data + member.size
+            cut = None
+            if end_offset > size:
+                have = max(0, size - member.offset_data)
+                cut = (f"truncated tar shard: member {member.name} cut at {have} of "
+                       f"{member.size} bytes")
+            split = _split_member_name(member.name) if member.isreg() else None
+            if split is not None and split[1].rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
+                if on_pickle is not None:
+                    on_pickle(member.name)
+                split = None
+            if split is None:
                 if cut is not None:
+                    tail_error = cut
+                    break
+                continue
+            key, ext = split
+            if current is None or key != current.key or ext in current.fields:
+                done = close(current)
+                if done is not None:
+                    yield done, tar
+                current = TarGroup(key, {})
+            current.fields[ext] = member
+            if cut is not None:
+                if mark_damage:
                     current.error = cut  # the whole sample is lost; nothing after it is readable
                     warn("shard %s: %s", shard, cut)
-                    break
-            if tail_error is not None:
-                # The sample before the damage may have lost members (its label, say): it is
-                # reported with the damage instead of being passed on incomplete.
-                warn("shard %s: %s", shard, tail_error)
-                if current is None:
-                    current = _Group(f"{shard_name}@{end_offset}", {})
-                current.error = current.error or tail_error
-            done = close(current)
-            if done is not None:
-                yield (done, tar) if with_tar else done
-        if skipped_no_image and log:
-            logger.info("shard %s: %d sample(s) without an image field skipped", shard, skipped_no_image)
+                break
+        if tail_error is not None and mark_damage:
+            # The sample before the damage may have lost members (its label, say): it is
+            # reported with the damage instead of being passed on incomplete.
+            warn("shard %s: %s", shard, tail_error)
+            if current is None:
+                current = TarGroup(f"{shard_name}@{end_offset}", {})
+            current.error = current.error or tail_error
+        done = close(current)
+        if done is not None:
+            yield done, tar
+    if skipped_no_image and log:
+        logger.info("shard %s: %d sample(s) without an image field skipped", shard,
+                    skipped_no_image)
 
-    @staticmethod
-    def _tail_error(f, size: int, end_offset: int) -> str | None:
-        """An error unless the last complete member is followed by the end-of-archive marker."""
-        header_at = (end_offset + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
-        if header_at >= size:
-            # Every tar writer ends the archive with zero blocks; without them, members may be lost.
-            return f"truncated tar shard: no end-of-archive marker after byte {min(end_offset, size)} of {size}"
-        f.seek(header_at)
-        block = f.read(tarfile.BLOCKSIZE)
-        if block.count(0) == len(block):
-            return None  # the end-of-archive marker
-        return f"truncated tar shard: cut or corrupt tar header at byte {header_at} of {size}"
+
+def _tail_error(f, size: int, end_offset: int) -> str | None:
+    """An error unless the last complete member is followed by the end-of-archive marker."""
+    header_at = (end_offset + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+    if header_at >= size:
+        # Every tar writer ends the archive with zero blocks; without them, members may be lost.
+        return (f"truncated tar shard: no end-of-archive marker after byte "
+                f"{min(end_offset, size)} of {size}")
+    f.seek(header_at)
+    block = f.read(tarfile.BLOCKSIZE)
+    if block.count(0) == len(block):
+        return None  # the end-of-archive marker
+    return f"truncated tar shard: cut or corrupt tar header at byte {header_at} of {size}"
 
 
 # ----------------------------------------------------------------------------- image folders

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from image_helpers import make_bad_shard, make_shards
+from image_helpers import encode, make_bad_shard, make_shards, smooth_image, write_tar
 
 from stages.data import DataError, PlanSampler, SamplePlan, SourceIndex, mask_noise
 from stages.sources import WebDatasetSource
@@ -29,6 +29,35 @@ def test_source_index_matches_the_webdataset_source(tmp_path):
     make_shards(tmp_path / "src", n_shards=1, per_shard=3, seed=5)
     changed = SourceIndex.load_or_build("webdataset", shards, tmp_path / "index.npz")
     assert len(changed) == len(index) - 2
+
+
+def test_source_index_groups_tar_members_as_the_source_and_keeps_what_it_can_read(tmp_path):
+    jpg = encode(smooth_image(np.random.default_rng(5), 16, 16), "JPEG")
+    # x.pth stands alone: pickle fields are passed over, so the later x.jpg is not a repeat
+    members = [("a.jpg", jpg), ("a.cls", b"1"), ("x.pth", b"p"), ("b.jpg", jpg), ("b.cls", b"2"),
+               ("x.jpg", jpg), ("x.cls", b"3"), ("a.jpg", jpg), ("c.jpg", jpg), ("c.cls", b"4")]
+    infos = {f"{i}:{m.name}": m for i, m in enumerate(write_tar(tmp_path / "s.tar", members))}
+    path = str(tmp_path / "s.tar")
+    source = WebDatasetSource(path)
+    index = SourceIndex.build("webdataset", [path])
+    assert index.keys == ["a", "b", "x", "c"] == [s.key for s in source.samples(path)
+                                                  if s.error is None]
+    assert index.labels.tolist() == [1, 2, 3, 4]
+    # cut inside c.cls's header: the source reports c (it may have lost its label); the index
+    # keeps c's complete image, label unknown, and training finds it missing from the cache
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(data[: infos["9:c.cls"].offset + 100])
+    assert [(s.key, s.error is None) for s in source.samples(path)][-2:] == [("a", False),
+                                                                            ("c", False)]
+    index = SourceIndex.build("webdataset", [path])
+    assert index.keys == ["a", "b", "x", "c"] and index.labels.tolist() == [1, 2, 3, -1]
+    assert index.read_bytes(3) == jpg
+    # cut inside c.jpg's data: c's image is lost for both
+    (tmp_path / "s.tar").write_bytes(data[: infos["8:c.jpg"].offset_data + 10])
+    assert SourceIndex.build("webdataset", [path]).keys == ["a", "b", "x"]
+    (tmp_path / "s.tar").write_bytes(b"not a tar archive " * 64)
+    with pytest.raises(DataError, match="cannot be read as an uncompressed tar"):
+        SourceIndex.build("webdataset", [path])
 
 
 def _plan(n=40, **kw):
