@@ -23,7 +23,6 @@ Pieces, each small and separately testable:
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import json
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from storage.util import LruCache
 
 from .configs import stable_seed
 from .views import View, ViewPolicy, render_view, view_params
@@ -181,8 +182,7 @@ class SourceIndex:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._pid = os.getpid()
+        self._fds: LruCache[int, int] = LruCache(self._MAX_OPEN, os.close)  # per process
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -254,8 +254,6 @@ class SourceIndex:
 
     def read_bytes(self, i: int) -> bytes:
         """The encoded image of sample ``i`` (one positional read; safe in forked workers)."""
-        if self._pid != os.getpid():  # descriptors inherited through fork: open our own
-            self._fds, self._pid = collections.OrderedDict(), os.getpid()
         f = int(self.file[i])
         if _is_url(self.files[f]):  # an object: one ranged GET
             from storage.objstore import Url
@@ -267,11 +265,7 @@ class SourceIndex:
             return data
         fd = self._fds.get(f)
         if fd is None:
-            if len(self._fds) >= self._MAX_OPEN:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[f] = os.open(self.files[f], os.O_RDONLY)
-        else:
-            self._fds.move_to_end(f)
+            fd = self._fds.put(f, os.open(self.files[f], os.O_RDONLY))
         size = int(self.sizes[i])
         data = os.pread(fd, size, int(self.offsets[i]))
         if len(data) != size:
@@ -280,17 +274,7 @@ class SourceIndex:
         return data
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = collections.OrderedDict()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fds"] = collections.OrderedDict()
-        return state
+        self._fds.clear()
 
 
 # ---------------------------------------------------------------------------------------------

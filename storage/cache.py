@@ -9,8 +9,6 @@ import hashlib
 import logging
 import os
 import socket
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +32,7 @@ from .schema import (
     manifest_section_digests,
     stored_fields,
 )
+from .util import LruCache
 from .wds_backend import SAMPLES_FILE as WDS_SAMPLES_FILE
 from .wds_backend import WdsPartReader, WdsPartWriter
 from .zarr_backend import ZarrPartReader, ZarrPartWriter
@@ -488,20 +487,23 @@ class PartWriter:
 # =============================================================================================
 # reading
 
+def _close_handle(entry: tuple) -> None:
+    handle, _ = entry
+    if not isinstance(handle, Url):
+        os.close(handle)
+
+
 class _FdCache:
-    """Open read-only descriptors by path (LRU); size checked against the commit marker once."""
+    """Open read-only descriptors by path (an LruCache); size checked against the commit marker
+    once. An object's entry is its Url (ranged reads, nothing to close)."""
 
     def __init__(self, limit: int):
-        self.limit = limit
-        self._fds: OrderedDict[Path, tuple[int, int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._open: LruCache[Path, tuple] = LruCache(limit, _close_handle)
 
     def get(self, path: Path, expected: int | None, fail, rel: str) -> tuple[int, int]:
-        with self._lock:
-            hit = self._fds.get(path)
-            if hit is not None:
-                self._fds.move_to_end(path)
-                return hit
+        hit = self._open.get(path)
+        if hit is not None:
+            return hit
         if is_url(path):  # an object: no descriptor, ranged reads of the Url (layout.pread)
             url = Url(path)
             if expected is None:
@@ -512,9 +514,7 @@ class _FdCache:
                 raise fail(f"{rel} cannot be opened (no such object)") from None
             if size != expected:
                 raise fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
-            with self._lock:
-                self._fds[path] = (url, size)
-            return url, size
+            return self._open.put(path, (url, size))
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -526,24 +526,10 @@ class _FdCache:
         if size != expected:
             os.close(fd)
             raise fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
-        with self._lock:
-            self._fds[path] = (fd, size)
-            while len(self._fds) > self.limit:
-                _, (old, _) = self._fds.popitem(last=False)
-                if not isinstance(old, Url):
-                    os.close(old)
-        return fd, size
+        return self._open.put(path, (fd, size))
 
     def close(self) -> None:
-        with self._lock:
-            for fd, _ in self._fds.values():
-                if isinstance(fd, Url):
-                    continue
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
+        self._open.clear()
 
 
 def open_cache(path: str | Path, *, require_complete: bool = True,
@@ -715,12 +701,11 @@ class CacheReader:
     def _reset_handles(self) -> None:
         self._pid = os.getpid()
         self._fds = _FdCache(self._limits[0])
-        self._readers: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
+        self._readers: LruCache[str, object] = LruCache(self._limits[1])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for k in ("_fds", "_readers", "_lock", "_pid"):
+        for k in ("_fds", "_readers", "_pid"):
             state.pop(k, None)
         return state
 
@@ -838,11 +823,9 @@ class CacheReader:
         if os.getpid() != self._pid:
             self._reset_handles()
         part = self.parts[p]
-        with self._lock:
-            r = self._readers.get(part)
-            if r is not None:
-                self._readers.move_to_end(part)
-                return r
+        r = self._readers.get(part)
+        if r is not None:
+            return r
         marker = self._markers[part]
         directory = layout.part_dir(self.root, part)
         files = marker.get("files", {})
@@ -852,11 +835,7 @@ class CacheReader:
         else:
             r = WdsPartReader(directory, self._base_spec, part, len(self._part_slots[p]), files, self._fds,
                               str(self.root))
-        with self._lock:
-            self._readers[part] = r
-            while len(self._readers) > self._limits[1]:
-                self._readers.popitem(last=False)
-        return r
+        return self._readers.put(part, r)
 
     def _check_view(self, view: int) -> int:
         if not isinstance(view, (int, np.integer)) or not 0 <= view < self.spec.views:
