@@ -46,7 +46,7 @@ from storage.layout import write_json_atomic
 from .checkpoint import Checkpointer, load_checkpoint
 from .configs import ConfigError, stable_seed, to_dict
 from .data import PlanSampler, SamplePlan, SourceIndex, index_digest
-from .metrics import MetricsLogger, ProgressBar, Throughput, WindowMean
+from .metrics import StepLog
 
 logger = logging.getLogger(__name__)
 
@@ -623,11 +623,9 @@ class Finetuner:
     def fit(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.maybe_resume()
-        metrics = MetricsLogger(self.out_dir / "logs", enabled=dist.is_main,
-                                resume_step=self.resumed_from)
-        bar = ProgressBar(self.stop_step, self.global_step, enabled=self.progress,
-                          desc=f"finetune {self.name}")
-        throughput, window = Throughput(), WindowMean()
+        log = StepLog(self, total_steps=self.stop_step, log_every=cfg.log_every,
+                      checkpoint_every=cfg.checkpoint_every, progress=self.progress,
+                      desc=f"finetune {self.name}")
         self.model.train()
         try:
             while self.global_step < self.stop_step:
@@ -636,32 +634,14 @@ class Finetuner:
                 while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.stop_step:
                     micro = [next(batches) for _ in range(cfg.accum_steps)]
                     loss = self.train_step(micro)
-                    throughput.add(sum(int(m[0].shape[0]) for m in micro) * dist.world_size)
-                    window.add({"loss": loss})
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    end_of_epoch = self.step_in_epoch == self.steps_per_epoch
-                    if end_of_epoch:
-                        self.epoch += 1
-                        self.step_in_epoch = 0
-                    bar.update(1, loss=loss, lr=self.lr,
-                               samples_s=f"{throughput.overall_rate():.1f}")
-                    done = self.global_step >= self.stop_step
-                    if self.global_step % cfg.log_every == 0 or done:
-                        values = window.pop()
-                        self.final_loss = values.get("loss")
-                        values.update(lr=self.lr, samples_per_s=throughput.window_rate(),
-                                      epoch=self.global_step / self.steps_per_epoch)
-                        metrics.log(self.global_step, values)
-                    if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0) \
-                            or end_of_epoch or done:
-                        self.save_checkpoint()
-                    if end_of_epoch:
-                        break
+                    if log.after_step({"loss": loss},
+                                      sum(int(m[0].shape[0]) for m in micro) * dist.world_size):
+                        break  # end of the epoch
                 del batches
         finally:
-            bar.close()
-            metrics.close()
+            log.close()
+            if log.means:
+                self.final_loss = log.means.get("loss")
             self.loader = None  # shuts persistent workers down
 
     @torch.no_grad()

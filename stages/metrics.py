@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoaderMeter", "MetricsLogger", "ProgressBar", "Throughput", "WindowMean"]
+__all__ = ["LoaderMeter", "MetricsLogger", "ProgressBar", "StepLog", "Throughput", "WindowMean"]
 
 
 class WindowMean:
@@ -177,3 +179,62 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class StepLog:
+    """What a training loop (stage 2's Trainer, fine-tuning's runner) does after each optimizer
+    step: advance the loop's position, move the progress bar, write the window's mean losses
+    with lr, samples/s and epoch (and ``extra()``) every ``log_every`` steps and at the last
+    one, and checkpoint every ``checkpoint_every`` steps (0: only at epoch ends), at each
+    epoch's end and at the last step.
+
+    ``loop`` has ``global_step``, ``epoch``, ``step_in_epoch``, ``steps_per_epoch``, ``lr``,
+    ``save_checkpoint()``, ``out_dir`` (logs go to ``out_dir/logs``), ``resumed_from`` and
+    ``dist.is_main`` (only the main rank logs). :meth:`close` closes the bar and the logs.
+    """
+
+    def __init__(self, loop: Any, *, total_steps: int, log_every: int, checkpoint_every: int,
+                 progress: bool, desc: str, window: WindowMean | None = None):
+        self.loop = loop
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self.metrics = MetricsLogger(Path(loop.out_dir) / "logs", enabled=loop.dist.is_main,
+                                     resume_step=loop.resumed_from)
+        self.bar = ProgressBar(total_steps, loop.global_step, enabled=progress, desc=desc)
+        self.throughput = Throughput()
+        self.window = window if window is not None else WindowMean()
+        self.means: dict[str, float] = {}  # the window means logged last ({} before any)
+
+    def after_step(self, losses: dict[str, float], samples: int,
+                   extra: Callable[[], dict[str, float]] | None = None) -> bool:
+        """Book one optimizer step that trained ``samples`` samples (all ranks) with ``losses``
+        (a 'loss' entry for the bar); returns whether it ended an epoch."""
+        loop = self.loop
+        self.throughput.add(samples)
+        self.window.add(losses)
+        loop.global_step += 1
+        loop.step_in_epoch += 1
+        end_of_epoch = loop.step_in_epoch == loop.steps_per_epoch
+        if end_of_epoch:
+            loop.epoch += 1
+            loop.step_in_epoch = 0
+        self.bar.update(1, loss=losses["loss"], lr=loop.lr,
+                        samples_s=f"{self.throughput.overall_rate():.1f}")
+        done = loop.global_step >= self.total_steps
+        if loop.global_step % self.log_every == 0 or done:
+            values = self.window.pop()
+            self.means = dict(values)
+            values.update(lr=loop.lr, samples_per_s=self.throughput.window_rate(),
+                          epoch=loop.global_step / loop.steps_per_epoch)
+            if extra is not None:
+                values.update(extra())
+            self.metrics.log(loop.global_step, values)
+        if (self.checkpoint_every and loop.global_step % self.checkpoint_every == 0) \
+                or end_of_epoch or done:
+            loop.save_checkpoint()
+        return end_of_epoch
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()

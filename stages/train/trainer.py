@@ -30,13 +30,7 @@ from stages.data import (
     TrainDataset,
 )
 from stages.loader import BatchedTrainDataset, loader_settings, passthrough
-from stages.metrics import (
-    LoaderMeter,
-    MetricsLogger,
-    ProgressBar,
-    Throughput,
-    WindowMean,
-)
+from stages.metrics import LoaderMeter, StepLog, WindowMean
 from stages.optim import LRSchedule, build_optimizer, scaled_lr
 
 from .config import (
@@ -321,12 +315,9 @@ class Trainer:
     def fit(self) -> TrainSummary:
         run, dist = self.run, self.dist
         self.maybe_resume()
-        metrics = MetricsLogger(self.out_dir / "logs", enabled=dist.is_main,
-                                resume_step=self.resumed_from)
-        bar = ProgressBar(self.total_steps, self.global_step, enabled=self.progress,
-                          desc=run.name)
-        throughput = Throughput()
-        window_wait = 0.0
+        log = StepLog(self, total_steps=self.total_steps, log_every=run.log_every,
+                      checkpoint_every=run.checkpoint_every, progress=self.progress,
+                      desc=run.name, window=self.window)
         start = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
@@ -340,48 +331,33 @@ class Trainer:
                     except ValueError as exc:  # worker errors arrive with a traceback appended
                         raise type(exc)(_worker_error_line(exc)) from None
                     wait = time.perf_counter() - t0
-                    window_wait += wait
                     self.loader_meter.add(sum(len(b) + len(b.skipped) for b in micro),
                                           sum(b.load_seconds for b in micro), wait)
                     if self.on_batches is not None:
                         self.on_batches(self, micro)
                     losses = self.train_step(micro)
-                    step_samples = sum(len(b) for b in micro) * dist.world_size
-                    throughput.add(step_samples)
-                    self.window.add(losses)
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    end_of_epoch = self.step_in_epoch == self.steps_per_epoch
-                    if end_of_epoch:
-                        self.epoch += 1
-                        self.step_in_epoch = 0
-                    bar.update(1, loss=losses["loss"], lr=self.lr,
-                               samples_s=f"{throughput.overall_rate():.1f}")
-                    done = self.global_step >= self.total_steps
-                    if self.global_step % run.log_every == 0 or done:
-                        values = self.window.pop()
-                        self.final_losses = dict(values)
-                        elapsed_rate = throughput.window_rate()
-                        values.update(lr=self.lr, samples_per_s=elapsed_rate,
-                                      epoch=self.global_step / self.steps_per_epoch)
-                        if self.plan.fallback.any():  # records missing from the cache
-                            values["fallback_online"] = self.counters.fallback
-                        capacity = self.loader_meter.capacity()
-                        if capacity is not None:
-                            values["loader_samples_per_s"] = capacity * dist.world_size
-                        metrics.log(self.global_step, values)
-                    if (run.checkpoint_every and self.global_step % run.checkpoint_every == 0) \
-                            or end_of_epoch or done:
-                        self.save_checkpoint()
-                    if end_of_epoch:
-                        break
+                    if log.after_step(losses, sum(len(b) for b in micro) * dist.world_size,
+                                      self._log_extra):
+                        break  # end of the epoch
                 del batches
         finally:
-            bar.close()
-            metrics.close()
+            log.close()
+            if log.means:
+                self.final_losses = log.means
             self.loader = None  # shuts persistent loader workers down (fit runs once)
         seconds = time.perf_counter() - start
         return self._summary(seconds)
+
+    def _log_extra(self) -> dict[str, float]:
+        """Logged beside the losses: online fallbacks (when records are missing from the cache)
+        and the loader's capacity in samples/s (all ranks)."""
+        values = {}
+        if self.plan.fallback.any():
+            values["fallback_online"] = self.counters.fallback
+        capacity = self.loader_meter.capacity()
+        if capacity is not None:
+            values["loader_samples_per_s"] = capacity * self.dist.world_size
+        return values
 
     def _summary(self, seconds: float) -> TrainSummary:
         dist = self.dist
