@@ -116,7 +116,7 @@ def write_cache(root: Path, shards: list[str], geo: dict, codec: str, pixels: st
     """A cache as stage 1 writes it (same writer, same view policy and pixel function), with
     synthetic ViT-shaped targets (16 distinct records, reused)."""
     from stages.sources import decode_image, open_source
-    from stages.stage1 import _stored_view_pixels, part_names
+    from stages.stage1 import part_names, stored_view_pixels
     from stages.views import ViewPolicy, render_views, view_params, views_to_arrays
     from storage import CacheSpec, create_cache
     from storage.synthetic import realistic_targets
@@ -150,7 +150,7 @@ def write_cache(root: Path, shards: list[str], geo: dict, codec: str, pixels: st
                 rec.update(crop=crop, flip=flip, source_size=(h, w), label=int(sample.label))
                 if pixels != "none":
                     rendered = render_views(image, views, geo["size"], policy.interpolation)
-                    rec["pixels"], _ = _stored_view_pixels(rendered, pixels, spec.pixels_quality)
+                    rec["pixels"], _ = stored_view_pixels(rendered, pixels, spec.pixels_quality)
                 pw.write(slot, sample.key, rec)
                 n += 1
             pw.commit()
@@ -309,27 +309,11 @@ def io_amplification(tmp: Path, shards: list[str], geo: dict, n_samples: int) ->
         with ByteCounter() as counter:
             fresh.read_batch(s, v, fields, pixels=True)
         if backend == "zarr":
-            # compressed chunk bytes of the used fields, from the shard indexes
-            for name in fields:
-                sizes = []
-                for p in range(len(fresh.parts)):
-                    idx = fresh._part_reader(p).load_index(name)
-                    sizes.append(idx[:, :, 1].astype(np.int64) - 4)
-                for i, view in zip(s, v):
-                    p, local = fresh._locate(int(i))
-                    used += int(sizes[p][int(fresh._part_slots[p][local]), int(view)])
+            # compressed chunk bytes of the used fields (the pixels are counted above)
+            used += sum(fresh.stored_nbytes(int(i), int(view), fields) for i, view in zip(s, v))
         else:
             # the record's member payloads (all of them are used); tar headers and padding not
-            from storage.wds_backend import iter_tar_members, view_tar_name
-
-            used = 0
-            for i, view in zip(s, v):
-                p, local = fresh._locate(int(i))
-                part = fresh._part_reader(p)
-                offset, n, _ = (int(x) for x in part.records[local, int(view)])
-                with open(part.dir / view_tar_name(int(view)), "rb") as f:
-                    f.seek(offset)
-                    used += sum(len(body) for _, body in iter_tar_members(f.read(n)))
+            used = sum(fresh.stored_nbytes(int(i), int(view)) for i, view in zip(s, v))
         disk = sum(f.stat().st_size for f in Path(cache, "parts").rglob("*") if f.is_file())
         out[backend] = {"random_access_bytes_read": counter.bytes, "bytes_used": used,
                         "random_access_amplification": counter.bytes / used,

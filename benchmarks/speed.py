@@ -288,10 +288,10 @@ def actor_plan(cfg) -> dict:
     """How stage 1 will spread over this machine (actors, threads per actor, shard tasks)."""
     from common import usable_cores
 
-    from stages.stage1 import _plan  # the plan run_stage1 itself uses
+    from stages.stage1 import plan_actors  # the plan run_stage1 itself uses
 
     cpus = cfg.targets.ray.num_cpus or usable_cores()
-    plan = _plan(cfg.targets, {"CPU": cpus, "GPU": 0})
+    plan = plan_actors(cfg.targets, {"CPU": cpus, "GPU": 0})
     return {"cpus": cpus, "num_actors": plan.num_actors, "threads_per_actor": plan.threads,
             "actor_options": plan.actor_options, "concurrent_shards": plan.concurrent}
 

@@ -870,6 +870,32 @@ class CacheReader:
         rec["source_size"] = self._sizes[i].copy()
         return rec
 
+    def stored_nbytes(self, sample_index: int, view: int, fields: Iterable[str] | None = None
+                      ) -> int:
+        """Bytes of record (sample_index, view) as stored on disk (compressed) that a read of
+        ``fields`` (stored field names, 'pixels' for the view image; default: all) uses, without
+        the container's framing (shard indexes and chunk checksums, tar headers and padding):
+        zarr reads one chunk per field, webdataset the whole record whatever ``fields`` says.
+        ValueError for a field the cache does not store."""
+        p, local = self._locate(sample_index)
+        if fields is not None:
+            fields = list(fields)
+            known = [*stored_fields(self.spec), *(["pixels"] if self.spec.pixels != "none" else [])]
+            unknown = [name for name in fields if name not in known]
+            if unknown:
+                raise ValueError(f"{', '.join(map(repr, unknown))}: not stored in cache "
+                                 f"{self.root} (it stores {', '.join(known)})")
+        return self._stored_nbytes(p, local, self._check_view(view), fields)
+
+    def _stored_nbytes(self, p: int, local: int, view: int, fields: list[str] | None) -> int:
+        if view >= self._base_spec.views:  # a view added by `tec cache extend --views`
+            start, layer = self._layer_of(view)
+            return layer._stored_nbytes(p, local, view - start, fields)
+        reader = self._part_reader(p)
+        if self.spec.backend == "zarr":
+            return reader.stored_nbytes(int(self._part_slots[p][local]), view, fields)
+        return reader.stored_nbytes(local, view)
+
     def read(self, sample_index: int, view: int, *, decode: bool = True) -> dict:
         """One (sample, view) record.
 

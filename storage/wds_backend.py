@@ -274,8 +274,8 @@ class WdsPartReader:
         return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
                           f"and rewrite the part with `tec cache repair {self._label}`")
 
-    def read_view(self, index: int, view: int) -> dict[str, np.ndarray]:
-        """Stored arrays of the part's index-th valid sample, view `view`."""
+    def _record_bytes(self, index: int, view: int) -> bytes:
+        """The tar blocks of the part's index-th valid sample, view `view`, crc-checked."""
         rel = view_tar_name(view)
         offset, n, crc = (int(x) for x in self.records[index, view])
         fd, size = self._fds.get(str(self.dir / rel), self._files.get(rel, {}).get("bytes"), self._fail, rel)
@@ -286,6 +286,21 @@ class WdsPartReader:
             raise self._fail(f"{rel}: short read at {offset} (file truncated)")
         if zlib.crc32(data) != crc:
             raise self._fail(f"{rel}: record {index} view {view} is damaged (checksum mismatch)")
+        return data
+
+    def stored_nbytes(self, index: int, view: int) -> int:
+        """Bytes of the member payloads of the part's index-th valid sample, view `view` (every
+        field: a read takes the whole record), without tar headers and padding."""
+        try:
+            return sum(len(body) for _, body in iter_tar_members(self._record_bytes(index, view)))
+        except ValueError as e:
+            raise self._fail(f"{view_tar_name(view)}: record {index} view {view} does not parse "
+                             f"({e})") from None
+
+    def read_view(self, index: int, view: int) -> dict[str, np.ndarray]:
+        """Stored arrays of the part's index-th valid sample, view `view`."""
+        rel = view_tar_name(view)
+        data = self._record_bytes(index, view)
         try:
             members = {name.split(".", 1)[1]: body for name, body in iter_tar_members(data)}
             stored, _ = members_to_stored(members, self._idx_dtype)

@@ -267,9 +267,8 @@ class ZarrPartReader:
                 self.read_chunk("pixels", slot, view, use_index_cache=use_index_cache)[:-4], np.uint8)
         return out
 
-    def read_chunk(self, name: str, slot: int, view: int, *, use_index_cache: bool = False) -> bytes:
-        """The stored chunk of record (slot, view) of one field (or 'pixels'), its crc32c checked;
-        the 4 checksum bytes are left at the end."""
+    def _chunk_range(self, name: str, slot: int, view: int, use_index_cache: bool) -> tuple[int, int]:
+        """(offset, nbytes with the 4 checksum bytes) of record (slot, view)'s chunk of a field."""
         if use_index_cache:
             offset, n = self.load_index(name)[slot, view].tolist()
         else:
@@ -278,6 +277,19 @@ class ZarrPartReader:
         if offset == _EMPTY or n < 4:
             raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is missing "
                              f"from the shard")
+        return offset, n
+
+    def stored_nbytes(self, slot: int, view: int, fields: list[str] | None = None) -> int:
+        """Bytes of record (slot, view)'s stored chunks of ``fields`` (default: every field and
+        the pixels), compressed as on disk, without their checksums; nothing but the shard
+        indexes is read."""
+        names = list(self._shards) if fields is None else fields
+        return sum(self._chunk_range(n, slot, view, True)[1] - 4 for n in names)
+
+    def read_chunk(self, name: str, slot: int, view: int, *, use_index_cache: bool = False) -> bytes:
+        """The stored chunk of record (slot, view) of one field (or 'pixels'), its crc32c checked;
+        the 4 checksum bytes are left at the end."""
+        offset, n = self._chunk_range(name, slot, view, use_index_cache)
         data = self._pread(name, n, offset)
         if google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
             raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is damaged "

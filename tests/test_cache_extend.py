@@ -107,6 +107,20 @@ def test_a_view_layer_serves_views_k_and_up_by_every_read_path(tmp_path, backend
     assert verify_cache(tmp_path / "s4") == [] and verify_cache(tmp_path / "t") == []
 
 
+@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+def test_stored_nbytes_of_a_view_k_and_up_is_the_layers(tmp_path, backend):
+    layer_root = _with_layer(tmp_path / "c", backend)
+    reader, layer = open_cache(tmp_path / "c"), open_cache(layer_root)
+    old = open_cache(tmp_path / "c", views=3)
+    sizes = set()
+    for i in range(reader.num_samples):
+        for v in (3, 4):
+            sizes.add(reader.stored_nbytes(i, v))
+            assert reader.stored_nbytes(i, v) == layer.stored_nbytes(i, v - 3) > 0
+        assert reader.stored_nbytes(i, 2, ["features"]) == old.stored_nbytes(i, 2, ["features"])
+    assert len(sizes) > 1  # compressed records differ: equal sizes mean the same records
+
+
 def records(path, views: int | None = None) -> dict:
     """{(key, view): record} of every view the reader shows (stored dtypes)."""
     cache = open_cache(path, views=views)

@@ -94,22 +94,40 @@ def test_an_unreachable_ray_address_fails_fast_with_one_line():
 
 
 def test_plan_gives_actors_a_gpu_each_or_most_cpu_threads():
-    from stages.stage1 import _plan
+    from stages.stage1 import plan_actors
 
     cfg = make_cfg(Path("x"), Path("c"))
-    gpu = _plan(cfg, {"CPU": 16, "GPU": 4})
+    gpu = plan_actors(cfg, {"CPU": 16, "GPU": 4})
     assert (gpu.num_actors, gpu.actor_options, gpu.concurrent) == \
         (4, {"num_gpus": 1, "num_cpus": 1}, 12)
-    small = _plan(cfg, {"CPU": 2})  # this machine: one actor thread, one decoding task
+    small = plan_actors(cfg, {"CPU": 2})  # this machine: one actor thread, one decoding task
     assert (small.num_actors, small.threads, small.actor_options, small.concurrent) == \
         (1, 1, {"num_cpus": 1}, 1)
-    big = _plan(cfg, {"CPU": 64})
+    big = plan_actors(cfg, {"CPU": 64})
     assert big.num_actors == 4 and big.threads == 12 and big.concurrent == 16
-    one = _plan(cfg, {"CPU": 1})  # never starve the shard tasks of their CPU
+    one = plan_actors(cfg, {"CPU": 1})  # never starve the shard tasks of their CPU
     assert one.actor_options == {"num_cpus": 0} and one.concurrent == 1
-    fixed = _plan(make_cfg(Path("x"), Path("c"), ray={"num_actors": 2, "threads_per_actor": 3,
-                                                      "concurrent_shards": 5}), {"CPU": 8})
+    fixed = plan_actors(make_cfg(Path("x"), Path("c"), ray={"num_actors": 2, "threads_per_actor": 3,
+                                                            "concurrent_shards": 5}), {"CPU": 8})
     assert (fixed.num_actors, fixed.threads, fixed.concurrent) == (2, 3, 5)
+
+
+def test_stored_view_pixels_are_what_stage_2_decodes():
+    from stages.stage1 import stored_view_pixels
+    from stages.synthetic import smooth_image
+    from storage.pixels import decode_pixels
+
+    rng = np.random.default_rng(0)
+    views = torch.from_numpy(np.stack([smooth_image(rng, 16, 16) for _ in range(2)])).permute(
+        0, 3, 1, 2).contiguous()  # [K,3,S,S] as rendered
+    encoded, fed = stored_view_pixels(views, "jpeg", 90)
+    assert len(encoded) == 2 and fed.shape == views.shape and fed.dtype == torch.uint8
+    for data, pixels in zip(encoded, fed):  # the base model sees the decoded JPEG, not the view
+        np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), decode_pixels(data))
+    assert not torch.equal(fed, views)
+    encoded, fed = stored_view_pixels(views, "png", 90)  # lossless: the views themselves
+    assert fed is views
+    np.testing.assert_array_equal(decode_pixels(encoded[1]), views[1].permute(1, 2, 0).numpy())
 
 
 def test_part_names_follow_shard_file_names_and_stay_unique():

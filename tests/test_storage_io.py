@@ -117,3 +117,29 @@ def test_files_per_part_do_not_grow_with_records(tmp_path, backend):
     # zarr: zarr.json + one shard per field (7), 3 per-slot arrays, the group; webdataset: K tars + 2
     assert count["large"] <= (2 * 7 + 2 * 3 + 1 if backend == "zarr" else s.views + 2)
     assert count["large"] < 40 * s.views
+
+
+@pytest.mark.parametrize("backend", ("zarr", "webdataset"))
+def test_stored_nbytes_is_the_payload_a_read_uses(tmp_path, backend):
+    from storage.schema import record_nbytes, stored_fields
+    from storage.wds_backend import tar_key
+
+    s = spec(backend=backend, compression="none")  # uncompressed: payloads are the raw arrays
+    writer = new_cache(tmp_path / "c", s, [("p0", 4)])
+    write_part(writer, "p0", seed=0, skip=(1,))
+    cache = open_cache(tmp_path / "c")
+    features = int(np.prod(stored_fields(s)["features"][0])) * 2  # float16
+    if backend == "zarr":  # one chunk per field
+        assert cache.stored_nbytes(2, 1, ["features"]) == features == 16 * 24 * 2
+        assert cache.stored_nbytes(2, 1, ["features", "crop"]) == features + 16
+        assert cache.stored_nbytes(2, 1) == record_nbytes(s)
+    else:  # the whole record: its members' payloads, counted here from the tar itself
+        with tarfile.open(tmp_path / "c" / "parts" / "p0" / wds_backend.view_tar_name(1)) as tar:
+            expected = sum(m.size for m in tar.getmembers()
+                           if m.name.split(".", 1)[0] == tar_key(cache.keys[2]))
+        assert cache.stored_nbytes(2, 1) == cache.stored_nbytes(2, 1, ["features"]) == expected
+        assert expected > record_nbytes(s)  # npy headers and meta.json
+    with pytest.raises(ValueError, match="'pixels': not stored in cache"):
+        cache.stored_nbytes(0, 0, ["features", "pixels"])
+    with pytest.raises(IndexError):
+        cache.stored_nbytes(0, s.views, ["features"])

@@ -7,10 +7,11 @@ summary), :mod:`.shard` (the shard task :func:`process_shard` and :class:`BaseMo
 flow of a run.
 """
 from .cluster import (  # noqa: F401
+    ActorPlan,
     _check_reachable,
     _connect_ray,
-    _plan,
     failure_message,
+    plan_actors,
     task_failure,
 )
 from .config import (  # noqa: F401
@@ -37,13 +38,14 @@ from .shard import (  # noqa: F401
     PartResult,
     ShardHooks,
     ShardJob,
-    _stored_view_pixels,
     part_names,
     process_shard,
+    stored_view_pixels,
 )
 
 __all__ = [
     "REPORT_NAME",
+    "ActorPlan",
     "BaseModelActor",
     "PartResult",
     "RayConfig",
@@ -55,6 +57,8 @@ __all__ = [
     "Stage1StrictError",
     "Stage1Summary",
     "part_names",
+    "plan_actors",
     "process_shard",
     "run_stage1",
+    "stored_view_pixels",
 ]

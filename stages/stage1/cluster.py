@@ -102,7 +102,7 @@ def _check_reachable(address: str) -> None:
 
 
 @dataclass
-class _Plan:
+class ActorPlan:
     """How stage 1 spreads over the cluster's resources."""
 
     num_actors: int
@@ -111,8 +111,10 @@ class _Plan:
     concurrent: int  # shard tasks running at once
 
 
-def _plan(cfg: Stage1Config, resources: dict) -> _Plan:
-    """Actors: one GPU each, else CPU threads; shard tasks get the CPUs the actors leave."""
+def plan_actors(cfg: Stage1Config, resources: dict) -> ActorPlan:
+    """How stage 1 spreads over ``resources`` (Ray's {'CPU': n, 'GPU': m}): actors one GPU
+    each, else CPU threads; shard tasks get the CPUs the actors leave. ``cfg.ray`` settings
+    (num_actors, threads_per_actor, concurrent_shards) override the defaults."""
     cpus = int(resources.get("CPU", 1))
     gpus = int(resources.get("GPU", 0))
     if gpus > 0:
@@ -130,10 +132,10 @@ def _plan(cfg: Stage1Config, resources: dict) -> _Plan:
     # A task blocked on an actor releases its CPU to Ray, which would then start yet another
     # task (and worker process); bounding the tasks in flight keeps workers = CPUs.
     concurrent = cfg.ray.concurrent_shards or max(1, cpus - num * actor_cpus)
-    return _Plan(num, options, threads, concurrent)
+    return ActorPlan(num, options, threads, concurrent)
 
 
-def _start_actors(cfg: Stage1Config, base: BaseModelConfig, plan: _Plan) -> tuple[list, list]:
+def _start_actors(cfg: Stage1Config, base: BaseModelConfig, plan: ActorPlan) -> tuple[list, list]:
     """Create the base-model actors; returns (actors, refs that resolve once each is loaded)."""
     import ray
 
@@ -152,7 +154,7 @@ def _start_actors(cfg: Stage1Config, base: BaseModelConfig, plan: _Plan) -> tupl
     return actors, [a.info.remote() for a in actors]
 
 
-def _wait_actors(ready: list, plan: _Plan, timeout: float = 600.0) -> None:
+def _wait_actors(ready: list, plan: ActorPlan, timeout: float = 600.0) -> None:
     """Block until every actor has loaded the base model; one-line error if one cannot."""
     import ray
 
@@ -174,7 +176,7 @@ def _wait_actors(ready: list, plan: _Plan, timeout: float = 600.0) -> None:
                     info["device"], info["pid"], info["threads"])
 
 
-def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: list, plan: _Plan,
+def _run_tasks(cfg: Stage1Config, jobs: list[ShardJob], actors: list, ready: list, plan: ActorPlan,
                progress: bool) -> tuple[list[PartResult], list[tuple]]:
     """Run the shard tasks, at most plan.concurrent at a time, with a progress bar.
 
@@ -251,7 +253,7 @@ def _run_on_ray(cfg: Stage1Config, base: BaseModelConfig, jobs: list[ShardJob],
 
     started, address = _connect_ray(cfg, ray_address)
     try:
-        plan = _plan(cfg, ray.cluster_resources())
+        plan = plan_actors(cfg, ray.cluster_resources())
         logger.info("stage 1 on Ray at %s: %d base-model actors (%s, %d threads), %d shard "
                     "tasks at a time", address, plan.num_actors, plan.actor_options,
                     plan.threads, plan.concurrent)

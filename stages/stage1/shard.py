@@ -290,7 +290,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
             meta = {"slot": slot, "key": key, "crop": crop, "flip": flip,
                     "source_size": (h, w), "label": int(sample.label)}
             if stored_pixels != "none":
-                meta["pixels"], pixels = _stored_view_pixels(pixels, stored_pixels,
+                meta["pixels"], pixels = stored_view_pixels(pixels, stored_pixels,
                                                              writer.spec.pixels_quality)
             assembler.expect(meta)
             buffer.append(pixels)
@@ -316,7 +316,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     return result
 
 
-def _stored_view_pixels(pixels, fmt: str, quality: int):
+def stored_view_pixels(pixels, fmt: str, quality: int):
     """Encode rendered views uint8 [K,3,S,S] for the cache; returns (K encoded images, the
     pixels the base model is fed [K,3,S,S]): for jpeg the decode of the stored bytes (the view's
     pixels by definition, bit-identical to what stage 2 decodes), for png the views themselves."""
