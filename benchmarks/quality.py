@@ -348,12 +348,14 @@ def random_init_export(cfg) -> Path:
     """The encoder the bootstrap starts from (same seed, same initialisation), never trained:
     the reference that tells how much pretraining moved the features."""
     from pipeline.orchestrate import bootstrap_run_config, pipeline_view_policy
+    from stages.resolve import BaseGeometry, build_model_config
     from tec.export import export_timm
     from tec.model import NewModel
 
     run = bootstrap_run_config(cfg)
     # the bootstrap's geometry: its img_size is the views' size (stages.train derives it so)
-    model_cfg = run.model_config(img_size=pipeline_view_policy(cfg).output_size)
+    model_cfg = build_model_config(
+        run.model, BaseGeometry(img_size=pipeline_view_policy(cfg).output_size))
     path = Path(cfg.workdir) / "random_init" / "model.safetensors"
     if not path.is_file():
         torch.manual_seed(run.seed)  # what stages.train does before building the model
@@ -379,8 +381,11 @@ def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
     steps["bootstrap_s"] = time.perf_counter() - t0
     models = {"base": Path(base.checkpoint)}
     info = {"base": _run_info(bootstrap_dir(cfg))}
-    needs_cache = any(r.model_config().target == "tec" and r.online_fraction < 1.0
-                      for r in cfg.runs)
+    needs_cache = any(r.model.target == "tec" and r.online_fraction < 1.0 for r in cfg.runs)
+    if any(r.model.target == "tec" for r in cfg.runs):  # described once: stage 1 and every run
+        from stages.resolve import resolve_base
+
+        base = resolve_base(base)
     if needs_cache:
         t0 = time.perf_counter()
         s1 = run_stage1(cfg.targets, base, progress=False)
@@ -392,7 +397,7 @@ def run_seed(cfg, *, steps: dict, with_reference: bool = False) -> dict:
         steps["cache"] = {k: info[k] for k in ("samples", "records", "bytes_total",
                                                 "bytes_per_view", "raw_bytes_per_view",
                                                 "float32_bytes_per_view")}
-        mc = next((m for m in (r.model_config() for r in cfg.runs) if m.target == "tec"), None)
+        mc = next((r.model for r in cfg.runs if r.model.target == "tec"), None)
         if mc is not None:  # the first TEC run's k and tau
             steps["attention_target"] = attention_target_entropy(cfg.cache_path, k=mc.k,
                                                                  tau=mc.tau)

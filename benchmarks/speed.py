@@ -599,11 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     num_images = cfg.data.num_samples or 384
     write_jpeg_shards(cfg.targets.source.path, num_images, (lo, hi))
     write_random_base(base_cfg)
-    model = base_cfg.load()
-    from tec.teacher import describe_vit
+    from stages.resolve import resolve_base
 
-    base_geometry = describe_vit(model)
-    del model
+    base_geometry = resolve_base(base_cfg).geometry.as_dict()  # the model itself is not kept
     plan = actor_plan(cfg)
     log.info("stage-1 plan on this machine: %s", plan)
     policy = cfg.targets.view_policy
@@ -696,12 +694,11 @@ def main(argv: list[str] | None = None) -> int:
                                  for r in s1_fp16)
     s1_wall_views = statistics.fmean(r["views_per_s_wall"] for r in s1_fp16)
     from pipeline.plan import new_model_forward_flops, vit_forward_flops
-    from tec.model import NewModelConfig
+    from stages.resolve import BaseGeometry, build_model_config
 
     g = base_geometry
-    new_cfg = NewModelConfig(**run.model_config(img_size=g["img_size"], patch_size=g["patch_size"],
-                                                base_embed_dim=g["embed_dim"],
-                                                base_num_heads=g["num_heads"]).to_dict())
+    new_cfg = build_model_config(run.model, BaseGeometry(
+        **{k: v for k, v in g.items() if k != "num_patches"}))
     step_flops = 3 * new_model_forward_flops(new_cfg)  # forward + backward
     base_flops = (vit_forward_flops(tokens=g["num_patches"] + 1, width=g["embed_dim"],
                                     depth=g["depth"])
@@ -762,10 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {k: getattr(cfg.targets, k) for k in
                         ("views", "batch_size", "max_in_flight", "codec", "backend", "k_max",
                          "last_n")},
-            "new_model": run.model_config(img_size=base_geometry["img_size"],
-                                          patch_size=base_geometry["patch_size"],
-                                          base_embed_dim=base_geometry["embed_dim"],
-                                          base_num_heads=base_geometry["num_heads"]).to_dict(),
+            "new_model": new_cfg.to_dict(),
             "train": {"batch_size": run.batch_size, "epochs": run.epochs,
                       "segments_per_mode": args.segments, "num_workers": run.num_workers,
                       "warmup_steps_excluded": args.warmup_steps},

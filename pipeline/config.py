@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported when parsing (stage 1 and training pull in Ray and
     from stages.train import TrainConfig
 
 __all__ = ["PipelineConfig", "DataConfig", "BootstrapConfig", "EvalConfig", "load_config",
-           "apply_overrides", "ConfigError"]
+           "apply_overrides", "bootstrap_run", "ConfigError"]
 
 
 @dataclass
@@ -56,10 +56,42 @@ class DataConfig:
 
 @dataclass
 class BootstrapConfig:
-    """Train a base model with the pixel target (MAE) when ``base_model.checkpoint`` is missing."""
+    """Train a base model with the pixel target (MAE) when ``base_model.checkpoint`` is missing.
+
+    run: the bootstrap's run (:func:`bootstrap_run`: ``bootstrap.run`` named ``bootstrap``, with
+    the pixel target and the base model's geometry); None while the bootstrap is disabled.
+    """
 
     enabled: bool = False
-    run: dict = field(default_factory=dict)
+    run: TrainConfig | None = None
+
+
+@dataclass
+class _BootstrapSection:
+    """The ``bootstrap`` mapping as the file gives it (``run`` is checked only when enabled)."""
+
+    enabled: bool = False
+    run: dict | None = None
+
+
+def bootstrap_run(run: dict | None, base: BaseModelConfig) -> TrainConfig:
+    """The bootstrap's TrainConfig from the ``bootstrap.run`` mapping: named ``bootstrap`` unless
+    named, the pixel target, and the base model's geometry (patch_size, embed_dim, depth,
+    num_heads from ``base_model.timm_kwargs``) where the mapping does not set it; the bootstrap
+    model *is* the base model."""
+    from stages.train import TrainConfig
+
+    boot = dict(run or {})
+    boot.setdefault("name", "bootstrap")
+    model = boot.get("model") or {}
+    if isinstance(model, dict):
+        if model.get("target", "pixel") != "pixel":
+            raise ConfigError("bootstrap.run.model.target: the bootstrap base model uses 'pixel'")
+        model = {**model, "target": "pixel"}
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if key in base.timm_kwargs:
+                model.setdefault(key, base.timm_kwargs[key])
+    return from_dict(TrainConfig, {**boot, "model": model}, "bootstrap.run")
 
 
 @dataclass
@@ -152,6 +184,7 @@ def _list_index(node: list, part: str, where: str) -> int:
 
 def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig:
     """Validate a raw mapping into a :class:`PipelineConfig` (one-line ConfigError on problems)."""
+    from stages.resolve import BaseGeometry, Targets, check_run_against
     from stages.stage1 import Stage1Config
     from stages.train import TrainConfig
 
@@ -170,7 +203,7 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
         raise ConfigError(f"workdir: expected a path string, got {workdir!r}")
     data = from_dict(DataConfig, raw["data"], "data")
     base = from_dict(BaseModelConfig, raw["base_model"], "base_model")
-    bootstrap = from_dict(BootstrapConfig, raw.get("bootstrap"), "bootstrap")
+    section = from_dict(_BootstrapSection, raw.get("bootstrap"), "bootstrap")
     if not isinstance(raw["targets"], dict):
         raise ConfigError(f"targets: expected a mapping of keys, got {raw['targets']!r:.60}")
     targets_raw = dict(raw["targets"])
@@ -186,36 +219,13 @@ def parse_config(raw: dict, *, source_file: str | None = None) -> PipelineConfig
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"runs: duplicate run name {sorted(dup)[0]!r}")
-    base_patch = base.timm_kwargs.get("patch_size")
+    # what is known of the base model before it is loaded: the patch size its timm_kwargs declare
+    declared = BaseGeometry(patch_size=base.timm_kwargs.get("patch_size"))
+    planned = Targets(k_max=targets.k_max)
     for i, run in enumerate(runs):
-        model = run.model_config()
-        if model.target != "tec":
-            continue
-        if model.use_attention and model.k > targets.k_max:
-            raise ConfigError(
-                f"runs[{i}].model.k: {model.k} exceeds targets.k_max {targets.k_max} (attention "
-                f"rows stored by stage 1); use k <= {targets.k_max} or raise targets.k_max")
-        if "patch_size" in run.model and base_patch is not None and model.patch_size != base_patch:
-            raise ConfigError(
-                f"runs[{i}].model.patch_size: {model.patch_size} differs from the base model's "
-                f"patch_size {base_patch} (the targets have one row per base-model patch); "
-                "remove it or make them equal")
-    if bootstrap.enabled:
-        boot = dict(bootstrap.run)
-        boot.setdefault("name", "bootstrap")
-        model = dict(boot.get("model") or {})
-        if model.get("target", "pixel") != "pixel":
-            raise ConfigError("bootstrap.run.model.target: the bootstrap base model uses 'pixel'")
-        model["target"] = "pixel"
-        boot["model"] = model
-        bootstrap.run = boot
-        # validate now, build later; with the base-model geometry it is trained with
-        # (as pipeline.orchestrate.bootstrap_run_config does)
-        model = dict(model)
-        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-            if key in base.timm_kwargs:
-                model.setdefault(key, base.timm_kwargs[key])
-        from_dict(TrainConfig, {**boot, "model": model}, "bootstrap.run")
+        check_run_against(declared, planned, run.model, key=f"runs[{i}].model", sep=": ")
+    bootstrap = BootstrapConfig(enabled=section.enabled, run=bootstrap_run(section.run, base)
+                                if section.enabled else None)
     evaluation = from_dict(EvalConfig, raw.get("eval"), "eval")
     from stages.finetune import FinetuneConfig
 

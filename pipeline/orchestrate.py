@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.configs import BaseModelConfig, ConfigError, EvalConfig, from_dict
+from stages.configs import BaseModelConfig, ConfigError, EvalConfig
+from stages.resolve import ResolvedBase
 
 from .config import PipelineConfig
 
@@ -79,18 +80,11 @@ def bootstrap_dir(cfg: PipelineConfig) -> Path:
 
 
 def bootstrap_run_config(cfg: PipelineConfig):
-    """The bootstrap's TrainConfig: ``bootstrap.run`` with the base model's geometry."""
-    from stages.train import TrainConfig
-
-    run = dict(cfg.bootstrap.run)
-    model = dict(run.get("model") or {})
-    # The bootstrap model *is* the base model: take its geometry from base_model.timm_kwargs.
-    tk = cfg.base_model.timm_kwargs
-    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-        if key in tk and key != "img_size":
-            model.setdefault(key, tk[key])
-    run["model"] = model
-    return from_dict(TrainConfig, run, "bootstrap.run")
+    """The bootstrap's TrainConfig (``bootstrap.run`` with the base model's geometry, as
+    :func:`pipeline.config.bootstrap_run` built it when the config was parsed)."""
+    if cfg.bootstrap.run is None:
+        raise ConfigError("bootstrap: not enabled; set bootstrap.enabled: true")
+    return cfg.bootstrap.run
 
 
 def ensure_base_checkpoint(cfg: PipelineConfig, *, allow_bootstrap: bool = True,
@@ -140,10 +134,12 @@ def pipeline_view_policy(cfg: PipelineConfig):
 
 
 # ------------------------------------------------------------------------------ stage 2
-def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | None = None):
+def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | ResolvedBase | None = None):
     """Train one run of the config from its cache, resuming from its last checkpoint.
 
-    A finished run resumes at its last step, trains nothing and rewrites its export.
+    base: the base model (described once per command: pass the same ResolvedBase to every run;
+    None: the config's, with a checkpoint that must exist). A finished run resumes at its last
+    step, trains nothing and rewrites its export.
     """
     from stages.train import train
 
@@ -196,10 +192,12 @@ def model_display_name(path: Path) -> str:
 
 def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *,
                       num_images: int = 8, arch: str | None = None,
-                      allow_pickle: bool = False, timm_kwargs: dict | None = None) -> Path:
+                      allow_pickle: bool = False, timm_kwargs: dict | None = None,
+                      loaded: dict | None = None) -> Path:
     """PNG grid of last-block cls attention maps of each model for a few images (paper Fig. 2).
 
     models: model files (named by :func:`model_display_name`) or a mapping name -> file.
+    loaded: name -> that file's model already loaded (used instead of loading it again).
     """
     if not isinstance(models, dict):
         models = {model_display_name(p): Path(p) for p in models}
@@ -211,7 +209,10 @@ def attention_picture(models: list[Path] | dict[str, Path], shards, out: Path, *
     for name, path in models.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        model = load_model(Path(path), arch, allow_pickle=allow_pickle, timm_kwargs=timm_kwargs)
+        model = (loaded or {}).get(name)
+        if model is None:
+            model = load_model(Path(path), arch, allow_pickle=allow_pickle,
+                               timm_kwargs=timm_kwargs)
         size = model.patch_embed.img_size[0]
         images, _ = load_eval_images(shards, size, limit=num_images)
         if shown is None:
@@ -245,6 +246,10 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     if wanted & {"bootstrap", "targets", "train", "eval"}:
         base = ensure_base_checkpoint(cfg, allow_bootstrap="bootstrap" in wanted,
                                       summary=summary)
+    if _needs_base_model(cfg, wanted):  # described once: stage 1, every run and evaluation
+        from stages.resolve import resolve_base
+
+        base = resolve_base(base)
     if "targets" in wanted:
         s1 = run_stage1(cfg.targets, base, ray_address=ray_address)
         if s1.parts_done == 0:
@@ -277,12 +282,21 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     return summary
 
 
+def _needs_base_model(cfg: PipelineConfig, wanted: set[str]) -> bool:
+    """Whether a wanted step loads the base model: stage 1, a run with base-model targets,
+    evaluation (which evaluates it)."""
+    return ("targets" in wanted
+            or ("train" in wanted and any(r.model.target == "tec" for r in cfg.runs))
+            or ("eval" in wanted and cfg.eval.enabled and cfg.data.test is not None))
+
+
 def finetune_rows(cfg: PipelineConfig, models: dict[str, Path], rows: list[dict],
-                  summary: PipelineSummary) -> None:
+                  summary: PipelineSummary, known_sha256: dict | None = None) -> None:
     """Add ``finetune_top1`` to each row: every model fine-tuned end to end (``eval.finetune``).
 
     Each model gets ``<workdir>/finetune/<name>-<sha256[:12]>`` (a retrained export gets a new
     folder; an interrupted fine-tuning resumes, a finished one is re-evaluated only).
+    known_sha256: name -> its file's sha256 where already computed (the base model's).
     """
     from stages.finetune import finetune
     from tec.teacher import file_sha256
@@ -294,7 +308,8 @@ def finetune_rows(cfg: PipelineConfig, models: dict[str, Path], rows: list[dict]
     start = time.time()
     for row in rows:
         path = Path(models[row["model"]])
-        out = Path(cfg.workdir) / "finetune" / f"{row['model']}-{file_sha256(path)[:12]}"
+        sha = (known_sha256 or {}).get(row["model"]) or file_sha256(path)
+        out = Path(cfg.workdir) / "finetune" / f"{row['model']}-{sha[:12]}"
         result = finetune(ft, model_path=path, train_shards=cfg.data.train,
                           test_shards=cfg.data.test, out_dir=out, arch=cfg.base_model.arch,
                           timm_kwargs=cfg.base_model.timm_kwargs,
@@ -305,16 +320,20 @@ def finetune_rows(cfg: PipelineConfig, models: dict[str, Path], rows: list[dict]
                             f"{(time.time() - start) / 60:.1f} min) -> {cfg.workdir}/finetune")
 
 
-def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSummary) -> None:
+def _evaluate(cfg: PipelineConfig, resolved: ResolvedBase, summary: PipelineSummary) -> None:
+    """Evaluate the base model (as described once for the command) and every run's export."""
     from stages.evaluate import evaluate_models, format_table
 
     if cfg.data.test is None:
         summary.add("eval", "skipped: data.test is not set")
         return
+    base = resolved.config
     if base.pretrained:  # evaluated as the resolved file, a plain checkpoint of its arch
         base = base.as_checkpoint()
         cfg = dataclasses.replace(cfg, base_model=base)
     models = {"base": Path(base.checkpoint)}
+    # the base model as loaded once, where loading its file as evaluation does gives the same
+    loaded = {"base": resolved.model} if resolved.loads_as_file() else {}
     for run in cfg.runs:
         export = find_export(cfg.run_dir(run.name))
         if export is not None:
@@ -322,9 +341,10 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
     ev = cfg.eval
     rows = evaluate_models(models, cfg.data.train, cfg.data.test, ev, arch=cfg.base_model.arch,
                            allow_pickle=cfg.base_model.allow_pickle,
-                           timm_kwargs=cfg.base_model.timm_kwargs)
+                           timm_kwargs=cfg.base_model.timm_kwargs, loaded=loaded)
     if ev.finetune is not None and ev.finetune.enabled:
-        finetune_rows(cfg, models, rows, summary)
+        finetune_rows(cfg, models, rows, summary,
+                      known_sha256={"base": resolved.checkpoint_sha256})
     summary.eval_table = format_table(rows)
     results = Path(cfg.workdir) / "eval.json"
     results.write_text(json.dumps(rows, indent=2))
@@ -336,7 +356,7 @@ def _evaluate(cfg: PipelineConfig, base: BaseModelConfig, summary: PipelineSumma
                                     Path(cfg.workdir) / "attention.png",
                                     num_images=ev.viz_images, arch=cfg.base_model.arch,
                                     allow_pickle=cfg.base_model.allow_pickle,
-                                    timm_kwargs=cfg.base_model.timm_kwargs)
+                                    timm_kwargs=cfg.base_model.timm_kwargs, loaded=loaded)
             summary.add("viz", f"attention maps -> {png}")
         except ConfigError as exc:
             summary.add("viz", f"skipped: {exc}")

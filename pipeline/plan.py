@@ -252,9 +252,12 @@ def make_plan(cfg: PipelineConfig, speed_results: Path | None = None) -> Plan:
 
     plan.pixels, plan.pixels_quality = t.pixels, t.pixels_quality
     plan.pixel_bytes_per_view = estimated_bytes(t.pixels, t.pixels_quality, base["img_size"])
+    from stages.resolve import BaseGeometry, build_model_config
+
+    geo = BaseGeometry(**{k: base[k] for k in ("img_size", "patch_size", "embed_dim", "depth",
+                                               "num_heads")})
     for run in cfg.runs:
-        m = run.model_config(img_size=base["img_size"], patch_size=base["patch_size"],
-                             base_embed_dim=base["embed_dim"], base_num_heads=base["num_heads"])
+        m = build_model_config(run.model, geo)
         student = 3 * new_model_forward_flops(m)  # forward + backward
         per_epoch = samples * student
         online = samples * (student + base_fwd)

@@ -106,15 +106,18 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     data = dict(data or {})
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    where = f"{prefix}." if prefix else ""
+    refused = sorted(set(data) & set(getattr(cls, "refused_keys", {})))
+    if refused:  # keys that belong elsewhere: {key: why} on the class
+        raise ConfigError(f"{where}{refused[0]}: {cls.refused_keys[refused[0]]}")
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(sorted(names))}"
         )
     kwargs = {}
-    for name in names:
-        if name in data:
+    for name in data:  # in the order given (a config that remembers its keys keeps it)
+        if name in names:
             kwargs[name] = _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
     try:
         obj = cls(**kwargs)
@@ -125,7 +128,6 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
             if f.init and f.name not in kwargs
             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(f"missing required key {where}{missing[0] if missing else '?'}") from exc
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -165,7 +167,10 @@ def _qualify(message: str, prefix: str) -> str:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain (YAML/JSON-able) form of a config dataclass."""
+    """Plain (YAML/JSON-able) form of a config dataclass (of one that remembers the keys it was
+    given, ``given_keys``, only those)."""
+    if dataclasses.is_dataclass(obj) and hasattr(obj, "given_keys"):
+        return {k: to_dict(getattr(obj, k)) for k in obj.given_keys}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -271,13 +276,15 @@ class BaseModelConfig:
                                    timm_kwargs={**weights.model_kwargs, **self.timm_kwargs},
                                    pretrained=False)
 
-    def load(self):
-        """The frozen timm ViT, in eval mode."""
+    def load(self, *, file_sha256: str | None = None):
+        """The frozen timm ViT, in eval mode. file_sha256: the weights file's sha256 when the
+        caller already computed it (checked against ``sha256`` without hashing the file again).
+        ``stages.resolve.resolve_base`` loads and describes it once per command."""
         from tec.teacher import load_base_model
 
         weights = self.pretrained_weights()
         if weights is not None:
-            self._check_sha256(weights.file)
+            self._check_sha256(weights.file, file_sha256)
             return load_base_model(weights.arch, weights.file, allow_pickle=self.allow_pickle,
                                    plain_kwargs=weights.model_kwargs, **self.timm_kwargs)
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
@@ -285,41 +292,30 @@ class BaseModelConfig:
                 f"base_model.checkpoint: file not found: {self.checkpoint}"
             )
         if self.checkpoint is not None:
-            self._check_sha256(self.checkpoint)
+            self._check_sha256(self.checkpoint, file_sha256)
         return load_base_model(
             self.arch, self.checkpoint, allow_pickle=self.allow_pickle, **self.timm_kwargs
         )
 
-    def _check_sha256(self, path) -> None:
-        """Refuse weights other than the pinned ``sha256`` (e.g. another node's cached copy)."""
+    def _check_sha256(self, path, actual: str | None = None) -> None:
+        """Refuse weights other than the pinned ``sha256`` (e.g. another node's cached copy);
+        ``actual``: the file's sha256 if already known."""
         from tec.teacher import CheckpointError, file_sha256
 
-        if self.sha256 is not None and (actual := file_sha256(path)) != self.sha256:
+        if self.sha256 is None:
+            return
+        if (actual := actual or file_sha256(path)) != self.sha256:
             raise CheckpointError(
                 f"base model {self.arch}: {path} has sha256 {actual[:12]}..., not the pinned "
                 f"{self.sha256[:12]}... (base_model.sha256); this machine holds other weights "
                 "under that name: give it the same file / Hugging Face cache")
 
     def fingerprint(self, model, *, last_n: int, k_max: int) -> dict:
-        """The base-model fingerprint recorded in (and checked against) a target cache."""
-        from tec.teacher import describe_vit, file_sha256
+        """The base-model fingerprint recorded in (and checked against) a target cache, of
+        ``model`` loaded from this config (:meth:`stages.resolve.ResolvedBase.fingerprint`)."""
+        from stages.resolve import describe_base
 
-        info = describe_vit(model)
-        weights = self.pretrained_weights()
-        checkpoint = str(weights.file) if weights is not None else self.checkpoint
-        pretrained = {"pretrained": weights.name} if weights is not None else {}
-        return {
-            "arch": self.arch,
-            **pretrained,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-            "img_size": info["img_size"],
-            "patch_size": info["patch_size"],
-            "embed_dim": info["embed_dim"],
-            "num_heads": info["num_heads"],
-            "depth": info["depth"],
-            "last_n": last_n,
-            "k_max": k_max,
-        }
+        return describe_base(self, model).fingerprint(last_n=last_n, k_max=k_max)
 
 
 def stable_seed(*parts: Any) -> int:

@@ -11,6 +11,7 @@ The classifiers work on precomputed features only, so the encoder runs once per 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -448,19 +449,24 @@ def load_model(path, arch: str | None = None, *, allow_pickle: bool = False,
 
 def evaluate_models(models: dict, train_shards: Any, test_shards: Any, cfg: EvalConfig, *,
                     metrics: Sequence[str] = ("knn", "linear"), arch: str | None = None,
-                    allow_pickle: bool = False, timm_kwargs: dict | None = None) -> list[dict]:
+                    allow_pickle: bool = False, timm_kwargs: dict | None = None,
+                    loaded: dict | None = None) -> list[dict]:
     """Top-1 rows (percent) for each named model file (name -> path) on the same train/test
     images, with the settings of ``cfg`` (k-NN k / temperature, linear epochs / lr, limits,
     batch size, device).
 
     arch / timm_kwargs: the timm model and geometry of plain checkpoints (exports carry theirs).
+    loaded: name -> the model of that file already loaded as :func:`load_model` would (the base
+    model a command described once); evaluated from a copy instead of loading the file again.
     """
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, images = [], {}
+    loaded = loaded or {}
     for name, path in models.items():
-        model = load_model(path, arch, allow_pickle=allow_pickle, timm_kwargs=timm_kwargs)
+        model = copy.deepcopy(loaded[name]) if name in loaded else load_model(
+            path, arch, allow_pickle=allow_pickle, timm_kwargs=timm_kwargs)
         size = model.patch_embed.img_size[0]
         if size not in images:
             images[size] = (load_eval_images(train_shards, size, limit=cfg.train_limit),

@@ -22,8 +22,9 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
     """{'run': settings, 'cache': {'identity', 'sections'} | None, 'base_model': dict | None}.
 
     cache: the cache folder the run reads (its manifest identity: spec, base-model fingerprint,
-    view policy, source, parts); base: the BaseModelConfig (fingerprinted by arch, geometry and
-    checkpoint sha256 when no cache records it).
+    view policy, source, parts); base: the base model (a stages.resolve.ResolvedBase, or a
+    BaseModelConfig resolved here; recorded by arch, geometry and checkpoint sha256 when no
+    cache records it).
     """
     from .configs import to_dict
 
@@ -38,12 +39,10 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
         cache_id = {"identity": manifest_identity(manifest),
                     "sections": manifest_section_digests(manifest)}
         base_id = manifest.get("base_model")
-    if needs_targets and base_id is None and base is not None and (base.checkpoint
-                                                                   or base.pretrained):
-        from tec.teacher import file_sha256
+    if needs_targets and base_id is None and base is not None:
+        from .resolve import as_resolved
 
-        base_id = {"arch": base.arch, "timm_kwargs": dict(base.timm_kwargs),
-                   "checkpoint_sha256": file_sha256(base.checkpoint_file())}
+        base_id = as_resolved(base).identity()
     return {"run": settings, "cache": cache_id, "base_model": base_id if needs_targets else None}
 
 
@@ -95,7 +94,7 @@ def stale_changes(run_dir: str | Path, run, *, cache: str | None, base=None) -> 
     latest = Checkpointer(Path(run_dir) / "checkpoints", keep=1, is_writer=False).latest()
     if latest is None:
         return []
-    needs_targets = (run.model or {}).get("target", "tec") == "tec"
+    needs_targets = run.model.target == "tec"
     state = load_checkpoint(latest)
     return identity_changes(state.get("identity"),
                             run_identity(run, cache=cache, base=base, needs_targets=needs_targets))

@@ -14,6 +14,7 @@ Measures (targets as ``extract_targets`` returns them, numpy, batch axis first):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -96,7 +97,8 @@ def codec_roundtrip(spec, targets: dict, keys: list[str], views: list[int]) -> d
 def measure_stage1_error(cfg, base, spec, precision: str, source, shard: str,
                          max_views: int = MEASURE_VIEWS) -> dict:
     """Target error of the cache's codec and stage-1 precision against float32, on the first
-    ``max_views`` views of the first samples of ``shard`` (the first part). Never fails stage 1:
+    ``max_views`` views of the first samples of ``shard`` (the first part), computed with the
+    base model ``base`` (a stages.resolve.ResolvedBase). Never fails stage 1:
     an error while measuring is recorded as such."""
     start = time.perf_counter()
     try:
@@ -112,9 +114,9 @@ def _measure(cfg, base, spec, precision, source, shard, max_views, start) -> dic
     from stages.sources import BadSample, decode_image
     from stages.views import render_views, view_params
 
-    model = base.load().eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device)
+    # a copy: the described base model stays on the CPU for the rest of the command
+    model = copy.deepcopy(base.model).eval().to(device)
     policy = cfg.view_policy
     pixels, keys, views = [], [], []
     for sample in source.samples(shard):

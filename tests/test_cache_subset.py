@@ -169,8 +169,7 @@ def test_subset_is_what_stage1_writes_for_fewer_views(tmp_path, codec):
             "source": {"kind": "webdataset", "path": str(tmp_path / "shards")},
             "cache": str(tmp_path / f"k{views}"), "views": views, "k_max": 4, "batch_size": 4,
             "codec": codec, "view_policy": {"seed": 5, "output_size": 32}}, "targets")
-        geometry, fingerprint = _check_base_model(cfg, base)
-        writer, jobs = _prepare_cache(cfg, geometry, fingerprint)
+        writer, jobs = _prepare_cache(cfg, _check_base_model(cfg, base), measure_error=False)
         actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max, float16=True)
         for job in jobs:
             process_shard(job, [actor], writer)

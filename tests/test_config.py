@@ -306,8 +306,8 @@ def test_bootstrap_takes_base_geometry():
     assert msg.startswith("bootstrap.run.model") and "depth" in msg
     raw["bootstrap"]["run"]["model"] = {"use_encoder_adapter": False}
     cfg = parse_config(raw)
-    assert cfg.bootstrap.run["model"]["target"] == "pixel"
-    assert cfg.bootstrap.run["name"] == "bootstrap"
+    assert cfg.bootstrap.run.model.target == "pixel"
+    assert cfg.bootstrap.run.name == "bootstrap"
 
 
 def test_run_named_lists_the_runs():
@@ -342,8 +342,10 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.runs, "every shipped config trains at least one run"
     assert cfg.targets.cache and cfg.targets.views >= 1
+    from stages.resolve import build_model_config
+
     for run in cfg.runs:
-        m = run.model_config()
+        m = build_model_config(run.model)
         if m.target == "tec" and m.use_attention:
             assert m.k <= cfg.targets.k_max
     # the view size matches the base model's input size (stage 1 refuses otherwise)
@@ -357,7 +359,7 @@ def test_paper_settings_in_imagenet_configs(path):
     run = cfg.runs[0]
     paper = {"mae_vitb": (15, 1.8), "ibot_vitb": (9, 1.0), "mae_vitl": (15, 1.4)}
     key = next(k for k in paper if k in path.stem)
-    assert (run.model["k"], run.model["tau"]) == paper[key]
+    assert (run.model.k, run.model.tau) == paper[key]
     assert (run.blr, run.batch_size, run.weight_decay, run.betas) == (1.5e-4, 4096, 0.05, (0.9, 0.95))
     assert cfg.targets.last_n == 2 and cfg.targets.view_policy.scale == (0.2, 1.0)
     assert cfg.data.num_samples == 1281167

@@ -296,7 +296,7 @@ def test_imagenet_configs_fine_tune_with_the_papers_tab10_settings(stem, layer_d
     assert (ft.smoothing, ft.mixup, ft.cutmix, ft.drop_path) == (0.1, 0.8, 1.0, 0.1)
     assert ft.auto_augment == "rand-m9-mstd0.5-inc1" and ft.global_pool == "avg"
     if stem == "imagenet_mae_vitl":  # the reference's ViT-L new model: decoder width 768
-        assert cfg.runs[0].model_config().decoder_embed_dim == 768
+        assert cfg.runs[0].model.decoder_embed_dim == 768
 
 
 @pytest.mark.slow

@@ -353,8 +353,7 @@ def test_stage1_actors_compute_the_same_targets_from_a_tag_as_from_its_file(hub_
 
         cfg = load_config(_pipeline_file(tmp_path, TAG), [
             f"targets.cache={tmp_path / name}"]).targets
-        geometry, fingerprint = _check_base_model(cfg, base)
-        writer, jobs = _prepare_cache(cfg, geometry, fingerprint)
+        writer, jobs = _prepare_cache(cfg, _check_base_model(cfg, base), measure_error=False)
         actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max, float16=True)
         for job in jobs:
             process_shard(job, [actor], writer)
@@ -461,8 +460,8 @@ def test_stage1_records_the_pinned_sha256_for_repairs(hub_cache, tmp_path):
 
     make_shards(tmp_path / "shards", n_shards=1, per_shard=2, size_range=(20, 40))
     cfg = load_config(_pipeline_file(tmp_path, TAG))
-    geometry, fingerprint = _check_base_model(cfg.targets, cfg.base_model)
-    writer, jobs = _prepare_cache(cfg.targets, geometry, fingerprint)
+    writer, jobs = _prepare_cache(cfg.targets, _check_base_model(cfg.targets, cfg.base_model),
+                                  measure_error=False)
     actor = BaseModelActor(to_dict(cfg.base_model), 2, 4, float16=True)
     for job in jobs:
         process_shard(job, [actor], writer)

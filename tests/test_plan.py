@@ -177,10 +177,13 @@ def test_new_model_flops_match_flop_counter(overrides):
 
 
 def test_plan_run_flops_are_three_forward_passes():
+    from stages.resolve import BaseGeometry, build_model_config
+
     cfg = parse_config(minimal_pipeline())
     plan = make_plan(cfg)
     for run, row in zip(cfg.runs, plan.runs):
-        m = run.model_config(img_size=32, patch_size=8, base_embed_dim=40, base_num_heads=2)
+        m = build_model_config(run.model, BaseGeometry(img_size=32, patch_size=8, embed_dim=40,
+                                                       num_heads=2))
         assert row["flops_cached"] == pytest.approx(
             run.epochs * plan.samples * 3 * new_model_forward_flops(m))
 

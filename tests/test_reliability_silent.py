@@ -166,6 +166,7 @@ def test_image_folder_files_sharing_a_stem_are_cached_under_their_own_keys(tmp_p
     from reliability_helpers import save_base_model, stage1_config
 
     from stages.configs import to_dict
+    from stages.resolve import resolve_base
     from stages.stage1 import BaseModelActor, _prepare_cache, process_shard
     from storage import open_cache
 
@@ -173,10 +174,7 @@ def test_image_folder_files_sharing_a_stem_are_cached_under_their_own_keys(tmp_p
     base = save_base_model(tmp_path / "base.safetensors")
     cfg = stage1_config(root, tmp_path / "cache")
     cfg.source.kind, cfg.source.shard_size = "imagefolder", 4
-    model = base.load()
-    geometry = {"num_patches": 16, "embed_dim": 48, "num_heads": 3}
-    writer, jobs = _prepare_cache(cfg, geometry, base.fingerprint(model, last_n=cfg.last_n,
-                                                                 k_max=cfg.k_max))
+    writer, jobs = _prepare_cache(cfg, resolve_base(base), measure_error=False)
     actor = BaseModelActor(to_dict(base), cfg.last_n, cfg.k_max, float16=True)
     for job in jobs:
         process_shard(job, [actor], writer)

@@ -46,8 +46,8 @@ def test_a_new_lowrank_cache_records_precision_and_measured_target_error(world):
     tmp, shards, base = world
     cfg = _cfg(tmp, shards, codec="lowrank", codec_params={"rank": 4, "attn_bits": 3},
                name="lowrank")
-    geometry, fingerprint = _check_base_model(cfg, base)
-    writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base)
+    resolved = _check_base_model(cfg, base)
+    writer, jobs = _prepare_cache(cfg, resolved)
     m = writer.manifest
     assert m["targets"] == {"precision": "float32"} and m["spec"]["codec"] == "lowrank"
     assert m["spec"]["codec_params"]["rank"] == 4
@@ -71,14 +71,14 @@ def test_a_new_lowrank_cache_records_precision_and_measured_target_error(world):
         rec = cache.read(0, 1)
         assert rec["features"].shape == (16, 48) and np.isfinite(rec["attn_logits"]).all()
     # resuming keeps the measurement and the identity; another precision is another cache
-    again, _ = _prepare_cache(cfg, geometry, fingerprint, base)
+    again, _ = _prepare_cache(cfg, resolved)
     assert again.manifest["target_error"] == err
     from storage import CacheError
     m2 = dict(m, targets={"precision": "bfloat16"})
     from storage.schema import identity_mismatch
     assert identity_mismatch(m, m2) == ["targets.precision"]
     with pytest.raises(CacheError):
-        _prepare_cache(_cfg(tmp, shards, codec="int8", name="lowrank"), geometry, fingerprint, base)
+        _prepare_cache(_cfg(tmp, shards, codec="int8", name="lowrank"), resolved)
 
 
 def test_compare_targets_sees_precision_changes_of_the_patch_selection():

@@ -5,7 +5,8 @@ The work is a chain of small stages, one Ray task per input shard::
     source shard -> decode -> K views (view_params) -> render_views (uint8 pixels)
         -> batches -> base-model actor (normalize_images, extract_targets) -> PartWriter -> commit
 
-* The driver (:func:`run_stage1`) loads the base model once to fingerprint it, lists the source
+* The driver (:func:`run_stage1`) takes the base model described once per command
+  (:func:`stages.resolve.resolve_base`; it resolves a BaseModelConfig itself), lists the source
   shards, creates (or reopens, to resume) the target cache, and submits one task per shard whose
   part is not committed yet. It shows progress as tasks finish and writes the bad-sample report.
 * A shard task (:func:`process_shard`) decodes and renders views on its own CPU and keeps
@@ -30,6 +31,7 @@ import os
 import time
 
 from stages.configs import BaseModelConfig, to_dict
+from stages.resolve import ResolvedBase, Targets, as_resolved, check_run_against
 
 from .cluster import _run_on_ray, failure_message
 from .config import (
@@ -48,8 +50,8 @@ logger = logging.getLogger("stages.stage1")
 
 
 # ------------------------------------------------------------------------------ the driver
-def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | None = None,
-               strict: bool | None = None, progress: bool = True,
+def run_stage1(cfg: Stage1Config, base: BaseModelConfig | ResolvedBase, *,
+               ray_address: str | None = None, strict: bool | None = None, progress: bool = True,
                hooks: ShardHooks | None = None) -> Stage1Summary:
     """Fill ``cfg.cache`` with the base model's targets for ``cfg.views`` views of every sample.
 
@@ -71,10 +73,10 @@ def run_stage1(cfg: Stage1Config, base: BaseModelConfig, *, ray_address: str | N
         logger.info("cache %s was built with %d views and extended to %d or more: checking "
                     "its %d-view parts", cfg.cache, built, cfg.views, built)
         cfg = dataclasses.replace(cfg, views=built)
-    geometry, fingerprint = _check_base_model(cfg, base)
+    resolved = _check_base_model(cfg, base)
     # actors (on any node) load exactly the weights fingerprinted here, or refuse
-    base = dataclasses.replace(base, sha256=fingerprint["checkpoint_sha256"])
-    writer, jobs = _prepare_cache(cfg, geometry, fingerprint, base, hooks=hooks)
+    base = resolved.config
+    writer, jobs = _prepare_cache(cfg, resolved, hooks=hooks)
     _record_config(cfg, base)
     summary = Stage1Summary(cache=_absolute(cfg.cache), backend=cfg.backend,
                             parts_total=len(writer.parts),
@@ -141,36 +143,24 @@ def check_storage(cfg: Stage1Config) -> None:
             check_location(item, what="targets.source.path")
 
 
-def _check_base_model(cfg: Stage1Config, base: BaseModelConfig) -> tuple[dict, dict]:
-    """Load the base model once on the driver: its geometry and fingerprint, checked against
-    the config. Returns (describe_vit dict, manifest base_model fingerprint)."""
-    from tec.teacher import describe_vit
-
-    if not base.checkpoint and not base.pretrained:
+def _check_base_model(cfg: Stage1Config, base: BaseModelConfig | ResolvedBase) -> ResolvedBase:
+    """The base model, loaded and described once (unless ``base`` already is), checked against
+    the stage-1 settings (view size, k_max, last_n)."""
+    config = base.config if isinstance(base, ResolvedBase) else base
+    if not config.checkpoint and not config.pretrained:
         raise Stage1Error(
             "base_model.checkpoint: stage 1 needs the trained base model (a random one would "
             "fill the cache with meaningless targets); set it to an MAE/DINO/iBOT/timm checkpoint"
         )
-    model = base.load()
-    geometry = describe_vit(model)
-    size = cfg.view_policy.output_size
-    if size != geometry["img_size"]:
-        raise Stage1Error(
-            f"targets.view_policy.output_size {size} differs from the base model's img_size "
-            f"{geometry['img_size']}; set targets.view_policy.output_size: {geometry['img_size']}"
-        )
-    if cfg.k_max > geometry["num_patches"]:
-        raise Stage1Error(f"targets.k_max {cfg.k_max} exceeds the base model's "
-                          f"{geometry['num_patches']} patches; lower targets.k_max")
-    if cfg.last_n > geometry["depth"]:
-        raise Stage1Error(f"targets.last_n {cfg.last_n} exceeds the base model's depth "
-                          f"{geometry['depth']}; lower targets.last_n")
-    return geometry, base.fingerprint(model, last_n=cfg.last_n, k_max=cfg.k_max)
+    resolved = as_resolved(base)
+    check_run_against(resolved.geometry, Targets.of_stage1(cfg), error=Stage1Error)
+    return resolved
 
 
-def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
-                   base: BaseModelConfig | None = None, hooks: ShardHooks | None = None):
-    """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts)."""
+def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | None = None,
+                   *, measure_error: bool = True):
+    """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts).
+    measure_error: measure the codec's target error on a new cache's first samples."""
     from stages.sources import unique_keys
     from storage import CacheSpec, create_cache
 
@@ -186,9 +176,10 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
     if any(renames):
         logger.info("%d sample keys repeat across shards; cached as <part>/<key>",
                     sum(len(r) for r in renames))
+    geometry = base.geometry
     policy = cfg.view_policy
-    spec = CacheSpec(num_patches=geometry["num_patches"], channels=geometry["embed_dim"],
-                     heads=geometry["num_heads"], k_max=cfg.k_max, views=cfg.views,
+    spec = CacheSpec(num_patches=geometry.num_patches, channels=geometry.embed_dim,
+                     heads=geometry.num_heads, k_max=cfg.k_max, views=cfg.views,
                      codec=cfg.codec, codec_params=cfg.codec_params or None,
                      backend=cfg.backend, pixels=cfg.pixels,
                      pixels_quality=cfg.pixels_quality,
@@ -197,14 +188,15 @@ def _prepare_cache(cfg: Stage1Config, geometry: dict, fingerprint: dict,
     extra = None
     from storage.objstore import as_root
 
-    if base is not None and not (as_root(cfg.cache) / "manifest.json").exists():
+    if measure_error and not (as_root(cfg.cache) / "manifest.json").exists():
         # a new cache: measure the target error of its codec and precision on the first samples
         from stages.target_error import measure_stage1_error
 
         extra = {"target_error": measure_stage1_error(cfg, base, spec, precision, source,
                                                       shards[0])}
     writer = create_cache(
-        cfg.cache, spec, base_model=fingerprint, targets={"precision": precision}, extra=extra,
+        cfg.cache, spec, base_model=base.fingerprint(last_n=cfg.last_n, k_max=cfg.k_max),
+        targets={"precision": precision}, extra=extra,
         view_policy={**policy.to_dict(), "views": cfg.views,
                      **({"first_view": cfg.first_view} if cfg.first_view else {})},
         source={"kind": cfg.source.kind, "path": cfg.source.path, "shards": shards,

@@ -14,12 +14,13 @@ refuses mismatches with a one-line message, builds the components, runs :class:`
 and writes the timm-loadable exports. Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the
 process group itself (NCCL on GPU, gloo on CPU); every rank calls the same function.
 
-Modules, one job each: :mod:`.config` (TrainConfig, TrainSummary, errors), :mod:`.dist`
+Modules, one job each: :mod:`.config` (TrainConfig, ModelConfig, TrainSummary, errors), :mod:`.dist`
 (DistEnv), :mod:`.inputs` (resolve_inputs, RunInputs), :mod:`.trainer` (Trainer), :mod:`.export`
 (the exports) and :mod:`.run` (the entry point :func:`train`).
 """
 from .config import (  # noqa: F401
     CacheMismatchError,
+    ModelConfig,
     NonFiniteLossError,
     StaleRunError,
     TrainConfig,
@@ -34,6 +35,7 @@ from .trainer import OnBatches, StepCounters, Trainer  # noqa: F401
 
 __all__ = [
     "CacheMismatchError",
+    "ModelConfig",
     "NonFiniteLossError",
     "StaleRunError",
     "TrainConfig",

@@ -5,17 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from stages.configs import ConfigError
+from stages.configs import ConfigError, from_dict
 from stages.optim import scaled_lr
-from storage.util import first_line
+from tec.model import NewModelConfig as _New
 
 logger = logging.getLogger("stages.train")
-
-
-# NewModelConfig fields that come from the cache / base model / view policy, not from the run.
-_DERIVED_MODEL_KEYS = ("img_size", "base_embed_dim", "base_num_heads")
 
 
 class TrainSetupError(ValueError):
@@ -42,12 +38,77 @@ class NonFiniteLossError(ValueError):
 # Configuration
 
 
+_FROM_BASE = "comes from the target cache / base model; remove it from the run's model settings"
+
+
+@dataclass(frozen=True, init=False)
+class ModelConfig:
+    """The new model's settings a run gives (``runs[].model``): tec.model.NewModelConfig's fields
+    with its defaults, except the geometry that comes from the cache / base model (img_size,
+    base_embed_dim, base_num_heads; patch_size defaults to the base model's).
+    :func:`stages.resolve.check_run_against` builds the NewModelConfig from it.
+
+    It remembers the keys the file gave (``given_keys``): a run's recorded settings
+    (``stages.configs.to_dict``, the run identity) are those keys, as written.
+    """
+
+    refused_keys: ClassVar[dict[str, str]] = {
+        "img_size": _FROM_BASE, "base_embed_dim": _FROM_BASE, "base_num_heads": _FROM_BASE}
+
+    patch_size: int | None = None  # None: the base model's
+    in_chans: int = _New.in_chans
+    embed_dim: int = _New.embed_dim
+    depth: int = _New.depth
+    num_heads: int = _New.num_heads
+    mlp_ratio: float = _New.mlp_ratio
+    decoder_embed_dim: int = _New.decoder_embed_dim
+    decoder_depth: int = _New.decoder_depth
+    decoder_num_heads: int = _New.decoder_num_heads
+    mask_ratio: float = _New.mask_ratio
+    target: str = _New.target  # 'tec' (base-model targets) | 'pixel' (MAE baseline / bootstrap)
+    attn_proj_dim: int | None = _New.attn_proj_dim
+    use_attention: bool = _New.use_attention
+    use_input_adapter: bool = _New.use_input_adapter
+    use_encoder_adapter: bool = _New.use_encoder_adapter
+    adapter_group: int = _New.adapter_group
+    k: int = _New.k
+    tau: float = _New.tau
+    feature_weight: float = _New.feature_weight
+    attention_weight: float = _New.attention_weight
+    norm_pix_loss: bool = _New.norm_pix_loss
+
+    def __init__(self, **given):
+        fields = dataclasses.fields(self)
+        unknown = sorted(set(given) - {f.name for f in fields})
+        if unknown:
+            raise TypeError(f"ModelConfig got an unexpected keyword argument {unknown[0]!r}")
+        for f in fields:
+            object.__setattr__(self, f.name, given.get(f.name, f.default))
+        object.__setattr__(self, "given_keys", tuple(given))
+
+    def with_defaults(self, **defaults) -> ModelConfig:
+        """These settings, with ``defaults`` for the keys not given (they count as given)."""
+        return ModelConfig(**{**defaults, **{k: getattr(self, k) for k in self.given_keys}})
+
+    def values(self) -> dict:
+        """Every setting (defaults included) by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        """The run's own settings (raises ConfigError naming ``model.<key>``)."""
+        if not self.tau > 0:
+            raise ConfigError(f"model.tau: must be > 0, got {self.tau}")
+        from stages.resolve import check_run_against
+
+        check_run_against(None, None, self)
+
+
 @dataclass
 class TrainConfig:
     """One stage-2 run (``train.runs[]`` in pipeline.yaml).
 
-    model: NewModelConfig fields (img_size, base_embed_dim and base_num_heads come from the
-    cache / base model; patch_size defaults to the base model's). batch_size is the global
+    model: the new model's settings (:class:`ModelConfig`; the geometry comes from the cache /
+    base model). batch_size is the global
     batch per optimizer step (all ranks x accum_steps). lr = blr x batch_size / 256, per-step
     linear warm-up over warmup_epochs then half-cycle cosine to min_lr. online_fraction: share
     of samples trained on a fresh view with targets computed online (1.0 = the reference fully
@@ -60,7 +121,7 @@ class TrainConfig:
     name: str
     epochs: int
     batch_size: int
-    model: dict = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
     accum_steps: int = 1
     blr: float = 1.5e-4
     min_lr: float = 0.0
@@ -89,6 +150,10 @@ class TrainConfig:
     # start the new model's encoder from the base model's weights (paper Tab. 6(d) ablation;
     # the paper's default, and ours, is random initialisation)
     init_from_base: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):  # built in code with the YAML's mapping
+            self.model = from_dict(ModelConfig, self.model, "model")
 
     def validate(self) -> None:
         def fail(key: str, why: str) -> None:
@@ -126,41 +191,7 @@ class TrainConfig:
             fail("max_steps", f"must be >= 1 or null, got {self.max_steps}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             fail("clip_grad", f"must be > 0 or null, got {self.clip_grad}")
-        self.model_config()  # raises on unknown keys / invalid values
-
-    def model_config(self, **derived) -> Any:
-        """NewModelConfig of this run; ``derived`` supplies img_size/base_* (placeholders if
-        absent).
-
-        Placeholders only let the run's own keys be checked before the cache is opened.
-        """
-        from tec.model import NewModelConfig
-
-        given = sorted(set(self.model) & set(_DERIVED_MODEL_KEYS))
-        if given:
-            raise ConfigError(f"model.{given[0]}: comes from the target cache / base model; "
-                              "remove it from the run's model settings")
-        names = {f.name for f in dataclasses.fields(NewModelConfig)}
-        unknown = sorted(set(self.model) - names)
-        if unknown:
-            raise ConfigError(f"unknown key model.{unknown[0]}; allowed keys: "
-                              f"{', '.join(sorted(names - set(_DERIVED_MODEL_KEYS)))}")
-        values = dict(self.model)
-        patch = int(values.get("patch_size", derived.get("patch_size", 16)))
-        values.setdefault("patch_size", patch)
-        values["img_size"] = derived.get("img_size", patch * 64)
-        values["base_embed_dim"] = derived.get("base_embed_dim", 8)
-        values["base_num_heads"] = derived.get("base_num_heads", 1)
-        tau = values.get("tau", 1.8)
-        if isinstance(tau, (int, float)) and not tau > 0:
-            raise ConfigError(f"model.tau: must be > 0, got {tau}")
-        try:
-            return NewModelConfig(**values).validate()
-        except (TypeError, ValueError) as exc:
-            message = first_line(exc)
-            if message.startswith("new-model config "):  # 'new-model config depth=4: ...'
-                raise ConfigError("model." + message.removeprefix("new-model config ")) from None
-            raise ConfigError(f"model: {message}") from None
+        self.model.validate()
 
 
 @dataclass

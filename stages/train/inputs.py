@@ -2,6 +2,7 @@
 base model, view policy and source, checked against each other with one-line refusals."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from stages.data import (
     SourceIndex,
     index_digest,
 )
+from stages.resolve import BaseGeometry, ResolvedBase, Targets, as_resolved, check_run_against
 from stages.views import ViewPolicy
 from storage.util import first_line
 
@@ -44,7 +46,8 @@ class RunInputs:
     k_max: int | None = None
     last_n: int = 2
     codec: str | None = None
-    base_model: nn.Module | None = None
+    base_model: nn.Module | None = None  # the run's copy of the base model (online targets)
+    base: ResolvedBase | None = None  # the base model's description (None: not used)
     source_index: SourceIndex | None = None  # None: a self-contained cache, no source read
     cache_reader: Any = None  # the open storage.CacheReader (handed to the loader workers)
 
@@ -67,10 +70,10 @@ def _same_files(a: list[str], b: list[str]) -> bool:
     return [os.path.realpath(x) for x in a] == [os.path.realpath(x) for x in b]
 
 
-def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, run: TrainConfig,
-                        views: int | None = None):
-    """Open a complete cache and check it belongs to this run (schema, base model, shapes)."""
-    from storage import CacheError, fingerprint_mismatch, open_cache
+def _open_cache_checked(cache: str, base: ResolvedBase | None, views: int | None = None):
+    """Open a complete cache and check it belongs to this run's base model (schema, base model
+    fingerprint, manifest identity)."""
+    from storage import CacheError, open_cache
     from storage.objstore import as_root, check_location
 
     check_location(str(cache), what="cache")
@@ -85,31 +88,26 @@ def _open_cache_checked(cache: str, base: BaseModelConfig | None, base_model, ru
         # the manifest's identity checksum is checked after the base model, so that a cache of
         # another base model is named as such
         reader = open_cache(cache, check_identity=False, views=views)
-    except CacheError as exc:
-        raise refuse(exc) from None
-    manifest = reader.manifest
-    cached_base = manifest.get("base_model", {})
-    if base_model is not None:
-        expected = base.fingerprint(base_model, last_n=int(cached_base.get("last_n", 2)),
-                                    k_max=int(cached_base.get("k_max", reader.spec.k_max)))
-        diff = fingerprint_mismatch(cached_base, expected)
-        if diff:
-            raise CacheMismatchError(
-                f"cache {cache} was built with a different base model ({'; '.join(diff)}); "
-                "rebuild the cache with this base model or configure the one it was built with")
-    try:
+        if base is not None:
+            cached_base = reader.manifest.get("base_model", {})
+            reader.check_base_model(base.fingerprint(
+                last_n=int(cached_base.get("last_n", 2)),
+                k_max=int(cached_base.get("k_max", reader.spec.k_max))))
         reader.check_manifest_identity()
     except CacheError as exc:
         raise refuse(exc) from None
     return reader
 
 
-def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseModelConfig | None,
+def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
+                   base: BaseModelConfig | ResolvedBase | None,
                    view_policy: ViewPolicy | None, device: torch.device,
                    out_dir: Path, dist: DistEnv, cache_views: int | None = None) -> RunInputs:
-    """Decide the model config, view policy, shards and target sources; refuse mismatches."""
-    target = run.model.get("target", "tec")
-    needs_targets = target == "tec"
+    """Decide the model config, view policy, shards and target sources; refuse mismatches.
+
+    base: the base model (resolved here when given as a BaseModelConfig and the run needs it).
+    """
+    needs_targets = run.model.target == "tec"
     if needs_targets and run.online_fraction < 1.0 and cache is None:
         raise TrainSetupError(
             f"run {run.name}: online_fraction {run.online_fraction} < 1 reads the target cache, "
@@ -121,18 +119,14 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
     if not needs_targets and base is not None:
         logger.info("pixel-target run %s: the base model is not used", run.name)
         base = None
-
-    base_model, geometry = None, None
-    if base is not None:
-        base_model = base.load().eval()  # on the CPU until the trainer knows it is needed
-        from tec.teacher import describe_vit
-
-        geometry = describe_vit(base_model)
+    base = as_resolved(base)
+    # the run's own copy, on the CPU until the trainer knows it is needed (it may move it)
+    base_model = copy.deepcopy(base.model) if base is not None else None
 
     reader = None
     views, k_max, last_n, codec = 0, None, 2, None
     if cache is not None:
-        reader = _open_cache_checked(str(cache), base, base_model, run, cache_views)
+        reader = _open_cache_checked(str(cache), base, cache_views)
         manifest = reader.manifest
         cached_base = manifest.get("base_model", {})
         spec = reader.spec
@@ -162,53 +156,19 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
                     f"{source.path!r}; use the source the cache was built from")
         views, k_max, codec = int(spec.views), int(spec.k_max), spec.codec
         last_n = int(cached_base.get("last_n", 2))
-        derived = dict(img_size=int(cached_base.get("img_size", policy.output_size)),
-                       patch_size=int(cached_base.get("patch_size", 16)),
-                       base_embed_dim=int(spec.channels), base_num_heads=int(spec.heads))
-        if policy.output_size != derived["img_size"]:
-            raise CacheMismatchError(
-                f"cache {cache}: view size {policy.output_size} differs from the base model's "
-                f"img_size {derived['img_size']}; the cache is inconsistent, rebuild it")
+        targets = Targets.of_cache(reader, str(cache))
+        geometry = base.geometry if base is not None else BaseGeometry.recorded(
+            cached_base, spec, policy.output_size)
     else:
         kind, shards, root = _expand_source(source) if source is not None else (None, None, None)
         if shards is None:
             raise TrainSetupError(f"run {run.name}: no cache and no source; configure source.path")
-        if geometry is not None:
-            derived = dict(img_size=geometry["img_size"], patch_size=geometry["patch_size"],
-                           base_embed_dim=geometry["embed_dim"],
-                           base_num_heads=geometry["num_heads"])
-            policy = view_policy or ViewPolicy(output_size=geometry["img_size"])
-            if policy.output_size != geometry["img_size"]:
-                raise TrainSetupError(
-                    f"view_policy.output_size {policy.output_size} differs from the base model's "
-                    f"img_size {geometry['img_size']}; set view_policy.output_size: "
-                    f"{geometry['img_size']}")
-        else:
-            policy = view_policy or ViewPolicy()
-            derived = dict(img_size=policy.output_size)
+        geometry = base.geometry if base is not None else None
+        policy = view_policy or (ViewPolicy(output_size=geometry.img_size) if geometry
+                                 else ViewPolicy())
         policy.validate()
-
-    model_cfg = run.model_config(**derived)
-    if needs_targets:
-        patch = derived.get("patch_size")
-        if patch is not None and model_cfg.patch_size != patch:
-            raise CacheMismatchError(
-                f"model.patch_size {model_cfg.patch_size} differs from the base model's patch size "
-                f"{patch} (the targets have one row per base-model patch); remove model.patch_size")
-        if reader is not None and model_cfg.num_patches != reader.spec.num_patches:
-            raise CacheMismatchError(
-                f"cache {cache} has {reader.spec.num_patches} patches per view, the model "
-                f"{model_cfg.num_patches}; the cache does not fit this model")
-        if k_max is not None and model_cfg.use_attention and model_cfg.k > k_max:
-            raise CacheMismatchError(
-                f"model.k {model_cfg.k} exceeds the cache's k_max {k_max} (attention rows stored "
-                f"by stage 1); use k <= {k_max} or rebuild the cache with a larger k_max")
-        if geometry is not None and (geometry["embed_dim"], geometry["num_heads"]) != (
-                model_cfg.base_embed_dim, model_cfg.base_num_heads):
-            raise CacheMismatchError(
-                f"the base model (width {geometry['embed_dim']}, {geometry['num_heads']} heads) "
-                f"does not match the cache (width {model_cfg.base_embed_dim}, "
-                f"{model_cfg.base_num_heads} heads)")
+        targets = Targets(view_size=policy.output_size, key="")  # the run's own views
+    model_cfg = check_run_against(geometry, targets, run.model, error=CacheMismatchError)
 
     if reader is not None and _self_contained(reader, run, needs_targets):
         logger.info("run %s: cache %s stores the view pixels (%s); no source image is read",
@@ -216,7 +176,8 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
         return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
                          cache_path=str(cache), cache_index=np.arange(reader.num_samples),
                          views=views, k_max=k_max, last_n=last_n, codec=codec,
-                         base_model=base_model, source_index=None, cache_reader=reader)
+                         base_model=base_model, base=base, source_index=None,
+                         cache_reader=reader)
     if kind == "webdataset":
         _check_source_exists(shards, reader, run, cache)
 
@@ -251,8 +212,8 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source, base: BaseMod
     return RunInputs(model_cfg=model_cfg, policy=policy, shards=shards, source_kind=kind,
                      cache_path=str(cache) if cache is not None else None,
                      cache_index=cache_index, views=views, k_max=k_max, last_n=last_n,
-                     codec=codec, base_model=base_model, source_index=source_index,
-                     cache_reader=reader)
+                     codec=codec, base_model=base_model, base=base,
+                     source_index=source_index, cache_reader=reader)
 
 
 def _self_contained(reader, run: TrainConfig, needs_targets: bool) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from stages.configs import BaseModelConfig, stable_seed, to_dict
+from stages.resolve import ResolvedBase
 from stages.views import ViewPolicy
 from storage.layout import write_json_atomic
 
@@ -46,7 +47,7 @@ def _numerics(run: TrainConfig, device: torch.device):
 
 
 def train(run: TrainConfig, *, cache: str | None = None, source=None,
-          base: BaseModelConfig | None = None, view_policy: ViewPolicy | None = None,
+          base: BaseModelConfig | ResolvedBase | None = None, view_policy: ViewPolicy | None = None,
           out_dir: str | Path, progress: bool = True,
           cache_views: int | None = None,
           on_batches: OnBatches | None = None) -> TrainSummary:
@@ -54,7 +55,8 @@ def train(run: TrainConfig, *, cache: str | None = None, source=None,
 
     cache: target cache folder (None: fully online or pixel mode). source: an object with
     ``kind`` and ``path`` (checked against the cache's source when both are given). base: the
-    base model (online fallback; its fingerprint is checked against the cache). view_policy:
+    base model (online fallback; its fingerprint is checked against the cache), described once
+    per command (a stages.resolve.ResolvedBase; a BaseModelConfig is resolved here). view_policy:
     only used without a cache. cache_views: of a cache grown by `tec cache extend --views`, use
     its first cache_views views (``targets.views``; never fewer than it was built with; None:
     all). Resumes from ``<out_dir>/checkpoints/last`` when present; writes
@@ -94,7 +96,7 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     trainer = Trainer(run, inputs, out_dir, dist, progress=progress, on_batches=on_batches)
     from stages.identity import run_identity
 
-    trainer.identity = run_identity(run, cache=inputs.cache_path, base=base,
+    trainer.identity = run_identity(run, cache=inputs.cache_path, base=inputs.base,
                                     needs_targets=trainer.needs_targets)
     if run.init_from_base:
         _init_from_base(run, trainer, init_source)
