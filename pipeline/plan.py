@@ -10,6 +10,7 @@ the speed results file given to :func:`make_plan` (``tec plan --speed-results``,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -68,15 +69,10 @@ def _geometry(timm_kwargs: dict, arch: str) -> dict:
     except (TypeError, AssertionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"base_model.timm_kwargs: cannot create {arch} with {timm_kwargs}: "
                           f"{first_line(exc)}") from None
-    block = model.blocks[0]
-    return {
-        "img_size": model.patch_embed.img_size[0],
-        "patch_size": model.patch_embed.patch_size[0],
-        "embed_dim": model.embed_dim,
-        "depth": len(model.blocks),
-        "num_heads": block.attn.num_heads,
-        "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
-    }
+    from stages.resolve import BaseGeometry
+
+    geometry = dataclasses.asdict(BaseGeometry.of_model(model))  # the base model's shape
+    return {**geometry, "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim}
 
 
 class _meta_device:
@@ -254,8 +250,7 @@ def make_plan(cfg: PipelineConfig, speed_results: Path | None = None) -> Plan:
     plan.pixel_bytes_per_view = estimated_bytes(t.pixels, t.pixels_quality, base["img_size"])
     from stages.resolve import BaseGeometry, build_model_config
 
-    geo = BaseGeometry(**{k: base[k] for k in ("img_size", "patch_size", "embed_dim", "depth",
-                                               "num_heads")})
+    geo = BaseGeometry(**{k: v for k, v in base.items() if k not in ("arch", "mlp_ratio")})
     for run in cfg.runs:
         m = build_model_config(run.model, geo)
         student = 3 * new_model_forward_flops(m)  # forward + backward
