@@ -23,8 +23,12 @@ one core even when the shared machine makes the process wait; wall-clock rates a
 * ``cache/<codec>/<jpeg|png>``: the self-contained path, stages.loader.BatchedTrainDataset:
   batched record reads in stored dtypes (dequantised later on the device), the stored view
   image decoded, the recorded view checked against the policy, mask noise;
-* ``stream/<codec>/jpeg``: a WebDataset cache with jpeg pixels read as a stream
-  (stages.loader.StreamingCacheDataset: sequential reads of one view's tars, shuffle buffer 64);
+* ``cache-wds/<codec>/jpeg``: the same batched random access into a WebDataset cache with jpeg
+  pixels (what ``read: random`` does with such a cache);
+* ``stream/<codec>/jpeg``: that WebDataset cache read as ``tec train`` does with ``read:
+  stream``: stages.loader.StreamingCacheDataset with the run's default shuffle buffer, iterated
+  through the trainer's DataLoader (stages.loader.make_loader, 0 workers: in this process),
+  one epoch per call (sequential reads of one view's tars, the next view the next epoch);
 * ``targets/<codec>/none``: the batched target reads alone (what the cache costs per sample).
 
 Every path runs ``--repeats`` times, interleaved (path A, B, C, A, B, C, ...), and the median
@@ -175,15 +179,22 @@ def make_path(kind: str, cache: str, shards: list[str], geo: dict):
                           cache=CacheRead(cache, cache_index, geo["k"], True,
                                           reader.spec.codec == "float16"))
         return lambda items: collate([ds[it] for it in items])
-    if kind == "stream":
-        from stages.loader import StreamingCacheDataset
+    if kind == "stream":  # read: stream, built and iterated as `tec train` does it
+        from dataclasses import fields
 
+        from stages.loader import LoaderSettings, StreamingCacheDataset, make_loader
+        from stages.train import TrainConfig
+
+        buffer = next(f.default for f in fields(TrainConfig) if f.name == "shuffle_buffer")
         stream = StreamingCacheDataset(reader, policy=policy, seed=0, num_patches=geo["L"],
                                        k=geo["k"], attention=True, batch_size=BATCH,
-                                       shuffle_buffer=BATCH)
+                                       shuffle_buffer=buffer)
+        loader = make_loader(stream, LoaderSettings(0, None, False, False, "in this process"))
+        epochs = iter(range(1 << 30))
 
         def epoch(_items):
-            return sum(len(b) for b in stream)
+            stream.set_position(next(epochs), 0)  # the next epoch: the other view's tars
+            return sum(len(b) for b in loader)
         epoch.whole_epoch = True
         return epoch
     if kind == "targets":
@@ -373,6 +384,7 @@ def main() -> None:
                     paths[f"cache/{codec}/{pixels}"] = make_path("cache", caches[pixels], shards, geo)
                 wds = write_cache(tmp / f"{geo_name}-{codec}-jpeg-wds", shards, geo, codec, "jpeg",
                                   "webdataset")
+                paths[f"cache-wds/{codec}/jpeg"] = make_path("cache", wds, shards, geo)
                 paths[f"stream/{codec}/jpeg"] = make_path("stream", wds, shards, geo)
             for load in paths.values():  # warm the page cache and the readers
                 load(batches(args.samples, 99)[0])
@@ -415,7 +427,9 @@ PATH_LABELS = [
     ("source", "none", "today's path: source JPEG decoded, view rendered, record read per sample"),
     ("cache", "jpeg", "self-contained cache, jpeg pixels (quality 90), batched"),
     ("cache", "png", "self-contained cache, png pixels, batched"),
-    ("stream", "jpeg", "WebDataset cache with jpeg pixels, streamed (shuffle buffer 64)"),
+    ("cache-wds", "jpeg", "WebDataset cache, jpeg pixels, batched random access (`read: random`)"),
+    ("stream", "jpeg", "WebDataset cache, jpeg pixels, streamed as `tec train` does (`read: "
+                       "stream`)"),
     ("targets", "none", "batched target reads alone (no pixels)"),
 ]
 

@@ -17,6 +17,10 @@ OPERATIONAL_KEYS = frozenset({
     "checkpoint_every", "keep_checkpoints", "max_steps", "device", "max_fallback_fraction",
 })
 
+# settings left out of a run's identity while they have these values (a random-access run's
+# identity is what it was before the streaming read mode existed)
+_LEFT_OUT = {"read": "random"}
+
 
 def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = True) -> dict:
     """{'run': settings, 'cache': {'identity', 'sections'} | None, 'base_model': dict | None}.
@@ -29,6 +33,9 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
     from .configs import to_dict
 
     settings = {k: v for k, v in to_dict(run).items() if k not in OPERATIONAL_KEYS}
+    if settings.get("read", "random") == "random":  # random access: as before read/shuffle_buffer
+        settings.pop("read", None)
+        settings.pop("shuffle_buffer", None)
     cache_id, base_id = None, None
     from storage.objstore import as_root
 
@@ -46,6 +53,10 @@ def run_identity(run, *, cache: str | None, base=None, needs_targets: bool = Tru
     return {"run": settings, "cache": cache_id, "base_model": base_id if needs_targets else None}
 
 
+def _setting(settings: dict, key: str):
+    return settings.get(key, _LEFT_OUT.get(key))
+
+
 def _value(v) -> str:
     text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return text if len(text) <= 40 else text[:37] + "..."
@@ -59,14 +70,16 @@ def identity_changes(old: dict | None, new: dict) -> list[str]:
     changes = []
     a, b = old.get("run") or {}, new.get("run") or {}
     for key in sorted(set(a) | set(b)):
-        if key in OPERATIONAL_KEYS or a.get(key) == b.get(key):
+        if key in OPERATIONAL_KEYS or _setting(a, key) == _setting(b, key):
             continue
+        if key == "shuffle_buffer" and (key not in a or key not in b):
+            continue  # read changed (listed): the buffer of a random-access run does not count
         if key == "model" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             ma, mb = a[key], b[key]
             changes += [f"model.{k} {_value(ma.get(k))} -> {_value(mb.get(k))}"
                         for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
         else:
-            changes.append(f"{key} {_value(a.get(key))} -> {_value(b.get(key))}")
+            changes.append(f"{key} {_value(_setting(a, key))} -> {_value(_setting(b, key))}")
     ca, cb = old.get("cache"), new.get("cache")
     if (ca or {}).get("identity") != (cb or {}).get("identity"):
         if ca and cb:

@@ -16,7 +16,8 @@ instead of one Python call per sample plus a collate:
   kept bit-identical.
 
 :class:`StreamingCacheDataset` is the streaming read pattern for WebDataset caches with pixels
-(sequential reads of each part's view tar, a shuffle buffer); the trainer reads by random access.
+(sequential reads of each part's view tar, a shuffle buffer): the trainer's ``read: stream``.
+``read: random`` (the default) reads micro-batches of the sample plan by random access.
 
 The cache reader is opened once by the trainer and handed to the workers (it is picklable and
 reopens its file handles lazily per process), so a worker does not re-open and re-check the
@@ -48,7 +49,9 @@ __all__ = [
     "LoaderSettings",
     "cached_to_device",
     "loader_settings",
+    "make_loader",
     "passthrough",
+    "shuffle_order",
     "StreamingCacheDataset",
 ]
 
@@ -123,6 +126,25 @@ def loader_settings(device: torch.device, *, workers: int | None = None,
                                        ("pin_memory", pin_memory)) if v is not None]
     reason = why + (f"; set in the config: {', '.join(overridden)}" if overridden else "")
     return LoaderSettings(w, pf, persistent, pin, reason)
+
+
+def make_loader(dataset, settings: LoaderSettings, *, sampler=None, batch_size: int | None = None,
+                worker_init_fn=None) -> torch.utils.data.DataLoader:
+    """The DataLoader of a stage-2 dataset with ``settings`` (pinned memory exactly when
+    ``settings.pin_memory``: a CUDA device and not switched off in the config).
+
+    dataset: a BatchedTrainDataset (map-style: ``sampler`` yields its PlanItems, ``batch_size``
+    of them per call) or a StreamingCacheDataset (iterable: yields whole Batches). Batches are
+    returned as the dataset built them (uint8 images, targets in stored dtypes); with pinned
+    memory the loader's pin thread calls :meth:`stages.data.Batch.pin_memory` on them.
+    """
+    workers = settings.workers
+    common = dict(collate_fn=passthrough, worker_init_fn=worker_init_fn if workers > 0 else None,
+                  **settings.kwargs())
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, **common)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       drop_last=False, **common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,82 +341,187 @@ class BatchedTrainDataset(Dataset):
 # streaming (WebDataset caches)
 
 
-class StreamingCacheDataset(torch.utils.data.IterableDataset):
-    """A self-contained WebDataset cache read as a stream: sequential reads and a shuffle buffer.
+def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a shuffle buffer of ``buffer`` items emits a stream of ``n`` items:
+    int64 [n] input positions in output order. Each arriving item enters the buffer; once it
+    holds ``buffer`` items, a uniformly drawn one leaves; at the end of the stream the rest leave
+    in a random order. A pure function of (n, buffer, rng): the stream's order is known before
+    a byte is read (what a resume and the skipping of consumed records rely on)."""
+    draws = rng.random(n)
+    out = np.empty(n, dtype=np.int64)
+    held: list[int] = []
+    t = 0
+    for i in range(n):
+        held.append(i)
+        if len(held) >= buffer:
+            j = int(draws[i] * len(held))
+            held[j], held[-1] = held[-1], held[j]
+            out[t] = held.pop()
+            t += 1
+    rest = np.array(held, dtype=np.int64)
+    rng.shuffle(rest)
+    out[t:] = rest
+    return out
 
-    Epoch e reads view ``(e + seed) % K`` of every sample (round robin: a streaming reader reads
-    each part's ``view-<v>.tar`` front to back, 1/K of the cache; a uniform view choice would read
-    every view's tar, K times the bytes). Parts are shuffled per epoch (seeded) and dealt to the
-    ``world`` ranks and each rank's DataLoader workers; a shuffle buffer of ``shuffle_buffer``
-    records mixes samples across parts. Yields Batches of ``batch_size`` (the last partial batch
-    of each worker is dropped), built like BatchedTrainDataset's: pixels decoded, targets in their
-    stored dtypes, the mask noise of (seed, epoch, sample). Use with ``DataLoader(batch_size=None)``.
+
+class StreamingCacheDataset(torch.utils.data.IterableDataset):
+    """A self-contained WebDataset cache read as a stream (``read: stream`` in a run).
+
+    One epoch, a pure function of (seed, epoch) and the layout (ranks, loader workers):
+
+    * view: epoch e reads view ``e % K`` of every sample (view_selection: round_robin: a stream
+      reads each part's ``view-<v>.tar`` front to back, 1/K of the cache; a uniform view choice
+      would read every view's tar, K times the bytes);
+    * order: the parts in a permutation seeded by (seed, epoch), each part's records in the
+      order they lie in its tar: one sequence of the N samples, of which the first ``steps x
+      B`` are used (B = batch_size x accum_steps x world, steps = N // B: the rest is dropped,
+      as the random path drops the last partial batch), every sample at most once;
+    * sharding: rank r takes the r-th contiguous range of ``steps x accum_steps`` micro-batches
+      (every rank the same number of steps); within a rank micro-batch j belongs to stream
+      ``j % W`` (W: the DataLoader's workers, at least 1), each stream a contiguous sub-range of
+      the rank's, read sequentially through its own shuffle buffer of ``shuffle_buffer``
+      records (seeded by (seed, epoch, rank, stream));
+    * delivery: DataLoader worker w serves stream ``(w + J) % W``, J the micro-batches the rank
+      consumed earlier in the epoch, so the DataLoader's round robin over its workers yields
+      micro-batches J, J + 1, ... in order, also after a mid-epoch resume.
+
+    A resume at (epoch, step) thus continues with exactly the samples, order and masks of the
+    uninterrupted run (same ranks, workers and shuffle buffer): the shuffle buffer is replayed
+    on record numbers (:func:`shuffle_order`, nothing read) and the records consumed before
+    the resume are skipped with a seek, not read. Yields Batches of ``batch_size`` (the
+    micro-batch) built like BatchedTrainDataset's: the stored pixels decoded, targets in their
+    stored dtypes, the recorded view checked, the mask noise of (seed, epoch, sample). Use with
+    ``DataLoader(batch_size=None)``; call :meth:`set_position` before each ``iter(loader)``
+    (the position lives in shared memory, so persistent workers see it).
     """
 
     def __init__(self, reader, *, policy: ViewPolicy, seed: int, num_patches: int, k: int,
                  attention: bool, batch_size: int, shuffle_buffer: int = 1000, rank: int = 0,
-                 world: int = 1, check_views: bool = True):
+                 world: int = 1, accum_steps: int = 1, check_views: bool = True):
         if reader.spec.backend != "webdataset" or reader.spec.pixels == "none":
             raise DataError(f"cache {reader.root}: streaming needs a WebDataset cache with view "
                             f"pixels (this one: {reader.spec.backend}, pixels "
                             f"{reader.spec.pixels}); use random access (BatchedTrainDataset)")
-        if shuffle_buffer < 1 or batch_size < 1:
-            raise DataError("shuffle_buffer and batch_size must be >= 1")
+        if shuffle_buffer < 1 or batch_size < 1 or accum_steps < 1:
+            raise DataError("shuffle_buffer, batch_size and accum_steps must be >= 1")
+        if not 0 <= rank < world:
+            raise DataError(f"rank {rank} is not in [0, {world})")
         self.batched = BatchedTrainDataset(
             reader=reader, cache_index=np.arange(reader.num_samples), keys=reader.keys,
             policy=policy, seed=seed, num_patches=num_patches, k=k, attention=attention,
             items=None, check_views=check_views)
-        self.reader, self.seed, self.batch_size = reader, seed, batch_size
-        self.shuffle_buffer, self.rank, self.world = shuffle_buffer, rank, world
-        self.epoch = 0
+        self.reader, self.seed = reader, int(seed)
+        self.batch_size, self.accum = int(batch_size), int(accum_steps)
+        self.shuffle_buffer, self.rank, self.world = int(shuffle_buffer), int(rank), int(world)
+        global_batch = self.batch_size * self.accum * self.world
+        self.steps = reader.num_samples // global_batch
+        if self.steps < 1:
+            raise DataError(f"cache {reader.root} holds {reader.num_samples} samples, fewer than "
+                            f"one batch of {global_batch}; lower batch_size")
+        # (epoch, step) of the next iteration, shared with the loader workers
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        """Start the next iteration at optimizer step ``step`` of ``epoch``."""
+        if not 0 <= int(step) <= self.steps:
+            raise ValueError(f"step {step} is not in [0, {self.steps}]")
+        self._position[0], self._position[1] = int(epoch), int(step)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.set_position(epoch, 0)
 
     def view_of_epoch(self, epoch: int) -> int:
-        return (epoch + self.seed) % self.reader.spec.views
+        return int(epoch) % self.reader.spec.views
 
-    def my_parts(self) -> list[str]:
-        """This rank's and worker's parts of the epoch (every part exactly once over all)."""
-        from torch.utils.data import get_worker_info
+    def stream_range(self, stream: int, streams: int) -> tuple[int, int]:
+        """(first position, length) of one stream's samples in the epoch's sequence."""
+        micro_batches = self.steps * self.accum  # per rank
+        counts = [len(range(s, micro_batches, streams)) for s in range(streams)]
+        start = self.rank * micro_batches * self.batch_size + self.batch_size * sum(counts[:stream])
+        return start, counts[stream] * self.batch_size
 
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        rng = np.random.default_rng([self.seed, self.epoch, 3])
-        parts = [self.reader.parts[i] for i in rng.permutation(len(self.reader.parts))]
-        return parts[self.rank * workers + worker:: self.world * workers]
+    def segment(self, epoch: int, stream: int, streams: int) -> list[tuple[int, np.ndarray]]:
+        """The stream's samples in reading order: (part index, part-local records in tar order)
+        runs. Only the parts the stream reads are opened."""
+        from storage.batch import view_order
+
+        view = self.view_of_epoch(epoch)
+        sizes = np.diff(np.asarray(self.reader._starts, dtype=np.int64))
+        perm = np.random.default_rng([self.seed, epoch, 3]).permutation(len(sizes))
+        ends = np.cumsum(sizes[perm])
+        start, length = self.stream_range(stream, streams)
+        runs = []
+        for p, end, size in zip(perm.tolist(), ends.tolist(), sizes[perm].tolist()):
+            begin = end - size
+            lo, hi = max(begin, start), min(end, start + length)
+            if lo < hi:
+                runs.append((p, view_order(self.reader, p, view)[lo - begin: hi - begin]))
+        return runs
+
+    def stream_batches(self, epoch: int, step: int, stream: int, streams: int):
+        """The Batches of one stream from the rank's position (epoch, step) on."""
+        from storage.batch import allocate, parse_record, stream_records
+
+        view = self.view_of_epoch(epoch)
+        runs = self.segment(epoch, stream, streams)
+        n = sum(len(records) for _, records in runs)
+        order = shuffle_order(n, self.shuffle_buffer,
+                              np.random.default_rng([self.seed, epoch, 4, self.rank, stream]))
+        skip = len(range(stream, step * self.accum, streams)) * self.batch_size
+        wanted = np.zeros(n, dtype=bool)
+        wanted[order[skip:]] = True
+
+        def reads():
+            first = 0
+            for p, records in runs:
+                mine = wanted[first: first + len(records)]
+                positions = first + np.flatnonzero(mine)
+                got = stream_records(self.reader, p, view, records[mine], parse=False,
+                                     into=buffer_for)
+                for position, (sample, data) in zip(positions.tolist(), got):
+                    yield position, sample, data
+                first += len(records)
+
+        free: list[bytearray] = []  # read buffers of records already parsed, reused
+
+        def buffer_for(n: int) -> memoryview:
+            buf = free.pop() if free else bytearray()
+            if len(buf) < n:
+                buf = bytearray(n + n // 4)
+            return memoryview(buf)[:n]
+
+        source = reads()
+        held: dict[int, tuple[int, memoryview]] = {}  # the shuffle buffer: records as read
+        for b in range(skip, n, self.batch_size):
+            start = time.perf_counter()
+            positions = order[b: b + self.batch_size].tolist()
+            for position in positions:
+                while position not in held:
+                    q, sample, data = next(source)
+                    held[q] = (sample, data)
+            samples = np.empty(len(positions), dtype=np.int64)
+            stored = allocate(self.reader.spec, self.batched.fields, len(positions))
+            stored["pixels"] = []
+            for j, q in enumerate(positions):  # parsed one at a time into the batch arrays
+                samples[j], data = held.pop(q)
+                record = parse_record(self.reader, data)  # owns its memory: data is reused
+                free.append(data.obj)
+                for name in self.batched.fields:
+                    stored[name][j] = record[name]
+                stored["pixels"].append(record["pixels"])
+            items = [PlanItem(epoch, int(s), view, False) for s in samples]
+            rows = list(range(len(items)))
+            yield self.batched.assemble(items, rows, rows, samples, stored, {}, [], start)
 
     def __iter__(self):
-        from storage.batch import stream_view
-
-        epoch, view = self.epoch, self.view_of_epoch(self.epoch)
         from torch.utils.data import get_worker_info
 
+        epoch, step = (int(x) for x in self._position.tolist())
         info = get_worker_info()
-        rng = np.random.default_rng([self.seed, epoch, 4, self.rank, info.id if info else 0])
-        buffer: list = []
-        pending: list = []
-        for part in self.my_parts():
-            for sample, stored in stream_view(self.reader, part, view):
-                buffer.append((sample, stored))
-                if len(buffer) >= self.shuffle_buffer:
-                    pending.append(buffer.pop(int(rng.integers(len(buffer)))))
-                    if len(pending) == self.batch_size:
-                        yield self._batch(pending, epoch, view)
-                        pending = []
-        rng.shuffle(buffer)
-        for rec in buffer:
-            pending.append(rec)
-            if len(pending) == self.batch_size:
-                yield self._batch(pending, epoch, view)
-                pending = []
-
-    def _batch(self, records: list, epoch: int, view: int) -> Batch:
-        start = time.perf_counter()
-        fields = self.batched.fields
-        samples = np.array([s for s, _ in records], dtype=np.int64)
-        stored = {name: np.stack([np.asarray(r[name]) for _, r in records]) for name in fields}
-        stored["pixels"] = [r["pixels"] for _, r in records]
-        items = [PlanItem(epoch, int(s), view, False) for s in samples]
-        rows = list(range(len(items)))
-        return self.batched.assemble(items, rows, rows, samples, stored, {}, [], start)
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        yield from self.stream_batches(epoch, step, (worker + step * self.accum) % workers,
+                                       workers)

@@ -21,12 +21,14 @@ each record's tar members in one pread (all its fields and the tar headers).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import compact
 from .codecs import blosc_decode, decode_view
 from .objstore import Url
-from .schema import CacheError, stored_fields
+from .schema import CacheError, index_dtype, stored_fields
 from .zarr_backend import ZarrPartReader
 
 try:  # numcodecs' blosc decodes into a given buffer (no copy); absent in old versions
@@ -195,6 +197,93 @@ def decode_records(spec, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def view_order(reader, part: int, view: int) -> np.ndarray:
+    """Part-local record numbers of part index ``part`` in the order their records lie in
+    ``view-<view>.tar`` (ascending offsets): the order a stream reads them in."""
+    if int(view) >= getattr(reader, "_base_spec", reader.spec).views:  # a view layer's tar
+        first, layer = reader._layer_of(int(view))
+        return view_order(layer, part, int(view) - first)
+    table = reader._part_reader(part).records[:, int(view)]  # [samples, 3] offset, length, crc32
+    return np.argsort(table[:, 0], kind="stable")
+
+
+def stream_records(reader, part: int, view: int, records=None, *, block: int = 8 << 20,
+                   parse: bool = True, into=None):
+    """Stream records of one view of a committed WebDataset part, front to back.
+
+    part: the part's index in ``reader.parts``. records: the part-local record numbers to read,
+    in tar order (a subsequence of :func:`view_order`; default: all of them). Yields (sample
+    index in the reader, stored arrays + encoded 'pixels') in that order: one sequential pass
+    over ``view-<v>.tar`` that seeks over records not asked for, each record's crc32 checked (a
+    local file: one unbuffered read per record, in file order, with the kernel's read-ahead; an
+    object: buffered reads of ``block`` bytes). parse=False: yield the checked record bytes
+    instead of the arrays (:func:`parse_record` makes them arrays; a shuffle buffer holds the
+    bytes and parses a record when it leaves). into: n -> a writable buffer of n bytes to read
+    the next record into (the caller's reused memory: no allocation per record).
+    """
+    import zlib
+
+    from .wds_backend import view_tar_name
+
+    spec = reader.spec
+    if spec.backend != "webdataset":
+        raise CacheError(f"cache {reader.root}: streaming reads WebDataset parts; this cache is "
+                         f"{spec.backend} (use random access: read_batch)")
+    if int(view) >= getattr(reader, "_base_spec", spec).views:  # a view layer's tar
+        first, layer = reader._layer_of(int(view))
+        yield from stream_records(layer, part, int(view) - first, records, block=block,
+                                  parse=parse, into=into)
+        return
+    wds = reader._part_reader(part)
+    table = wds.records[:, int(view)]  # [samples, 3] offset, length, crc32
+    if records is None:
+        records = np.argsort(table[:, 0], kind="stable")
+    start = reader._starts[part]
+    path = wds.dir / view_tar_name(int(view))
+    part_name = reader.parts[part]
+    with _open_stream(path, block) as f:
+        position = 0
+        for local in records:
+            offset, n, crc = (int(x) for x in table[local])
+            if offset != position:
+                f.seek(offset)
+            if into is None:
+                data = f.read(n)
+                got = len(data)
+            else:
+                data = into(n)
+                got = f.readinto(data) or 0
+            position = offset + n
+            if got != n or zlib.crc32(data) != crc:
+                raise CacheError(f"part {part_name} of cache {reader.root}: {path.name} record "
+                                 f"{int(local)} is damaged or truncated; run `tec cache verify`")
+            yield start + int(local), (parse_record(reader, data) if parse else data)
+
+
+def parse_record(reader, data: bytes) -> dict:
+    """A WebDataset record's bytes (its tar members) -> stored arrays + encoded 'pixels'."""
+    from .wds_backend import iter_tar_members, members_to_stored
+
+    try:
+        members = {name.split(".", 1)[1]: body for name, body in iter_tar_members(data)}
+        return members_to_stored(members, index_dtype(reader.spec))[0]
+    except Exception as e:  # passed its crc32 but does not decode
+        raise CacheError(f"cache {reader.root}: a streamed record does not decode "
+                         f"({type(e).__name__}: {e}); run `tec cache verify`") from None
+
+
+def _open_stream(path, block: int):
+    """A file object for one sequential pass over a view tar (see stream_records)."""
+    if isinstance(path, Url):
+        return path.open("rb", block_size=block)
+    f = open(path, "rb", buffering=0)  # records are large: a buffer would only add a copy
+    try:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError):  # not on every platform; a hint only
+        pass
+    return f
+
+
 def stream_view(reader, part: str, view: int, *, block: int = 8 << 20):
     """Stream one view of every record of a committed WebDataset part, front to back.
 
@@ -203,36 +292,4 @@ def stream_view(reader, part: str, view: int, *, block: int = 8 << 20):
     a time), each record's crc32 checked. Bytes read per epoch = the view's tar (records plus
     tar headers), 1/K of the part: the streaming pattern for object stores and disks.
     """
-    import zlib
-
-    from .wds_backend import iter_tar_members, members_to_stored, view_tar_name
-
-    spec = reader.spec
-    if spec.backend != "webdataset":
-        raise CacheError(f"cache {reader.root}: streaming reads WebDataset parts; this cache is "
-                         f"{spec.backend} (use random access: read_batch)")
-    if int(view) >= getattr(reader, "_base_spec", spec).views:  # a view layer's tar
-        first, layer = reader._layer_of(int(view))
-        yield from stream_view(layer, part, int(view) - first, block=block)
-        return
-    p = reader.parts.index(part)
-    wds = reader._part_reader(p)
-    table = wds.records[:, int(view)]  # [samples, 3] offset, length, crc32
-    order = np.argsort(table[:, 0], kind="stable")
-    start = reader._starts[p]
-    path = wds.dir / view_tar_name(int(view))
-    with (path.open("rb", block_size=block) if isinstance(path, Url) else
-          open(path, "rb", buffering=block)) as f:
-        position = 0
-        for local in order:
-            offset, n, crc = (int(x) for x in table[local])
-            if offset != position:
-                f.seek(offset)
-            data = f.read(n)
-            position = offset + n
-            if len(data) != n or zlib.crc32(data) != crc:
-                raise CacheError(f"part {part} of cache {reader.root}: {path.name} record "
-                                 f"{int(local)} is damaged or truncated; run `tec cache verify`")
-            members = {name.split(".", 1)[1]: body for name, body in iter_tar_members(data)}
-            stored, _ = members_to_stored(members, wds._idx_dtype)
-            yield start + int(local), stored
+    yield from stream_records(reader, reader.parts.index(part), view, block=block)

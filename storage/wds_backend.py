@@ -161,10 +161,11 @@ class WdsPartWriter:
 
 
 def iter_tar_members(buf: bytes):
-    """(name, data) of each regular member in a run of tar blocks (PAX names honoured)."""
+    """(name, data) of each regular member in a run of tar blocks (PAX names honoured); data is
+    a slice of ``buf`` (a view when buf is a memoryview)."""
     pos, n, long_name = 0, len(buf), None
     while pos + tarfile.BLOCKSIZE <= n:
-        header = buf[pos:pos + tarfile.BLOCKSIZE]
+        header = bytes(buf[pos:pos + tarfile.BLOCKSIZE])
         if header.count(0) == tarfile.BLOCKSIZE:
             break
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
@@ -175,7 +176,7 @@ def iter_tar_members(buf: bytes):
             raise ValueError("member runs past the end of the record")
         pos = start + size + ((-size) % tarfile.BLOCKSIZE)
         if kind == b"x":
-            for line in data.decode("utf-8", "surrogateescape").splitlines():
+            for line in bytes(data).decode("utf-8", "surrogateescape").splitlines():
                 length_kv = line.split(" ", 1)
                 if len(length_kv) == 2 and length_kv[1].startswith("path="):
                     long_name = length_kv[1][5:]

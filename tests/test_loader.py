@@ -227,6 +227,78 @@ def test_loader_settings_follow_the_machine_and_the_config():
         loader_settings(torch.device("cpu"), pin_memory=True)
 
 
+@pytest.mark.parametrize("device,pin,expected", [("cuda", None, True), ("cuda", False, False),
+                                                 ("cuda", True, True), ("cpu", None, False),
+                                                 ("cpu", False, False)])
+@pytest.mark.parametrize("read", ["random", "stream"])
+def test_the_trainers_loader_pins_memory_exactly_on_cuda_unless_switched_off(
+        world, device, pin, expected, read):
+    """The trainer's DataLoader decision with the device mocked (pinning itself needs CUDA)."""
+    from types import SimpleNamespace
+
+    from stages.loader import StreamingCacheDataset
+    from stages.train.trainer import Trainer
+
+    dataset, reader = _batched(world, "webdataset-jpeg-int8", source=False)
+    trainer = Trainer.__new__(Trainer)
+    trainer.run = run_config(pin_memory=pin, num_workers=None, read=read,
+                             view_selection="round_robin")
+    trainer.dist = SimpleNamespace(is_main=False)
+    trainer.device = torch.device(device)
+    trainer.batched, trainer.stream = dataset, None
+    trainer.sampler = SimpleNamespace(micro=4)
+    if read == "stream":
+        trainer.stream = StreamingCacheDataset(reader, policy=dataset.policy, seed=0,
+                                               num_patches=16, k=4, attention=True, batch_size=4)
+    trainer._build_loader(None)
+    assert trainer.loader.pin_memory is expected and trainer.loader_settings.pin_memory is expected
+    assert trainer.loader.dataset is (trainer.stream if read == "stream" else dataset)
+
+
+INT8 = {"features": torch.int8, "attn_logits": torch.int8}
+FLOAT16 = {"features": torch.float16, "attn_logits": torch.float16}
+
+
+@pytest.mark.parametrize("name,read,big", [
+    ("webdataset-jpeg-int8", "random", INT8), ("webdataset-jpeg-int8", "stream", INT8),
+    ("webdataset-png-float16", "stream", FLOAT16), ("zarr-jpeg-float16", "random", FLOAT16),
+    ("zarr-jpeg-lowrank", "random", {"features_u": torch.int8, "features_v": torch.int8})])
+def test_pinned_batches_hold_uint8_pixels_and_the_stored_targets(world, name, read, big,
+                                                                  monkeypatch):
+    """What the DataLoader's pin thread pins (torch's pin_memory, which calls Batch.pin_memory):
+    the uint8 images and the targets in their stored dtypes, no float32 copy of either."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from stages.loader import StreamingCacheDataset
+
+    dataset, reader = _batched(world, name, source=False)
+    if read == "stream":
+        stream = StreamingCacheDataset(reader, policy=dataset.policy, seed=0, num_patches=16,
+                                       k=4, attention=True, batch_size=4)
+        batch = next(iter(stream))
+    else:
+        batch = dataset.__getitems__([PlanItem(0, i, i % VIEWS, False) for i in range(4)])
+    pinned = []
+
+    def fake_pin(self, *args, **kwargs):  # page-locking needs CUDA: record what is pinned
+        pinned.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    images, cached = batch.images, dict(batch.cached)
+    out = pin_memory(batch)
+    assert len(pinned) == 2 + len(cached)  # images, noise and every target tensor
+    assert pinned[0] is images and out.images.dtype == torch.uint8
+    assert out.images.shape == (4, 3, 32, 32)
+    for field, dtype in big.items():
+        assert out.cached[field].dtype == dtype and out.cached[field] is not cached[field]
+    small = {"feature_mean", "feature_std", "features_scale", "attn_logits_scale",
+             "features_u_scale", "features_v_scale", "attn_max", "attn_step"}
+    floats = {n for n, t in out.cached.items() if t.dtype == torch.float32}
+    assert floats <= small, floats  # float32 only for per-row scales and statistics
+    assert "features" not in out.cached or out.cached["features"].dtype != torch.float32
+
+
 def test_self_contained_cache_trains_without_the_source(world, tmp_path):
     from stages.train import TrainSetupError, train
 

@@ -62,6 +62,35 @@ def test_a_cache_on_memory_store_reads_like_a_local_one(tmp_path, backend):
     assert len(batch["features"]) == 6
 
 
+def test_a_webdataset_cache_on_memory_store_streams_like_a_local_one(tmp_path):
+    """read: stream's sequential pass (storage.batch.stream_records) over an object store:
+    the same records as from a folder, also read into the caller's buffers."""
+    from storage.batch import parse_record, stream_records, view_order
+
+    s = spec(backend="webdataset")
+    parts = [("p0", 4), ("p1", 3)]
+    remote, local = new_cache("memory://tec-stream/cache", s, parts), new_cache(tmp_path / "c", s,
+                                                                               parts)
+    for w in (remote, local):
+        write_part(w, "p0", 1)
+        write_part(w, "p1", 2, skip=(1,))
+        w.finalize()
+    a, b = open_cache("memory://tec-stream/cache"), open_cache(tmp_path / "c")
+    for p in range(len(a.parts)):
+        order = view_order(a, p, 1)
+        some = order[::2]  # every other record: the pass seeks over the rest
+        streamed = list(stream_records(a, p, 1, some, parse=False,
+                                       into=lambda n: memoryview(bytearray(n + 3))[:n]))
+        expected = list(stream_records(b, p, 1, some))
+        assert [i for i, _ in streamed] == [i for i, _ in expected] == [
+            a.part_range(a.parts[p])[0] + int(r) for r in some]
+        for (i, data), (_, ref) in zip(streamed, expected):
+            got = parse_record(a, data)
+            for name, x in ref.items():
+                np.testing.assert_array_equal(got[name], x, err_msg=name)
+            np.testing.assert_array_equal(got["features"], b.read(i, 1, decode=False)["features"])
+
+
 def test_a_half_uploaded_part_is_invisible_and_removed_on_reopen():
     """Objects of an attempt that died before its marker: readers do not see the part, verify
     names it, inspect lists it as unfinished, and reopening the part removes them."""

@@ -138,3 +138,30 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(world, tmp_path):
     with open(tmp_path / "resumed" / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == list(range(1, 13))  # the killed run's rows after step 6 were dropped
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_streams_every_sample_once_with_equal_steps(world, tmp_path):
+    """read: stream over 2 ranks x 2 loader workers: each epoch's samples once, none on two
+    ranks, the same steps on both ranks (16 samples, batches of 6: 2 steps, 4 dropped), and
+    the ranks' weights identical."""
+    cache = build_cache(tmp_path / "wds", sorted(str(p) for p in (world["tmp"] / "shards").iterdir()),
+                        world["base"], backend="webdataset", codec="int8", pixels="jpeg")
+    run = dict(epochs=2, batch_size=6, num_workers=2, blr=0.05, seed=0, read="stream",
+               view_selection="round_robin", shuffle_buffer=3)
+    proc = _run({**world, "cache": cache}, tmp_path / "ddp", run, nproc=2, dump_weights=True,
+                log_samples=True)
+    _ok(proc)
+    w0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
+    w1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    seen = {}
+    for rank in (0, 1):
+        with open(tmp_path / "ddp" / "debug" / f"samples_rank{rank}.tsv") as f:
+            seen[rank] = [line.rstrip("\n").split("\t") for line in f]
+    for rank in (0, 1):  # 2 epochs x 2 steps x 3 samples, each step on both ranks
+        assert [row[0] for row in seen[rank]] == [str(s) for s in range(4) for _ in range(3)]
+    for epoch in ("0", "1"):
+        keys = [[row[2] for row in seen[r] if row[1] == epoch] for r in (0, 1)]
+        assert len(set(keys[0] + keys[1])) == len(keys[0] + keys[1]) == 12  # once, 4 dropped
+        assert {row[3] for r in (0, 1) for row in seen[r] if row[1] == epoch} == {epoch}  # view

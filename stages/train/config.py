@@ -115,7 +115,10 @@ class TrainConfig:
     online training). checkpoint_every: optimizer steps between checkpoints (0 = epoch ends
     only). max_steps: stop early (the schedule still spans ``epochs``). num_workers,
     prefetch_factor, persistent_workers, pin_memory: the DataLoader's, chosen from the machine
-    when null (stages.loader.loader_settings; the choice is logged).
+    when null (stages.loader.loader_settings; the choice is logged). read: how the cache is
+    read, ``random`` (random access in the sample plan's order, any cache) or ``stream``
+    (sequential reads of a self-contained WebDataset cache through a shuffle buffer of
+    ``shuffle_buffer`` records per loader worker: stages.loader.StreamingCacheDataset).
     """
 
     name: str
@@ -138,6 +141,8 @@ class TrainConfig:
     # back to online targets; null: 0 when online_fraction is 0, else online_fraction
     max_fallback_fraction: float | None = None
     view_selection: Literal["uniform", "round_robin"] = "uniform"
+    read: Literal["random", "stream"] = "random"
+    shuffle_buffer: int = 1000
     feature_norm: Literal["patch", "channel", "none"] = "patch"
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -191,6 +196,20 @@ class TrainConfig:
             fail("max_steps", f"must be >= 1 or null, got {self.max_steps}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             fail("clip_grad", f"must be > 0 or null, got {self.clip_grad}")
+        if self.shuffle_buffer < 1:
+            fail("shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        if self.read == "stream":
+            if self.model.target != "tec":
+                fail("read", "stream reads the target cache; a pixel-target run (model.target: "
+                     f"{self.model.target}) renders its views from the source - set read: random")
+            if self.online_fraction > 0:
+                fail("read", f"stream reads cached views only, but online_fraction "
+                     f"{self.online_fraction} > 0 draws fresh views from the source images; set "
+                     "online_fraction: 0 or read: random")
+            if self.view_selection != "round_robin":
+                fail("read", f"stream reads one view per epoch for every sample (a part's "
+                     f"view-<v>.tar front to back), which view_selection: {self.view_selection} "
+                     "cannot honour; set view_selection: round_robin or read: random")
         self.model.validate()
 
 

@@ -127,6 +127,7 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
     views, k_max, last_n, codec = 0, None, 2, None
     if cache is not None:
         reader = _open_cache_checked(str(cache), base, cache_views)
+        _check_read_mode(run, reader, cache)
         manifest = reader.manifest
         cached_base = manifest.get("base_model", {})
         spec = reader.spec
@@ -220,6 +221,22 @@ def _self_contained(reader, run: TrainConfig, needs_targets: bool) -> bool:
     """Whether the run trains from the cache alone: the cache stores the view pixels and every
     sample is a cached view (online_fraction 0). Fresh views need the source images."""
     return reader.spec.pixels != "none" and needs_targets and run.online_fraction == 0.0
+
+
+def _check_read_mode(run: TrainConfig, reader, cache) -> None:
+    """``read: stream`` needs a self-contained WebDataset cache (one line naming the key)."""
+    if getattr(run, "read", "random") != "stream":
+        return
+    spec = reader.spec
+    if spec.backend != "webdataset":
+        raise TrainSetupError(
+            f"read: stream reads WebDataset caches; cache {cache} is {spec.backend}, which is "
+            "read by random access - set read: random")
+    if spec.pixels == "none":
+        raise TrainSetupError(
+            f"read: stream needs a self-contained cache, but cache {cache} stores no view pixels "
+            "(targets.pixels: none) - set read: random, or rebuild the cache with "
+            "targets.pixels: jpeg")
 
 
 def _check_source_exists(shards: list[str], reader, run: TrainConfig, cache) -> None:

@@ -29,7 +29,12 @@ from stages.data import (
     TargetBuilder,
     TrainDataset,
 )
-from stages.loader import BatchedTrainDataset, loader_settings, passthrough
+from stages.loader import (
+    BatchedTrainDataset,
+    StreamingCacheDataset,
+    loader_settings,
+    make_loader,
+)
 from stages.metrics import LoaderMeter, StepLog, WindowMean
 from stages.optim import LRSchedule, build_optimizer, scaled_lr
 
@@ -115,20 +120,19 @@ class Trainer:
             cache_index=inputs.cache_index, keys=keys, policy=inputs.policy, seed=run.seed,
             num_patches=cfg.num_patches, k=cfg.k, attention=cfg.use_attention,
             items=self.dataset)
-        settings = loader_settings(self.device, workers=run.num_workers,
-                                   prefetch_factor=run.prefetch_factor,
-                                   persistent_workers=run.persistent_workers,
-                                   pin_memory=run.pin_memory)
-        workers = settings.workers
-        if dist.is_main:
-            logger.info("run %s data loader: %d workers, prefetch %s, persistent %s, pinned "
-                        "memory %s (%s)", run.name, workers, settings.prefetch_factor,
-                        settings.persistent_workers, settings.pin_memory, settings.reason)
-        self.loader_settings = settings
-        self.loader = torch.utils.data.DataLoader(
-            self.batched, batch_size=self.sampler.micro, sampler=self.sampler,
-            collate_fn=passthrough, worker_init_fn=_worker_init if workers > 0 else None,
-            drop_last=False, **settings.kwargs())
+        # read: stream - a self-contained WebDataset cache read sequentially (checked in
+        # TrainConfig.validate and resolve_inputs): same steps per epoch, its own order
+        self.stream = None
+        if run.read == "stream":
+            self.stream = StreamingCacheDataset(
+                inputs.cache_reader, policy=inputs.policy, seed=run.seed,
+                num_patches=cfg.num_patches, k=cfg.k, attention=cfg.use_attention,
+                batch_size=self.sampler.micro, accum_steps=run.accum_steps, rank=dist.rank,
+                world=dist.world_size, shuffle_buffer=run.shuffle_buffer)
+            if self.stream.steps != self.sampler.steps:
+                raise DataError(f"run {run.name}: the stream has {self.stream.steps} steps per "
+                                f"epoch, the sample plan {self.sampler.steps}; use read: random")
+        self._build_loader(run.num_workers)
         self.targets = None
         if self.needs_targets:
             self.targets = TargetBuilder(
@@ -166,7 +170,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed_from: int | None = None
         self.counters = StepCounters()
-        self.loader_meter = LoaderMeter(workers)
+        self.loader_meter = LoaderMeter(self.loader_settings.workers)
         self.window = WindowMean()
         self.final_losses: dict[str, float] = {}
         self.lr = 0.0
@@ -174,6 +178,62 @@ class Trainer:
         # called with (trainer, the step's micro-batches) before each step (tests observe the
         # samples each rank trains on)
         self.on_batches = on_batches
+
+    def _build_loader(self, workers: int | None) -> None:
+        """The DataLoader (and its settings) over the stream or the sample plan's batches."""
+        run, dist = self.run, self.dist
+        settings = loader_settings(self.device, workers=workers,
+                                   prefetch_factor=run.prefetch_factor,
+                                   persistent_workers=run.persistent_workers,
+                                   pin_memory=run.pin_memory)
+        if dist.is_main:
+            logger.info("run %s data loader (read: %s): %d workers, prefetch %s, persistent %s, "
+                        "pinned memory %s (%s)", run.name, run.read, settings.workers,
+                        settings.prefetch_factor, settings.persistent_workers,
+                        settings.pin_memory, settings.reason)
+        self.loader_settings = settings
+        if self.stream is not None:
+            self.loader = make_loader(self.stream, settings, worker_init_fn=_worker_init)
+        else:
+            self.loader = make_loader(self.batched, settings, sampler=self.sampler,
+                                      batch_size=self.sampler.micro, worker_init_fn=_worker_init)
+
+    def _stream_layout(self) -> dict[str, int] | None:
+        """What the order of ``read: stream`` depends on besides (seed, epoch)."""
+        if self.stream is None:
+            return None
+        return {"ranks": self.dist.world_size, "workers": max(1, self.loader_settings.workers),
+                "shuffle_buffer": self.run.shuffle_buffer}
+
+    def _check_read_mode(self, state: dict, path) -> None:
+        """Refuse a checkpoint of another read mode or stream layout (the sample order differs);
+        with num_workers unset, a stream adopts the checkpoint's number of loader workers."""
+        data = state.get("data") or {}
+        read = data.get("read", "random")
+        if read != self.run.read:
+            raise TrainSetupError(
+                f"read: checkpoint {path} was written with read: {read}, this run has read: "
+                f"{self.run.read} (another sample order); set read: {read} to continue it, or "
+                "use a new run name or delete the run folder to start over")
+        mine, recorded = self._stream_layout(), data.get("stream")
+        if mine is None or recorded == mine:
+            return
+        recorded = recorded or {}
+        if (recorded.get("ranks"), recorded.get("shuffle_buffer")) == (
+                mine["ranks"], mine["shuffle_buffer"]) and self.run.num_workers is None \
+                and isinstance(recorded.get("workers"), int) and recorded["workers"] >= 1:
+            logger.info("run %s: read: stream continues with the checkpoint's %d loader workers "
+                        "per rank (the sample order depends on them)", self.run.name,
+                        recorded["workers"])
+            self._build_loader(recorded["workers"])
+            self.loader_meter = LoaderMeter(self.loader_settings.workers)
+            return
+        raise TrainSetupError(
+            f"read: stream: checkpoint {path} was written by {recorded.get('ranks')} rank(s) x "
+            f"{recorded.get('workers')} loader worker(s) with shuffle_buffer "
+            f"{recorded.get('shuffle_buffer')}, this run has {mine['ranks']} x {mine['workers']} "
+            f"with {mine['shuffle_buffer']}; the stream's sample order depends on them - run "
+            "with the same ranks, num_workers and shuffle_buffer, or start over")
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -192,7 +252,8 @@ class Trainer:
             "identity": getattr(self, "identity", None),  # stages.identity.run_identity
             "steps_per_epoch": self.steps_per_epoch,
             "data": {"cache": self.inputs.cache_path, "num_samples": len(self.plan),
-                     "shards": len(self.inputs.shards)},
+                     "shards": len(self.inputs.shards), "read": self.run.read,
+                     "stream": self._stream_layout()},
         }
 
     def save_checkpoint(self) -> Path:
@@ -230,6 +291,7 @@ class Trainer:
                 f"and batch_size {state['train_config'].get('batch_size')}, this run has "
                 f"{self.steps_per_epoch} and {self.run.batch_size} (data or batch changed); use a "
                 "new run name or delete the run folder to start over")
+        self._check_read_mode(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["step"])
@@ -322,6 +384,8 @@ class Trainer:
         try:
             while self.global_step < self.total_steps:
                 self.sampler.set_position(self.epoch, self.step_in_epoch)
+                if self.stream is not None:
+                    self.stream.set_position(self.epoch, self.step_in_epoch)
                 batches = iter(self.loader)
                 while (self.step_in_epoch < self.steps_per_epoch
                        and self.global_step < self.total_steps):
