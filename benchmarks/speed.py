@@ -685,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Headline: best-of repeats on both sides (timeit's rule for a shared, noisy machine):
     # the best steady part of the two float16 runs / the best forward-only pass.
-    forward_best = max(fwd_before["forward_best_views_per_s"], fwd_after["forward_best_views_per_s"])
+    forward_best = max(fwd_before["forward_best_views_per_s"],
+                       fwd_after["forward_best_views_per_s"])
     s1_best = max(r.get("best_part_views_per_s", views_rate(r)) for r in s1_fp16)
     s1_views = statistics.fmean(views_rate(r) for r in s1_fp16)
     s1_steady = statistics.fmean(r.get("views_per_s_after_first_part", views_rate(r))

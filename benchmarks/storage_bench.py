@@ -402,7 +402,8 @@ def markdown(r: dict) -> str:
                          ("vitb_random_init", "random-init ViT-B/16")):
         for prec, e in (pr.get(where) or {}).items():
             lines.append(f"| {prec} | {label} | {_f(e['feature_rel_rms'], 5)} | "
-                         f"{_f(e['attn_excess_ce_tau1.0'], 6)} / {_f(e['attn_excess_ce_tau1.8'], 6)}"
+                         f"{_f(e['attn_excess_ce_tau1.0'], 6)} / "
+                         f"{_f(e['attn_excess_ce_tau1.8'], 6)}"
                          f" | {_f(e['topk_agreement'], 4)} | {_f(e['attn_rows_compared'], 3)} |")
     lines += ["", f"Precision measured on: {pr.get('device', '?')}."]
     s1 = r.get("stage1")
@@ -415,7 +416,8 @@ def markdown(r: dict) -> str:
     q, best = r.get("quality") or {}, r.get("best_within_0p3") or {}
     lines += [""]
     if q:
-        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | file |", "|---|---|---|---|"]
+        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | file |",
+                  "|---|---|---|---|"]
         for name, row in q.items():
             lines.append(f"| {name} | {_f(row.get('knn_top1'), 2)} | "
                          f"{_f(row.get('linear_top1'), 2)} | `{row.get('file')}` |")

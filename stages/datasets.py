@@ -25,11 +25,14 @@ from storage.layout import atomic_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IdxError", "read_idx", "fashion_mnist_to_shards"]
+__all__ = [
+    "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IdxError", "read_idx", "fashion_mnist_to_shards",
+]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
 )
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -45,7 +48,8 @@ def _find_idx(idx_dir: Path, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"Fashion-MNIST IDX file {idx_dir / name}[.gz] not found; install with: apt-get install dataset-fashion-mnist"
+        f"Fashion-MNIST IDX file {idx_dir / name}[.gz] not found; install with: "
+        "apt-get install dataset-fashion-mnist"
     )
 
 
@@ -67,7 +71,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise IdxError(f"IDX file {path} holds {len(raw) - header} data bytes, header shape {list(shape)} needs {expected}")
+        raise IdxError(
+            f"IDX file {path} holds {len(raw) - header} data bytes, header shape {list(shape)} "
+            f"needs {expected}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -111,7 +118,8 @@ def fashion_mnist_to_shards(
 ) -> list[str]:
     """Convert Fashion-MNIST IDX files to WebDataset shards; returns one shard pattern per split.
 
-    idx_dir: folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]; None = FASHION_MNIST_DIR.
+    idx_dir: folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz];
+    None = FASHION_MNIST_DIR.
     out_dir: where `{split}-{i:06d}.tar` go. limit: first `limit` samples of each split.
     Returns e.g. ['<out>/train-{000000..000005}.tar', '<out>/test-000000.tar'] (for expand_shards).
     """
@@ -136,9 +144,15 @@ def fashion_mnist_to_shards(
         labels_path = _find_idx(idx_dir, f"{prefix}-labels-idx1-ubyte")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise IdxError(f"{images_path} should hold uint8 images [N, H, W], got {images.dtype} {list(images.shape)}")
+            raise IdxError(
+                f"{images_path} should hold uint8 images [N, H, W], got {images.dtype} "
+                f"{list(images.shape)}"
+            )
         if labels.ndim != 1 or len(labels) != len(images):
-            raise IdxError(f"{labels_path} holds {labels.shape} labels for {len(images)} images in {images_path}")
+            raise IdxError(
+                f"{labels_path} holds {labels.shape} labels for {len(images)} images in "
+                f"{images_path}"
+            )
         n = len(images) if limit is None else min(limit, len(images))
         num_shards = (n + shard_size - 1) // shard_size
         written = 0
@@ -151,7 +165,10 @@ def fashion_mnist_to_shards(
                 continue
             _write_shard(path, keys, images[lo:hi], labels[lo:hi])
             written += 1
-        logger.info("fashion-mnist %s: %d samples in %d shard(s) (%d written) under %s", split, n, num_shards, written, out_dir)
+        logger.info(
+            "fashion-mnist %s: %d samples in %d shard(s) (%d written) under %s",
+            split, n, num_shards, written, out_dir,
+        )
         if num_shards == 1:
             patterns.append(str(out_dir / f"{split}-000000.tar"))
         else:

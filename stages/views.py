@@ -90,20 +90,33 @@ class ViewPolicy:
                 or len(value) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
             ):
-                raise ViewPolicyError(f"view_policy.{name} must be two numbers [min, max], got {value!r}")
+                raise ViewPolicyError(
+                    f"view_policy.{name} must be two numbers [min, max], got {value!r}"
+                )
             lo, hi = value
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-                raise ViewPolicyError(f"view_policy.{name} must satisfy 0 < min <= max, got {list(value)}")
+                raise ViewPolicyError(
+                    f"view_policy.{name} must satisfy 0 < min <= max, got {list(value)}"
+                )
         if self.scale[1] > 1:
-            raise ViewPolicyError(f"view_policy.scale max must be <= 1 (fraction of the image), got {self.scale[1]}")
+            raise ViewPolicyError(
+                f"view_policy.scale max must be <= 1 (fraction of the image), got {self.scale[1]}"
+            )
         if not (isinstance(self.flip_p, (int, float)) and 0.0 <= self.flip_p <= 1.0):
             raise ViewPolicyError(f"view_policy.flip_p must be in [0, 1], got {self.flip_p!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ViewPolicyError(
-                f"view_policy.interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}"
+                f"view_policy.interpolation must be one of {list(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
             )
-        if isinstance(self.output_size, bool) or not isinstance(self.output_size, (int, np.integer)) or self.output_size < 1:
-            raise ViewPolicyError(f"view_policy.output_size must be a positive integer, got {self.output_size!r}")
+        if (
+            isinstance(self.output_size, bool)
+            or not isinstance(self.output_size, (int, np.integer))
+            or self.output_size < 1
+        ):
+            raise ViewPolicyError(
+                f"view_policy.output_size must be a positive integer, got {self.output_size!r}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,11 +132,14 @@ class ViewPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViewPolicy:
-        """Inverse of to_dict; tolerates a manifest's extra 'views' (K) key, rejects other unknown keys."""
+        """Inverse of to_dict; tolerates a manifest's extra 'views' (K) key, rejects other unknown
+        keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _MANIFEST_ONLY_KEYS)
         if unknown:
-            raise ViewPolicyError(f"unknown view_policy field(s) {unknown}; known fields are {sorted(known)}")
+            raise ViewPolicyError(
+                f"unknown view_policy field(s) {unknown}; known fields are {sorted(known)}"
+            )
         policy = cls(**{k: v for k, v in data.items() if k in known})
         return policy.validate()
 
@@ -168,7 +184,9 @@ class _HashStream:
 
     def next_u64(self) -> int:
         if not self._words:
-            block = hashlib.blake2b(struct.pack("<Q", self._counter), digest_size=32, key=self._key).digest()
+            block = hashlib.blake2b(
+                struct.pack("<Q", self._counter), digest_size=32, key=self._key
+            ).digest()
             self._counter += 1
             self._words = list(struct.unpack("<4Q", block))[::-1]
         return self._words.pop()
@@ -245,19 +263,24 @@ def view_params(policy: ViewPolicy, key: str, view: int, height: int, width: int
     if not isinstance(key, str):
         raise ViewPolicyError(f"sample key must be a str, got {type(key).__name__} {key!r}")
     if isinstance(view, bool) or not isinstance(view, (int, np.integer)) or view < 0:
-        raise ViewPolicyError(f"view index must be a non-negative integer, got {view!r} (key {key!r})")
+        raise ViewPolicyError(
+            f"view index must be a non-negative integer, got {view!r} (key {key!r})"
+        )
     if height < 1 or width < 1:
         raise ViewPolicyError(f"source image of sample {key!r} has no pixels ({height}x{width})")
     seed, view = int(policy.seed), int(view)
     crop_stream = _HashStream(seed, key, view, "crop")
     top, left, h, w = random_resized_crop_params(
-        int(height), int(width), policy.scale, policy.ratio, crop_stream.uniform, crop_stream.integers
+        int(height), int(width), policy.scale, policy.ratio, crop_stream.uniform,
+        crop_stream.integers,
     )
     flip = _HashStream(seed, key, view, "flip").uniform(0.0, 1.0) < policy.flip_p
     return View(top=top, left=left, height=h, width=w, flip=bool(flip))
 
 
-def view_params_many(policy: ViewPolicy, key: str, views: Sequence[int] | int, height: int, width: int) -> list[View]:
+def view_params_many(
+    policy: ViewPolicy, key: str, views: Sequence[int] | int, height: int, width: int
+) -> list[View]:
     """[view_params(...) for v in views]; an int K means views 0..K-1."""
     indices = range(views) if isinstance(views, (int, np.integer)) else views
     return [view_params(policy, key, v, height, width) for v in indices]
@@ -266,18 +289,28 @@ def view_params_many(policy: ViewPolicy, key: str, views: Sequence[int] | int, h
 def _as_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ViewPolicyError(f"image must be uint8 [H,W,3], got {image.dtype} {list(image.shape)}")
+            raise ViewPolicyError(
+                f"image must be uint8 [H,W,3], got {image.dtype} {list(image.shape)}"
+            )
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ViewPolicyError(f"image tensor must be uint8 [3,H,W], got {image.dtype} {list(image.shape)}")
+            raise ViewPolicyError(
+                f"image tensor must be uint8 [3,H,W], got {image.dtype} {list(image.shape)}"
+            )
         return image.cpu()
-    raise ViewPolicyError(f"image must be a numpy array or torch tensor, got {type(image).__name__}")
+    raise ViewPolicyError(
+        f"image must be a numpy array or torch tensor, got {type(image).__name__}"
+    )
 
 
-def _render_chw(chw: torch.Tensor, view: View, output_size: int, interpolation: str) -> torch.Tensor:
+def _render_chw(
+    chw: torch.Tensor, view: View, output_size: int, interpolation: str
+) -> torch.Tensor:
     if interpolation not in INTERPOLATIONS:
-        raise ViewPolicyError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+        raise ViewPolicyError(
+            f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}"
+        )
     view.check_fits(chw.shape[1], chw.shape[2])
     crop = chw[:, view.top : view.top + view.height, view.left : view.left + view.width]
     if (view.height, view.width) == (output_size, output_size):

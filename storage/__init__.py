@@ -39,7 +39,8 @@ from .wds_backend import decode_wds_sample
 
 __all__ = [
     "CacheError", "CacheReader", "CacheSpec", "CacheWriter", "FORMAT_NAME", "PartCommittedError",
-    "PartWriter", "SCHEMA_VERSION", "create_cache", "decode_wds_sample", "decoded_nbytes", "dequantize_rows",
-    "fingerprint_mismatch", "format_inspect", "inspect_cache", "open_cache", "open_writer",
+    "PartWriter", "SCHEMA_VERSION", "create_cache", "decode_wds_sample", "decoded_nbytes",
+    "dequantize_rows", "fingerprint_mismatch", "format_inspect", "inspect_cache", "open_cache",
+    "open_writer",
     "part_name_for", "quantize_rows", "record_nbytes", "verify_cache",
 ]

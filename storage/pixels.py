@@ -68,7 +68,8 @@ def encode_pixels(view: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     check_format(fmt)
     a = np.asarray(view)
     if a.dtype != np.uint8 or a.ndim != 3 or 3 not in (a.shape[0], a.shape[2]):
-        raise CacheError(f"view pixels must be uint8 [3,S,S] or [S,S,3], got {a.dtype} {list(a.shape)}")
+        raise CacheError(f"view pixels must be uint8 [3,S,S] or [S,S,3], got {a.dtype} "
+                         f"{list(a.shape)}")
     if a.shape[0] == 3 and a.shape[2] != 3:
         a = a.transpose(1, 2, 0)
     image = _pil().fromarray(np.ascontiguousarray(a), "RGB")

@@ -125,12 +125,15 @@ class CacheSpec:
         else:
             object.__setattr__(self, "codec_params", None)
         if self.backend not in BACKENDS:
-            raise CacheError(f"CacheSpec.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+            raise CacheError(f"CacheSpec.backend={self.backend!r} is not one of "
+                             f"{', '.join(BACKENDS)}")
         if self.compression not in COMPRESSIONS:
             raise CacheError(
-                f"CacheSpec.compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+                f"CacheSpec.compression={self.compression!r} is not one of "
+                f"{', '.join(COMPRESSIONS)}")
         if self.pixels not in PIXEL_FORMATS:
-            raise CacheError(f"CacheSpec.pixels={self.pixels!r} is not one of {', '.join(PIXEL_FORMATS)}")
+            raise CacheError(f"CacheSpec.pixels={self.pixels!r} is not one of "
+                             f"{', '.join(PIXEL_FORMATS)}")
         if self.pixels != "none":
             q, s = self.pixels_quality, self.image_size
             if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= 100:
@@ -145,7 +148,8 @@ class CacheSpec:
         return self.k_max + 1
 
     def to_dict(self) -> dict:
-        d = {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in asdict(self).items()}
+        d = {k: (int(v) if isinstance(v, (int, np.integer)) else v)
+             for k, v in asdict(self).items()}
         if self.pixels == "none":  # a cache without pixels keeps the spec (identity) it always had
             for k in ("pixels", "pixels_quality", "image_size"):
                 d.pop(k)
@@ -168,13 +172,14 @@ def index_dtype(spec: CacheSpec) -> np.dtype:
 
 
 def stored_fields(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-view stored arrays: name -> (shape without the [slot, view] axes, little-endian dtype)."""
+    """Per-view stored arrays: name -> (shape without the [slot, view] axes, little-endian
+    dtype)."""
     L, C, H, R = spec.num_patches, spec.channels, spec.heads, spec.rows
     if spec.codec == compact.NAME:
         out = {"feature_mean": ((C,), np.dtype("<f2")), "feature_std": ((C,), np.dtype("<f2"))}
         out.update(compact.stored_fields(L, C, H, R, spec.codec_params))
-        out.update({"attn_index": ((spec.k_max,), index_dtype(spec)), "crop": ((4,), np.dtype("<i4")),
-                    "flip": ((), np.dtype("bool"))})
+        out.update({"attn_index": ((spec.k_max,), index_dtype(spec)),
+                    "crop": ((4,), np.dtype("<i4")), "flip": ((), np.dtype("bool"))})
         return out
     big = np.dtype("<f2") if spec.codec == "float16" else np.dtype("i1")
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {
@@ -199,7 +204,8 @@ def record_nbytes(spec: CacheSpec) -> int:
 
 
 def decoded_nbytes(spec: CacheSpec) -> int:
-    """Bytes of one record decoded to float32 tensors (features, stats, attn_logits, int64 index)."""
+    """Bytes of one record decoded to float32 tensors (features, stats, attn_logits, int64
+    index)."""
     L, C, H, R = spec.num_patches, spec.channels, spec.heads, spec.rows
     return 4 * (L * C + 2 * C + H * R * L) + 8 * spec.k_max
 
@@ -244,11 +250,13 @@ def _json_default(o: Any) -> Any:
 def record_schema(spec: CacheSpec) -> dict:
     """Human-readable description of the stored record, written into the manifest."""
     names = {"features": "[L,C]", "feature_mean": "[C]", "feature_std": "[C]",
-             "attn_logits": "[H,k_max+1,L]", "attn_index": "[k_max]", "crop": "[4] top,left,height,width",
+             "attn_logits": "[H,k_max+1,L]", "attn_index": "[k_max]",
+             "crop": "[4] top,left,height,width",
              "flip": "[]", "features_scale": "[L] absmax/127 over C",
              "attn_logits_scale": "[H,k_max+1] absmax/127 over L",
              "features_u": "[L,ceil(r*fb/8)] packed codes of A (Y ~ A B)",
-             "features_u_scale": "[r] per column of A", "features_v": "[r,ceil(C*fb/8)] packed codes of B",
+             "features_u_scale": "[r] per column of A",
+             "features_v": "[r,ceil(C*fb/8)] packed codes of B",
              "features_v_scale": "[r] per row of B",
              "attn_codes": "[H,k_max+1,ceil(L*ab/8)] packed codes of row max - logit",
              "attn_max": "[H,k_max+1] row maxima", "attn_step": "[H,k_max+1] row steps"}

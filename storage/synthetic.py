@@ -37,7 +37,8 @@ def realistic_targets(rng: np.random.Generator, L: int, C: int, H: int, k_max: i
     tokens = (tokens - tokens.mean(1, keepdims=True)) / tokens.std(1, keepdims=True)  # layer norm
     # low-rank query/key projections keep this cheap at ViT-B sizes; logits come out ~N(0, 5^2)
     low = tokens @ (rng.standard_normal((C, 32)).astype(np.float32) / np.sqrt(C))
-    proj = [rng.standard_normal((32, H * d)).astype(np.float32) * (2.2 / np.sqrt(32)) for _ in range(2)]
+    proj = [rng.standard_normal((32, H * d)).astype(np.float32) * (2.2 / np.sqrt(32))
+            for _ in range(2)]
     q = (low @ proj[0]).reshape(L + 1, H, d).transpose(1, 0, 2)
     k = (low @ proj[1]).reshape(L + 1, H, d).transpose(1, 0, 2)
     logits = q @ k.transpose(0, 2, 1) * d ** -0.5
@@ -45,4 +46,5 @@ def realistic_targets(rng: np.random.Generator, L: int, C: int, H: int, k_max: i
     rows = np.concatenate([[0], index + 1])
     return {"features": feats.astype(np.float32), "feature_mean": mean.astype(np.float32),
             "feature_std": np.sqrt(var).astype(np.float32),
-            "attn_logits": logits[:, rows, 1:].astype(np.float32), "attn_index": index.astype(np.int64)}
+            "attn_logits": logits[:, rows, 1:].astype(np.float32),
+            "attn_index": index.astype(np.int64)}

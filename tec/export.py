@@ -149,13 +149,15 @@ def export_timm(model: NewModel, path: str | Path, *, keep_adapters: bool = Fals
 
 
 def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
-    """Adapter weights of an export (``path`` is the export or its adapters file), prefix removed."""
+    """Adapter weights of an export (``path`` is the export or its adapters file), prefix
+    removed."""
     from safetensors.torch import load_file
 
     path = Path(path)
     side = path if path.name.endswith(".adapters.safetensors") else adapters_path(path)
     if not side.is_file():
-        raise FileNotFoundError(f"{side} does not exist; export with keep_adapters=True to write it")
+        raise FileNotFoundError(f"{side} does not exist; export with keep_adapters=True to "
+                                "write it")
     return {k.removeprefix(ADAPTER_PREFIX): v for k, v in load_file(str(side)).items()}
 
 

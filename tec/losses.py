@@ -16,7 +16,8 @@ def _no_autocast(t: torch.Tensor):
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked feature regression: mean over channels of (pred - target)^2, averaged over masked patches.
+    """Masked feature regression: mean over channels of (pred - target)^2, averaged over masked
+    patches.
 
     pred, target: [B,L,C]; mask: [B,L], 1 = masked (predicted), 0 = visible (ignored).
     Returns a float32 scalar.
@@ -27,7 +28,8 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def attention_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, tau: float) -> torch.Tensor:
+def attention_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor,
+                   tau: float) -> torch.Tensor:
     """Cross-entropy between softmax(target/tau) and softmax(pred) over the L columns.
 
     pred_logits, target_logits: [B,H,R,L]; averaged over every (image, head, row).

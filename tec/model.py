@@ -1,4 +1,5 @@
-"""The new model (student): a masked ViT encoder with conditional adapters and a multi-target decoder.
+"""The new model (student): a masked ViT encoder with conditional adapters and a multi-target
+decoder.
 
 Shapes: B batch, L patches, L_keep visible patches, D encoder width, Dd decoder width,
 C base-model width, H base-model heads, P attention projection width, k attention rows - 1.
@@ -82,7 +83,8 @@ class NewModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown new-model config keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"unknown new-model config keys {unknown}; "
+                             f"known keys: {sorted(known)}")
         return cls(**values).validate()
 
     def validate(self) -> NewModelConfig:
@@ -103,7 +105,8 @@ class NewModelConfig:
         if self.embed_dim % self.num_heads:
             fail("embed_dim", f"must be divisible by num_heads={self.num_heads}")
         if self.decoder_embed_dim % self.decoder_num_heads:
-            fail("decoder_embed_dim", f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
+            fail("decoder_embed_dim",
+                 f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
         if not 0.0 <= self.mask_ratio < 1.0 or int(self.num_patches * (1 - self.mask_ratio)) < 1:
             fail("mask_ratio", f"must leave at least one of {self.num_patches} patches visible")
         if self.use_encoder_adapter and self.depth % self.adapter_group:
@@ -138,7 +141,8 @@ class TargetBatch:
 
 
 def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """pos [M] -> [M, embed_dim]: [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-i / (embed_dim/2))."""
+    """pos [M] -> [M, embed_dim]: [sin(pos * w_i), cos(pos * w_i)],
+    w_i = 10000^(-i / (embed_dim/2))."""
     if embed_dim % 2:
         raise ValueError(f"sin-cos embedding width {embed_dim} must be even")
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
@@ -147,7 +151,8 @@ def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> torch.Tensor:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int,
+                            cls_token: bool = False) -> torch.Tensor:
     """[grid_size**2 (+1), embed_dim] float32; patch (row i, col j) at index i*grid_size + j.
 
     Half the channels encode the column j, half the row i (MAE's get_2d_sincos_pos_embed);
@@ -204,7 +209,8 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class EncoderAdapter(nn.Module):
-    """Ze = LN(sum_n Z'_n), Z'_n = Z_n + MLP(Z_n), Z_n = FC_n(group n of LN(concat of block outputs)).
+    """Ze = LN(sum_n Z'_n), Z'_n = Z_n + MLP(Z_n),
+    Z_n = FC_n(group n of LN(concat of block outputs)).
 
     Groups are ``group`` consecutive blocks; FC_n: group*D -> D; MLP: D -> hidden -> D (GELU).
     """
@@ -221,7 +227,8 @@ class EncoderAdapter(nn.Module):
         self.norm_out = norm_layer(dim)
 
     def forward(self, block_outputs: list[torch.Tensor]) -> torch.Tensor:
-        """block_outputs: depth tensors [B,N,D] (the last after the encoder's final norm) -> [B,N,D]."""
+        """block_outputs: depth tensors [B,N,D] (the last after the encoder's final norm)
+        -> [B,N,D]."""
         x = self.norm_in(torch.cat(block_outputs, dim=-1))
         total = None
         for chunk, fuse, mlp in zip(x.split(self.group * self.dim, dim=-1), self.fuse, self.mlp):
@@ -280,7 +287,8 @@ class NewModel(nn.Module):
 
         # decoder: target-specific streams around one shared trunk
         self.register_buffer("decoder_pos_embed",
-                             get_2d_sincos_pos_embed(Dd, grid, cls_token=True)[None], persistent=False)
+                             get_2d_sincos_pos_embed(Dd, grid, cls_token=True)[None],
+                             persistent=False)
         self.decoder_blocks = nn.ModuleList([
             Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(cfg.decoder_depth)])
@@ -297,7 +305,8 @@ class NewModel(nn.Module):
     # ---- init ------------------------------------------------------------------------------
 
     def initialize_weights(self) -> None:
-        """MAE's init: patch_embed as a linear layer, xavier_uniform linears, normal(0.02) tokens."""
+        """MAE's init: patch_embed as a linear layer, xavier_uniform linears, normal(0.02)
+        tokens."""
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
@@ -395,7 +404,8 @@ class NewModel(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: TargetBatch | None = None, *,
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """images [B,c,H,W] normalised; targets for 'tec' (None for 'pixel'); noise [B,L] fixes the mask.
+        """images [B,c,H,W] normalised; targets for 'tec' (None for 'pixel'); noise [B,L] fixes
+        the mask.
 
         Returns {'loss': scalar, 'loss_feature', 'loss_attention'} ('tec'; the attention term only
         with use_attention) or {'loss', 'loss_pixel'} ('pixel'); all float32.
@@ -437,8 +447,9 @@ class NewModel(nn.Module):
                 or tuple(logits.shape) != (batch, cfg.base_num_heads, index.shape[1] + 1,
                                            cfg.num_patches)):
             raise ValueError(
-                f"attention targets index {tuple(index.shape)} / logits {tuple(logits.shape)} do not "
-                f"fit k={cfg.k}, base_num_heads={cfg.base_num_heads}, L={cfg.num_patches}")
+                f"attention targets index {tuple(index.shape)} / logits {tuple(logits.shape)} "
+                f"do not fit k={cfg.k}, base_num_heads={cfg.base_num_heads}, "
+                f"L={cfg.num_patches}")
         return index[:, :cfg.k].long(), logits[:, :, :cfg.k + 1]
 
 

@@ -124,15 +124,16 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[An
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if not _looks_like_torch_file(path):
-        raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
-                              "give a .pth/.pt/.safetensors file")
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a "
+                              "pickle); give a .pth/.pt/.safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle), {}
     except pickle.UnpicklingError as e:
         if not allow_pickle and "weights only" in str(e).lower():
             raise CheckpointError(
-                f"{path}: checkpoint holds pickled Python objects that torch.load(weights_only=True) "
-                "refuses; if you trust the file, set base_model.allow_pickle: true (CLI --allow-pickle)"
+                f"{path}: checkpoint holds pickled Python objects that "
+                "torch.load(weights_only=True) refuses; if you trust the file, set "
+                "base_model.allow_pickle: true (CLI --allow-pickle)"
             ) from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
     except Exception as e:  # torch.load raises many types on damaged files
@@ -157,7 +158,8 @@ def _first_line(e: BaseException) -> str:
 # One filter per format: raw file content -> state dict with timm VisionTransformer key names
 
 
-def _strip_prefixes(state_dict: dict[str, Any], prefixes=("module.", "backbone.")) -> dict[str, Any]:
+def _strip_prefixes(state_dict: dict[str, Any],
+                    prefixes=("module.", "backbone.")) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
         changed = True

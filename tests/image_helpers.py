@@ -18,7 +18,8 @@ from PIL import Image
 
 from stages.synthetic import encode, smooth_image, write_tar
 
-__all__ = ["smooth_image", "encode", "write_tar", "make_shards", "make_bad_shard", "BadShardExpectation", "png_header_only"]
+__all__ = ["smooth_image", "encode", "write_tar", "make_shards", "make_bad_shard",
+           "BadShardExpectation", "png_header_only"]
 
 
 def make_shards(
@@ -99,7 +100,8 @@ class BadShardExpectation(dict):
 
 
 def make_bad_shard(path: str | Path, *, seed: int = 1) -> BadShardExpectation:
-    """Write one WebDataset tar full of odd and broken samples, cut in the middle of its last member.
+    """Write one WebDataset tar full of odd and broken samples, cut in the middle of its last
+    member.
 
     Kinds: good JPEG/PNG/WebP; convertible grayscale, RGBA, LA, palette+transparency, CMYK,
     16-bit PNG, 1x1, EXIF-rotated, GIF named .jpg, unparsable .cls, an image next to a .pth
@@ -130,7 +132,8 @@ def make_bad_shard(path: str | Path, *, seed: int = 1) -> BadShardExpectation:
     add("gray_jpg", "jpg", encode(Image.fromarray(rgb).convert("L"), "JPEG"), None, 4, (30, 40))
     rgba = np.concatenate([rgb, rng.integers(0, 256, (30, 40, 1), dtype=np.uint8)], axis=2)
     add("rgba_png", "png", encode(Image.fromarray(rgba, "RGBA"), "PNG"), None, 5, (30, 40))
-    add("la_png", "png", encode(Image.fromarray(rgba, "RGBA").convert("LA"), "PNG"), None, 6, (30, 40))
+    add("la_png", "png", encode(Image.fromarray(rgba, "RGBA").convert("LA"), "PNG"), None, 6,
+        (30, 40))
     pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
     pal.info["transparency"] = 0
     add("palette_trns_png", "png", encode(pal, "PNG", transparency=0), None, 7, (30, 40))

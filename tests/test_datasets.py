@@ -15,7 +15,8 @@ from stages.sources import WebDatasetSource, decode_image, expand_shards
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = (struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+              + struct.pack(f">{array.ndim}I", *array.shape))
     data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     if gz:
         path = path.with_name(path.name + ".gz")
@@ -29,7 +30,8 @@ def _fake_fashion_mnist(root: Path, n_train: int = 25, n_test: int = 7) -> dict:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     data = {}
-    for split, prefix, n, gz in (("train", "train", n_train, True), ("test", "t10k", n_test, False)):
+    for split, prefix, n, gz in (("train", "train", n_train, True),
+                                 ("test", "t10k", n_test, False)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
         _write_idx(root / f"{prefix}-images-idx3-ubyte", images, gz)
@@ -48,7 +50,8 @@ def _read_split(pattern: str):
 def test_idx_files_become_png_and_cls_shards(tmp_path):
     data = _fake_fashion_mnist(tmp_path / "idx")
     patterns = fashion_mnist_to_shards(tmp_path / "idx", tmp_path / "out", shard_size=10)
-    assert patterns == [str(tmp_path / "out" / "train-{000000..000002}.tar"), str(tmp_path / "out" / "test-000000.tar")]
+    assert patterns == [str(tmp_path / "out" / "train-{000000..000002}.tar"),
+                        str(tmp_path / "out" / "test-000000.tar")]
     assert len(expand_shards(patterns[0])) == 3
     for pattern, split in zip(patterns, ("train", "test")):
         images, labels = data[split]

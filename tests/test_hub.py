@@ -266,7 +266,8 @@ def test_a_tag_whose_repo_has_only_a_torch_bin_loads_it(hub_cache):
 
 
 def test_an_hf_hub_export_is_a_base_model_with_its_own_geometry(monkeypatch, tmp_path):
-    """A TEC export pushed to the Hub is the next round's base model: hf-hub:OWNER/NAME, no kwargs."""
+    """A TEC export pushed to the Hub is the next round's base model: hf-hub:OWNER/NAME, no
+    kwargs."""
     from hub_helpers import populate_hub_cache
 
     from tec.export import export_timm_folder

@@ -13,7 +13,8 @@ def test_lr_schedule_matches_mae_adjust_learning_rate():
     def mae(epoch, lr, min_lr, warmup, epochs):
         if epoch < warmup:
             return lr * epoch / warmup
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+        return min_lr + (lr - min_lr) * 0.5 * (
+            1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
 
     spe, epochs, warm = 7, 10, 2.5
     lr = scaled_lr(1.5e-4, 512)

@@ -63,18 +63,22 @@ def test_low_rank_features_and_attention_survive_the_codec():
     assert sample == {"label": 3, "source_size": [40, 50]}
     for v in range(2):
         out = _decode(spec, stored, v)
-        rel = np.linalg.norm(out["features"] - rec["features"][v]) / np.linalg.norm(rec["features"][v])
+        rel = (np.linalg.norm(out["features"] - rec["features"][v])
+               / np.linalg.norm(rec["features"][v]))
         assert rel < 0.02, rel
         attn = rec["attn_logits"][v]
         # exact where it matters: within half a step of the 8-bit grid below each row's maximum
         span = np.minimum(attn.max(-1) - attn.min(-1), 16.0)
         kept = attn >= attn.max(-1, keepdims=True) - 16.0
         err = np.abs(out["attn_logits"] - attn)
-        assert (err <= (span / 255 * 0.51 + 0.02 * np.abs(attn.max(-1)) / 100)[..., None])[kept].all()
-        assert (out["attn_logits"][~kept] >= attn.max(-1, keepdims=True).repeat(64, -1)[~kept] - 16.1).all()
+        assert (err <= (span / 255 * 0.51
+                        + 0.02 * np.abs(attn.max(-1)) / 100)[..., None])[kept].all()
+        assert (out["attn_logits"][~kept]
+                >= attn.max(-1, keepdims=True).repeat(64, -1)[~kept] - 16.1).all()
         assert np.array_equal(out["attn_index"], rec["attn_index"][v])
         assert np.array_equal(out["crop"], rec["crop"][v]) and out["flip"] == rec["flip"][v]
-        np.testing.assert_allclose(out["feature_mean"], rec["feature_mean"][v], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(out["feature_mean"], rec["feature_mean"][v],
+                                   rtol=1e-3, atol=1e-3)
 
 
 def test_the_dither_is_reproducible_per_record_and_differs_between_views():
@@ -151,7 +155,8 @@ def test_a_lowrank_cache_round_trips_and_verifies(tmp_path, backend):
     with open_cache(tmp_path / "c") as cache:
         assert cache.manifest["schema_version"] == 2
         assert cache.manifest["targets"] == {"precision": "float32"}
-        assert cache.manifest["codec"]["lowrank"]["rank"] == compact.rank_for(spec.codec_params, 16, 24)
+        assert (cache.manifest["codec"]["lowrank"]["rank"]
+                == compact.rank_for(spec.codec_params, 16, 24))
         got = cache.read(1, 2)
         want = _decode(spec, expected, 2)
         for name in ("features", "attn_logits", "attn_index", "feature_std"):
@@ -161,12 +166,14 @@ def test_a_lowrank_cache_round_trips_and_verifies(tmp_path, backend):
 
 
 @pytest.mark.parametrize("params,needle", [
-    ({"factor_bits": 1}, "codec_params.factor_bits=1 is out of range for codec lowrank; allowed: an integer in 2..8"),
+    ({"factor_bits": 1},
+     "codec_params.factor_bits=1 is out of range for codec lowrank; allowed: an integer in 2..8"),
     ({"attn_bits": 9}, "codec_params.attn_bits=9"),
     ({"rounding": "up"}, "allowed: stochastic or nearest"),
     ({"feature_bits": 0}, "codec_params.feature_bits=0"),
     ({"rank": 25}, "allowed: 1..16"),
-    ({"colour": 1}, "codec_params.colour: unknown parameter of codec lowrank; allowed: feature_bits"),
+    ({"colour": 1},
+     "codec_params.colour: unknown parameter of codec lowrank; allowed: feature_bits"),
 ])
 def test_bad_codec_parameters_are_one_line_errors_naming_key_and_allowed_values(params, needle):
     with pytest.raises(CacheError) as info:
@@ -266,9 +273,11 @@ def test_the_payload_of_a_batch_of_views_dequantises_like_each_view():
     spec = CacheSpec(num_patches=16, channels=24, heads=3, k_max=4, views=3, codec="lowrank",
                      codec_params={"attn_bits": 3})
     stored, _ = prepare_views(spec, "k", _record(rng, 16, 24, 3, 4, 3))
-    batch = compact.unpack_payload({k: stored[k] for k in compact.PAYLOAD_FIELDS + ("feature_mean",)})
+    batch = compact.unpack_payload({k: stored[k]
+                                    for k in compact.PAYLOAD_FIELDS + ("feature_mean",)})
     feats, attn = compact.dequantize_payload(batch)  # leading axis: the 3 views
     assert feats.shape == (3, 16, 24) and attn.shape == (3, 3, 5, 16)
     for v in range(3):
         one = _decode(spec, stored, v)
-        assert np.array_equal(feats[v], one["features"]) and np.array_equal(attn[v], one["attn_logits"])
+        assert (np.array_equal(feats[v], one["features"])
+                and np.array_equal(attn[v], one["attn_logits"]))

@@ -61,8 +61,10 @@ def test_round_trip_returns_written_records(tmp_path, backend, codec, monkeypatc
             for name in ("features", "attn_logits", "feature_mean", "feature_std"):
                 assert rec[name].dtype == np.float32 and rec[name].shape == src[name][v].shape
             if codec == "float16":
-                np.testing.assert_array_equal(rec["features"], src["features"][v].astype(np.float16))
-                np.testing.assert_array_equal(rec["attn_logits"], src["attn_logits"][v].astype(np.float16))
+                np.testing.assert_array_equal(rec["features"],
+                                              src["features"][v].astype(np.float16))
+                np.testing.assert_array_equal(rec["attn_logits"],
+                                              src["attn_logits"][v].astype(np.float16))
             else:
                 assert rel_l2(rec["features"], src["features"][v]) <= 0.01
                 assert rel_l2(rec["attn_logits"], src["attn_logits"][v]) <= 0.01
@@ -95,12 +97,14 @@ def test_iter_records_streams_in_storage_order(tmp_path, backend):
     cache = open_cache(path)
     every = [(r["sample"], r["view"]) for r in cache.iter_records()]
     assert every == [(i, v) for i in range(8) for v in range(3)]
-    assert [(r["sample"], r["view"]) for r in cache.iter_records(views=2)] == [(i, 2) for i in range(8)]
-    assert [(r["sample"], r["view"]) for r in cache.iter_records(views=[0, 2])][:4] == [(0, 0), (0, 2),
-                                                                                         (1, 0), (1, 2)]
+    assert ([(r["sample"], r["view"]) for r in cache.iter_records(views=2)]
+            == [(i, 2) for i in range(8)])
+    assert ([(r["sample"], r["view"]) for r in cache.iter_records(views=[0, 2])][:4]
+            == [(0, 0), (0, 2), (1, 0), (1, 2)])
     choice = np.array([0, 1, 2, -1, 2, 1, 0, 0])
     recs = list(cache.iter_records(per_sample=choice))
-    assert [(r["sample"], r["view"]) for r in recs] == [(i, int(v)) for i, v in enumerate(choice) if v >= 0]
+    assert ([(r["sample"], r["view"]) for r in recs]
+            == [(i, int(v)) for i, v in enumerate(choice) if v >= 0])
     for r in recs:
         np.testing.assert_array_equal(r["features"], cache.read(r["sample"], r["view"])["features"])
     assert [r["sample"] for r in cache.iter_records(views=0, parts=["p1"])] == [4, 5, 6, 7]
@@ -119,8 +123,8 @@ def test_zarr_python_reads_the_same_values(tmp_path):
         slot = cache.slot_of(i)
         for v in range(s.views):
             rec = cache.read(i, v, decode=False)
-            for name in ("features", "features_scale", "feature_mean", "attn_logits", "attn_logits_scale",
-                         "attn_index", "crop", "flip"):
+            for name in ("features", "features_scale", "feature_mean", "attn_logits",
+                         "attn_logits_scale", "attn_index", "crop", "flip"):
                 got = group[name][slot, v]
                 assert got.dtype == rec[name].dtype
                 np.testing.assert_array_equal(got, rec[name])
@@ -139,7 +143,8 @@ def test_webdataset_library_reads_view_shards(tmp_path):
         assert [x["key"] for x in samples] == cache.keys[4:]
         for x in samples:
             ref = cache.read(cache.index_of(x["key"]), 1)
-            for name in ("features", "attn_logits", "feature_mean", "attn_index", "crop", "flip", "label"):
+            for name in ("features", "attn_logits", "feature_mean", "attn_index", "crop", "flip",
+                         "label"):
                 np.testing.assert_array_equal(x[name], ref[name])
 
 
@@ -168,7 +173,8 @@ def test_write_rejects_malformed_records_and_part_stays_usable(tmp_path, backend
     pw = writer.open_part("p0")
     bad_cases = [
         {**good, "features": good["features"][:, :-1]},
-        {**good, "attn_logits": np.where(np.arange(s.num_patches) == 3, np.nan, good["attn_logits"])},
+        {**good, "attn_logits": np.where(np.arange(s.num_patches) == 3, np.nan,
+                                         good["attn_logits"])},
         {**good, "attn_index": good["attn_index"] + s.num_patches},
         {k: v for k, v in good.items() if k != "crop"},
         {**good, "features": good["features"] * 1e6},  # overflows float16

@@ -1,4 +1,5 @@
-"""Export: timm loads the new model's encoder unchanged; our loader reads it back as a base model."""
+"""Export: timm loads the new model's encoder unchanged; our loader reads it back as a base
+model."""
 
 from __future__ import annotations
 

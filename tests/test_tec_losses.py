@@ -19,7 +19,8 @@ def test_feature_loss_averages_channel_mse_over_masked_patches_only():
     for b in range(B):
         for i in range(L):
             if mask[b, i]:
-                total += sum((float(pred[b, i, c]) - float(target[b, i, c])) ** 2 for c in range(C)) / C
+                total += sum((float(pred[b, i, c]) - float(target[b, i, c])) ** 2
+                             for c in range(C)) / C
                 count += 1
     assert abs(float(feature_loss(pred, target, mask)) - total / count) < 1e-6
 

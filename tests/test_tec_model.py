@@ -285,7 +285,8 @@ def test_patchify_orders_patches_row_major_and_pixels_row_col_channel():
             for p in range(4):
                 for q in range(4):
                     for c in range(3):
-                        assert patches[1, i * 3 + j, (p * 4 + q) * 3 + c] == x[1, c, i * 4 + p, j * 4 + q]
+                        assert (patches[1, i * 3 + j, (p * 4 + q) * 3 + c]
+                                == x[1, c, i * 4 + p, j * 4 + q])
 
 
 def test_depth_not_a_multiple_of_three_with_encoder_adapter_is_a_clear_error():

@@ -50,8 +50,10 @@ def _hand_logits(block, x):
             qh = q[b, :, h * width:(h + 1) * width]
             kh = k[b, :, h * width:(h + 1) * width]
             if isinstance(attn.q_norm, torch.nn.LayerNorm):  # qk_norm models normalise per head
-                qh = F.layer_norm(qh, (width,), attn.q_norm.weight, attn.q_norm.bias, attn.q_norm.eps)
-                kh = F.layer_norm(kh, (width,), attn.k_norm.weight, attn.k_norm.bias, attn.k_norm.eps)
+                qh = F.layer_norm(qh, (width,), attn.q_norm.weight, attn.q_norm.bias,
+                                  attn.q_norm.eps)
+                kh = F.layer_norm(kh, (width,), attn.k_norm.weight, attn.k_norm.bias,
+                                  attn.k_norm.eps)
             for i in range(N):
                 for j in range(N):
                     out[b, h, i, j] = float((qh[i] * kh[j]).sum()) / math.sqrt(width)
@@ -71,7 +73,8 @@ def test_attention_target_rows_columns_and_ranking_match_hand_computation(reg_to
     assert targets.attn_logits.shape == (2, 2, k_max + 1, L)
     assert targets.attn_index.dtype == torch.int64
     for b in range(2):
-        head_mean = [sum(float(logits[b, h, 0, prefix + j]) for h in range(2)) / 2 for j in range(L)]
+        head_mean = [sum(float(logits[b, h, 0, prefix + j]) for h in range(2)) / 2
+                     for j in range(L)]
         ranked = sorted(range(L), key=lambda j: head_mean[j], reverse=True)[:k_max]
         assert targets.attn_index[b].tolist() == ranked
         for h in range(2):
@@ -86,7 +89,8 @@ def test_feature_target_is_patch_normalised_mean_of_last_blocks_before_final_nor
     x = images(batch=2, seed=8)
     targets = extract_targets(model, x, last_n=2, k_max=3)
     _, outputs = _block_inputs_and_outputs(model, x)
-    y = (outputs[-1][:, 2:] + outputs[-2][:, 2:]) / 2  # patch tokens only (cls + 1 register dropped)
+    # patch tokens only (cls + 1 register dropped)
+    y = (outputs[-1][:, 2:] + outputs[-2][:, 2:]) / 2
     B, L, C = y.shape
     assert targets.features.shape == (B, L, C)
     for b in range(B):

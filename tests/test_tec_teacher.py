@@ -72,7 +72,8 @@ def test_mae_global_pool_checkpoint_uses_fc_norm_as_final_norm(tmp_path, source)
 @pytest.mark.parametrize("prefix", ["backbone.", "module.backbone."])
 def test_dino_teacher_checkpoint_with_head_loads(tmp_path, source, prefix):
     _, state, ref = source
-    teacher = {prefix + k: v for k, v in state.items()} | _head_keys(prefix.replace("backbone.", ""))
+    teacher = ({prefix + k: v for k, v in state.items()}
+               | _head_keys(prefix.replace("backbone.", "")))
     # the student holds different weights: the teacher must win
     student = {"module.backbone." + k: torch.randn_like(v) for k, v in state.items()}
     path = tmp_path / "dino.pth"

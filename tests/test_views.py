@@ -109,10 +109,11 @@ def test_view_params_is_a_pure_function_of_seed_key_view_and_size():
 def test_views_and_pixels_are_identical_in_a_fresh_process():
     # Another hash seed, one thread and torch's portable (non-SIMD) CPU kernels stand in for
     # "another machine": the views and the rendered pixels must not change.
-    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO), ATEN_CPU_CAPABILITY="default",
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO),
+               ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", _FINGERPRINT_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+        [sys.executable, "-c", _FINGERPRINT_SCRIPT], capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == _fingerprint_here()
@@ -135,7 +136,8 @@ def test_view_distribution_respects_scale_ratio_and_flip_probability():
     # Same distribution as torchvision's own sampler (large crops that do not fit are redrawn).
     torch.manual_seed(0)
     dummy = torch.empty((3, height, width))
-    reference = [RandomResizedCrop.get_params(dummy, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    reference = [RandomResizedCrop.get_params(dummy, [0.2, 1.0], [3 / 4, 4 / 3])
+                 for _ in range(2000)]
     reference_areas = np.array([h * w / (height * width) for _, _, h, w in reference])
     assert abs(areas.mean() - reference_areas.mean()) < 0.02
     reference_ratios = np.array([w / h for _, _, h, w in reference])
@@ -182,7 +184,8 @@ def test_fallback_central_crop_matches_torchvision(height, width):
     # fallback clamps to the ratio range. 5x5 with scale (1.1, 1.2) falls back to the whole image.
     scale = (1.1, 1.2) if height == width else (0.9, 1.0)
     ratio = (3 / 4, 4 / 3)
-    expected = RandomResizedCrop.get_params(torch.empty((3, height, width)), list(scale), list(ratio))
+    expected = RandomResizedCrop.get_params(torch.empty((3, height, width)), list(scale),
+                                            list(ratio))
     # (ViewPolicy.validate rejects scale > 1; view_params itself does not need it.)
     view = view_params(ViewPolicy(seed=0, scale=scale, ratio=ratio), "tall", 0, height, width)
     assert view.box == tuple(expected)
@@ -206,7 +209,8 @@ def test_render_view_shape_dtype_and_bit_determinism():
 
 @pytest.mark.parametrize(
     "interpolation, mode",
-    [("bicubic", InterpolationMode.BICUBIC), ("bilinear", InterpolationMode.BILINEAR), ("nearest", InterpolationMode.NEAREST)],
+    [("bicubic", InterpolationMode.BICUBIC), ("bilinear", InterpolationMode.BILINEAR),
+     ("nearest", InterpolationMode.NEAREST)],
 )
 def test_render_view_equals_torchvision_resized_crop_and_flip(interpolation, mode):
     policy = ViewPolicy(seed=9)
