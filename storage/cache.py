@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
-from .codecs import codec_config, decode_view, prepare_views
+from . import compact, layout
+from .codecs import codec_config, decode_view, encoder_of, prepare_views
 from .objstore import Url, as_root, is_url
 from .schema import (
     CacheError,
@@ -344,6 +344,10 @@ class PartWriter:
         self._meta: dict[int, dict] = {}
         self._seen_keys: set[str] = set()
         self._state = "open"
+        # the view index of this cache's first view (a view layer starts at K): the lowrank
+        # codec seeds its dither with each record's own view index
+        self._first_view = int((cache.manifest.get("view_policy") or {}).get("first_view", 0))
+        self._encoder: str | None = None  # lowrank: which encoder wrote this part's records
 
     @property
     def num_written(self) -> int:
@@ -355,12 +359,21 @@ class PartWriter:
         view_records: features [K,L,C] (float), feature_mean [K,C], feature_std [K,C],
         attn_logits [K,H,k_max+1,L], attn_index [K,k_max] (int), crop [K,4] int (top, left,
         height, width in source pixels), flip [K] bool, source_size (h, w), label int (-1 none).
+        A lowrank cache also takes records already encoded on the base model's device (see
+        ``codecs.prepare_views``); one part holds the records of one encoder only (its commit
+        marker names it), so a part never mixes the two encoders' bytes.
         """
         slot = self._check_new(slot, key)
-        stored, sample = prepare_views(self.spec, key, view_records)
+        encoder = encoder_of(view_records) if self.spec.codec == compact.NAME else None
+        if encoder is not None and self._encoder not in (None, encoder):
+            raise CacheError(f"part {self.part}: record {key!r} was encoded by {encoder}, the "
+                             f"part's earlier records by {self._encoder}; a part is written by "
+                             "one encoder (targets.encode_on)")
+        stored, sample = prepare_views(self.spec, key, view_records, first_view=self._first_view)
         if self.spec.pixels != "none":
             stored["pixels"] = _check_pixels(self.spec, key, view_records.get("pixels"))
         self._put(slot, key, stored, sample)
+        self._encoder = encoder
 
     def write_stored(self, slot: int, key: str, stored: dict, label: int,
                      source_size: tuple[int, int]) -> None:
@@ -454,6 +467,8 @@ class PartWriter:
                 "manifest_sections": manifest_section_digests(self.cache.manifest),
                 "files": files, "report": report,
             }
+            if self._encoder is not None:  # lowrank: numpy (the writer) or torch (the actor)
+                marker["encoder"] = self._encoder
             if _read_marker(self.cache.root, self.part) is not None:
                 raise PartCommittedError(
                     f"part {self.part} of {self.cache.root} was committed by another writer while "

@@ -134,14 +134,29 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
     view_records: features [K,L,C], feature_mean [K,C], feature_std [K,C],
         attn_logits [K,H,k_max+1,L], attn_index [K,k_max], crop [K,4], flip [K],
         source_size (h, w), label int (optional, default -1).
+        Or, for the lowrank codec, already encoded (stage 1 encoding on the base model's device,
+        ``storage.compact_torch``): the codec's stored arrays (``compact.PAYLOAD_FIELDS``, [K, ...]
+        in their stored dtypes) instead of features and attn_logits, plus ``features_finite``
+        and ``attn_logits_finite`` (bool [K]: the encoder's finiteness check of each view's
+        input) and optionally ``encoder`` (its name). Every check of the float path applies, with
+        the same one-line errors.
     first_view: the view index of the first record (seeds the lowrank codec's dither per view:
         a caller encoding views one at a time passes each view's index).
     Returns (stored: name -> [K, ...] arrays in the stored dtypes of ``stored_fields``,
              sample: {'label': int, 'source_size': [h, w]}).
     """
     K, L, C, H, R = spec.views, spec.num_patches, spec.channels, spec.heads, spec.rows
+    encoded = is_encoded(view_records)
+    if encoded and spec.codec != compact.NAME:
+        raise CacheError(f"record {key!r}: already encoded as {compact.NAME}, but the cache's "
+                         f"codec is {spec.codec}")
     want = {"features": (K, L, C), "feature_mean": (K, C), "feature_std": (K, C),
             "attn_logits": (K, H, R, L), "attn_index": (K, spec.k_max), "crop": (K, 4), "flip": (K,)}
+    fields = stored_fields(spec)
+    if encoded:
+        del want["features"], want["attn_logits"]
+        want.update({name: (K, *fields[name][0]) for name in compact.PAYLOAD_FIELDS})
+        want.update(features_finite=(K,), attn_logits_finite=(K,))
     missing = sorted(set(want) - set(view_records))
     if missing:
         raise CacheError(f"record {key!r}: missing field(s) {', '.join(missing)}")
@@ -151,7 +166,16 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
         if a.shape != shape:
             raise CacheError(f"record {key!r}: {name} has shape {list(a.shape)}, expected {list(shape)}")
         arrs[name] = a
+    if encoded:
+        for name in compact.PAYLOAD_FIELDS:
+            if arrs[name].dtype != fields[name][1]:
+                raise CacheError(f"record {key!r}: {name} has dtype {arrs[name].dtype}, expected "
+                                 f"{fields[name][1]} (codec {compact.NAME})")
     for name in ("features", "feature_mean", "feature_std", "attn_logits"):
+        if encoded and name in ("features", "attn_logits"):  # checked by the encoder
+            if not np.asarray(arrs[f"{name}_finite"], dtype=bool).all():
+                raise CacheError(f"record {key!r}: {name} holds NaN or inf values")
+            continue
         if arrs[name].dtype.kind not in "fiu":
             raise CacheError(f"record {key!r}: {name} has dtype {arrs[name].dtype}, expected a float array")
         if not np.isfinite(arrs[name]).all():
@@ -172,7 +196,6 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
     except (TypeError, ValueError):
         raise CacheError(f"record {key!r}: label {label!r} is not an integer") from None
 
-    fields = stored_fields(spec)
     out: dict[str, np.ndarray] = {
         "feature_mean": arrs["feature_mean"].astype(fields["feature_mean"][1]),
         "feature_std": arrs["feature_std"].astype(fields["feature_std"][1]),
@@ -191,20 +214,38 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
         for name in ("feature_mean", "feature_std"):
             if not np.isfinite(out[name]).all():
                 raise CacheError(f"record {key!r}: {name} overflows float16 (|x| > 65504)")
-        try:
-            views = [compact.encode_view(arrs["features"][v], arrs["attn_logits"][v],
-                                         spec.codec_params, key=key, view=first_view + v)
-                     for v in range(K)]
-        except ValueError as e:
-            raise CacheError(f"record {key!r}: {e}") from None
-        for name in views[0]:
-            out[name] = np.stack([v[name] for v in views])
+        if encoded:
+            if not np.isfinite(arrs["attn_max"]).all():
+                raise CacheError(f"record {key!r}: {compact.ROW_MAX_OVERFLOW}")
+            out.update({name: arrs[name] for name in compact.PAYLOAD_FIELDS})
+        else:
+            try:
+                views = [compact.encode_view(arrs["features"][v], arrs["attn_logits"][v],
+                                             spec.codec_params, key=key, view=first_view + v)
+                         for v in range(K)]
+            except ValueError as e:
+                raise CacheError(f"record {key!r}: {e}") from None
+            for name in views[0]:
+                out[name] = np.stack([v[name] for v in views])
     else:
         out["features"], out["features_scale"] = quantize_rows(arrs["features"])
         out["attn_logits"], out["attn_logits_scale"] = quantize_rows(arrs["attn_logits"])
     for name, (_shape, dt) in fields.items():
         out[name] = np.ascontiguousarray(out[name], dtype=dt)
     return out, {"label": label, "source_size": [h, w]}
+
+
+def is_encoded(view_records: dict) -> bool:
+    """Whether a record holds the lowrank codec's stored arrays (encoded on the base model's
+    device) rather than float features and attention logits."""
+    return "features_u" in view_records
+
+
+def encoder_of(view_records: dict) -> str:
+    """The name of the encoder a record's lowrank arrays come from (``numpy``: the writer's)."""
+    if not is_encoded(view_records):
+        return "numpy"
+    return str(view_records.get("encoder") or "pre-encoded")
 
 
 # ---------------------------------------------------------------------------------------------

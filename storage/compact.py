@@ -45,6 +45,18 @@ device), ``dequantize_payload`` the float32 tensors:
 
 The bit widths follow from the stored shapes (ceil(n * b / 8) is strictly increasing in b for
 n >= 8, and the codec requires L, C >= 8), so a reader needs no parameters.
+
+Where encoding happens (``targets.encode_on``): this module is the reference encoder, numpy on
+one CPU core, ~6.5 ms of CPU time per ViT-B view (one thread on a loaded 2-core VM; ~40% of it
+the float64 eigendecomposition). Stage 1 runs it in the shard task's writer on a
+CPU-only run, and ``tec cache transcode`` always. A GPU base model does thousands of ViT-B views
+per second, which this encoder would need 10+ cores per GPU to follow, and its float32 input
+(~760 KB a view) would cross Ray's object store before shrinking to ~46 KB. So when the
+base-model actors have GPUs, stage 1 encodes in the actor right after the forward pass with
+:mod:`storage.compact_torch` (the same algorithm and format in torch, batched over the views of
+a forward pass) and sends only the stored arrays. Both encoders write this format and decode
+to the same error statistics; the bytes differ (eigenvector signs, last-ulp rounding), which is
+why a part records the encoder that wrote it and is never written by both.
 """
 from __future__ import annotations
 
@@ -72,6 +84,9 @@ ALLOWED: dict[str, str] = {
     "attn_floor": "a number in [1, 1000] (logit units)",
     "rounding": "stochastic or nearest",
 }
+
+# the one-line error of a view whose attention row maximum does not fit float16 (both encoders)
+ROW_MAX_OVERFLOW = "attn_logits overflow float16 row maxima (|x| > 65504)"
 
 PAYLOAD_FIELDS = ("features_u", "features_u_scale", "features_v", "features_v_scale",
                   "attn_codes", "attn_max", "attn_step")
@@ -259,7 +274,7 @@ def encode_attention(x: np.ndarray, params: dict, rng) -> dict[str, np.ndarray]:
     top = x.max(axis=-1)
     top16 = top.astype(np.float16)
     if not np.isfinite(top16).all():
-        raise ValueError("attn_logits overflow float16 row maxima (|x| > 65504)")
+        raise ValueError(ROW_MAX_OVERFLOW)
     d = top16.astype(np.float32)[..., None] - x  # >= -(rounding of the max), ~0 at the top
     span = np.minimum(np.maximum(d.max(axis=-1), 0.0), params["attn_floor"])
     step = (span / levels).astype(np.float16)

@@ -93,3 +93,81 @@ def test_compare_targets_sees_precision_changes_of_the_patch_selection():
     assert out["topk_agreement"] == 1.0 and out["attn_rows_compared"] == pytest.approx(4 / 6)
     other = dict(ref, attn_index=np.array([[0, 3], [2, 3]]))
     assert compare_targets(ref, other)["topk_agreement"] == 0.75
+
+
+# ------------------------------------------------------------------------------ encode_on
+def test_encode_on_is_resolved_once_per_run_and_device_needs_the_lowrank_codec(world):
+    from stages.configs import ConfigError
+    from stages.stage1 import resolve_encode_on
+
+    tmp, shards, _ = world
+    lowrank = {"codec": "lowrank"}
+    assert resolve_encode_on(_cfg(tmp, shards, **lowrank), gpus=True)  # auto: GPUs -> actors
+    assert not resolve_encode_on(_cfg(tmp, shards, **lowrank), gpus=False)
+    assert not resolve_encode_on(_cfg(tmp, shards, encode_on="cpu", **lowrank), gpus=True)
+    assert resolve_encode_on(_cfg(tmp, shards, encode_on="device", **lowrank), gpus=False)
+    assert not resolve_encode_on(_cfg(tmp, shards), gpus=True)  # float16: nothing to encode
+    with pytest.raises(ConfigError, match="targets.encode_on: device encodes codec lowrank only"):
+        _cfg(tmp, shards, encode_on="device").validate()
+    with pytest.raises(ConfigError, match="encode_on"):
+        _cfg(tmp, shards, encode_on="gpu")
+
+
+class _Recording:
+    """An in-process actor that keeps what each call returned (what would cross Ray)."""
+
+    def __init__(self, actor):
+        self.actor, self.outputs = actor, []
+
+    def __call__(self, *args):
+        out = self.actor(*args)
+        self.outputs.append(out)
+        return out
+
+
+def test_stage1_encoding_on_the_actors_device_writes_a_cache_that_verifies_and_trains(world):
+    """targets.encode_on: device on a CPU (the torch encoder in the actor): the actor returns the
+    codec's arrays, the cache verifies deeply, decodes like the numpy-encoded cache of the same
+    views (the same dither: stochastic rounding), records its encoder per part, and trains."""
+    from train_helpers import Source, run_config
+
+    from stages.train import train
+    from storage import layout, verify_cache
+
+    tmp, shards, base = world
+    params = {"rank": 4, "rounding": "stochastic"}
+    caches, outputs = {}, {}
+    for where in ("cpu", "device"):
+        cfg = _cfg(tmp, shards, codec="lowrank", codec_params=params, encode_on=where,
+                   name=f"enc-{where}")
+        writer, jobs = _prepare_cache(cfg, _check_base_model(cfg, base))
+        assert [job.encode_on_device for job in jobs] == [where == "device"]
+        actor = _Recording(BaseModelActor({"arch": base.arch, "checkpoint": base.checkpoint,
+                                           "timm_kwargs": dict(BASE_KWARGS)}, 2, 6))
+        process_shard(jobs[0], [actor], writer)
+        writer.finalize()
+        assert verify_cache(cfg.cache, deep=True) == []
+        marker = layout.read_json(layout.marker_path(writer.root, jobs[0].part), "marker")
+        assert marker["encoder"] == {"cpu": "numpy", "device": "torch (cpu)"}[where]
+        caches[where], outputs[where] = cfg.cache, actor.outputs
+    sent = {where: sum(a.nbytes for out in outs for a in out.values()
+                       if isinstance(a, np.ndarray)) for where, outs in outputs.items()}
+    assert "features" not in outputs["device"][0] and "features_u" in outputs["device"][0]
+    assert sent["device"] < sent["cpu"] / 2, sent
+    with open_cache(caches["cpu"]) as a, open_cache(caches["device"]) as b:
+        assert a.keys == b.keys and len(a) == 6
+        for i in range(len(a)):
+            for v in range(2):
+                ra, rb = a.read(i, v), b.read(i, v)
+                sa, sb = a.read(i, v, decode=False), b.read(i, v, decode=False)
+                assert np.array_equal(ra["attn_index"], rb["attn_index"])
+                assert np.array_equal(sa["feature_mean"], sb["feature_mean"])
+                # same dither, same float targets: the same attention codes
+                assert np.array_equal(sa["attn_codes"], sb["attn_codes"])
+                err = np.linalg.norm(rb["features"] - ra["features"]) / \
+                    np.linalg.norm(ra["features"])
+                assert err < 0.5  # the same targets up to another draw of the factor dither
+    summary = train(run_config(epochs=1, batch_size=3, model={"k": 4}), cache=caches["device"],
+                    source=Source(str(tmp / "shards")), base=None, out_dir=tmp / "train-device",
+                    progress=False)
+    assert summary.cached_samples == 6 and np.isfinite(summary.losses["loss"])

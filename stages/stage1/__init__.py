@@ -24,6 +24,7 @@ from .config import (  # noqa: F401
     Stage1Error,
     Stage1StrictError,
     Stage1Summary,
+    resolve_encode_on,
     resolve_precision,
 )
 from .driver import (  # noqa: F401

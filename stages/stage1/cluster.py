@@ -4,6 +4,7 @@ ones."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from .config import (
     Stage1Config,
     Stage1Error,
     _absolute,
+    resolve_encode_on,
     resolve_precision,
 )
 from .shard import BaseModelActor, PartResult, ShardJob, process_shard
@@ -257,6 +259,12 @@ def _run_on_ray(cfg: Stage1Config, base: BaseModelConfig, jobs: list[ShardJob],
         logger.info("stage 1 on Ray at %s: %d base-model actors (%s, %d threads), %d shard "
                     "tasks at a time", address, plan.num_actors, plan.actor_options,
                     plan.threads, plan.concurrent)
+        # one decision for the whole run: every part of it is written by one encoder
+        device = resolve_encode_on(cfg, gpus=bool(plan.actor_options.get("num_gpus")))
+        jobs = [dataclasses.replace(job, encode_on_device=device) for job in jobs]
+        if cfg.codec == "lowrank":
+            logger.info("codec lowrank encoded %s", "by the base-model actors (torch, on their "
+                        "device)" if device else "in the shard tasks (numpy, on their CPU)")
         actors, ready = _start_actors(cfg, base, plan)
         try:
             results, failed = _run_tasks(cfg, jobs, actors, ready, plan, progress)

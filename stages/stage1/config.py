@@ -100,6 +100,12 @@ class Stage1Config:
     benchmarks/README.md "Storage"); on a CPU it is always float32. The precision used is part of
     the cache's identity, and the target error of codec and precision against float32 is measured
     on the first samples and stored in the manifest (``target_error``).
+    encode_on: where the lowrank codec encodes: ``cpu`` in the shard task's writer (numpy,
+    storage/compact.py), ``device`` in the base-model actor right after the forward pass (torch on
+    the actor's device, storage/compact_torch.py: only the stored arrays cross the object store),
+    ``auto`` (default) the actor when the actors have GPUs, else cpu. Both encoders write the same
+    format with the same decoded error; the bytes differ, so each part is written by one encoder
+    (its commit marker names it). Not part of the cache's identity.
     cache (and source.path) may be fsspec URLs (s3://, gs://, memory://): no shared file system
     is needed. storage_options: {protocol: {filesystem keyword: value}} (e.g. ``{s3:
     {endpoint_url: ..., key: ..., secret: ...}}``) for those URLs, applied in every process of the
@@ -112,6 +118,7 @@ class Stage1Config:
     codec: Literal["float16", "int8", "lowrank"] = "float16"
     codec_params: dict = field(default_factory=dict)
     precision: Literal["float32", "float16", "bfloat16"] = "float16"
+    encode_on: Literal["auto", "cpu", "device"] = "auto"
     views: int = 10
     last_n: int = 2
     k_max: int = 16
@@ -150,6 +157,9 @@ class Stage1Config:
         elif self.codec_params:
             raise ConfigError(f"targets.codec_params: codec {self.codec} takes no parameters; "
                               f"remove codec_params or use codec: {LOWRANK}")
+        if self.encode_on == "device" and self.codec != LOWRANK:
+            raise ConfigError(f"targets.encode_on: device encodes codec {LOWRANK} only (codec "
+                              f"{self.codec} is rounded in the actor anyway); use auto or cpu")
         if not 1 <= self.pixels_quality <= 100:
             raise ConfigError(f"targets.pixels_quality: must be in [1, 100], got "
                               f"{self.pixels_quality}")
@@ -217,6 +227,17 @@ def resolve_precision(cfg: Stage1Config) -> str:
     if cfg.precision != "float32" and not torch.cuda.is_available():
         return "float32"
     return cfg.precision
+
+
+def resolve_encode_on(cfg: Stage1Config, gpus: bool) -> bool:
+    """Whether the base-model actors encode the lowrank codec (``targets.encode_on``): device
+    always, cpu never, auto when the actors have GPUs (``gpus``). Decided once per run, so every
+    part of a run is written by one encoder."""
+    from storage.compact import NAME as LOWRANK
+
+    if cfg.codec != LOWRANK or cfg.encode_on == "cpu":
+        return False
+    return cfg.encode_on == "device" or bool(gpus)
 
 
 def _absolute(path) -> str:

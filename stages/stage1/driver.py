@@ -42,6 +42,7 @@ from .config import (
     Stage1StrictError,
     Stage1Summary,
     _absolute,
+    resolve_encode_on,
     resolve_precision,
 )
 from .shard import ShardHooks, ShardJob, _open_source, part_names
@@ -204,6 +205,10 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
         parts=list(zip(names, counts)),
     )
     committed = writer.committed_parts()
+    import torch
+
+    # this process's view; a Ray run decides again from the actors' resources (cluster.py)
+    encode_on_device = resolve_encode_on(cfg, gpus=torch.cuda.is_available())
     # Workers may run elsewhere (another cwd, another node): give them absolute paths.
     wds = cfg.source.kind == "webdataset"
     jobs = [
@@ -213,7 +218,8 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
                  shard_size=cfg.source.shard_size, cache=_absolute(cfg.cache), views=cfg.views,
                  policy=policy.to_dict(), batch_size=cfg.batch_size,
                  max_in_flight=cfg.max_in_flight, hooks=hooks, renames=renames[i],
-                 storage_options=dict(cfg.storage_options or {}), first_view=cfg.first_view)
+                 storage_options=dict(cfg.storage_options or {}), first_view=cfg.first_view,
+                 encode_on_device=encode_on_device)
         for i, (shard, name, count) in enumerate(zip(shards, names, counts))
         if name not in committed
     ]

@@ -64,12 +64,19 @@ class BaseModelActor:
         return {"device": name, "host": socket.gethostname(), "pid": os.getpid(),
                 "threads": torch.get_num_threads()}
 
-    def __call__(self, views: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, views: np.ndarray, encode: dict | None = None,
+                 seeds: list[int] | None = None) -> dict[str, np.ndarray]:
         """views: uint8 [B,3,S,S] -> dict of numpy arrays: features [B,L,C], feature_mean and
         feature_std [B,C] (float32), attn_logits [B,H,k_max+1,L], attn_index [B,k_max] (int64).
 
         With ``float16`` (the cache's float16 codec) features and attn_logits come back rounded
         to float16, exactly what the cache stores, at half the bytes through the object store.
+
+        encode: the lowrank codec's parameters to encode with, here on the actor's device
+        (``storage.compact_torch``, targets.encode_on): features and attn_logits are replaced by
+        the codec's stored arrays (~7x fewer bytes through the object store than float32
+        targets) plus ``features_finite`` / ``attn_logits_finite`` (bool [B]) and ``encoder``.
+        seeds: the dither seed of each view (``compact.record_seed``), for stochastic rounding.
         """
         import torch
 
@@ -81,6 +88,8 @@ class BaseModelActor:
         with torch.autocast(device_type="cuda", dtype=self.autocast or torch.float16,
                             enabled=self.autocast is not None):
             targets = extract_targets(self.model, x, last_n=self.last_n, k_max=self.k_max)
+        if encode is not None:
+            return self._encoded(targets, encode, seeds)
         big = torch.float16 if self.float16 else torch.float32
         return {
             "features": targets.features.to(big).cpu().numpy(),
@@ -89,6 +98,22 @@ class BaseModelActor:
             "attn_logits": targets.attn_logits.to(big).cpu().numpy(),
             "attn_index": targets.attn_index.long().cpu().numpy(),
         }
+
+
+    def _encoded(self, targets, params: dict, seeds) -> dict:
+        """The lowrank codec's stored arrays of a batch, encoded on this actor's device."""
+        from storage.compact_torch import encode_views, finite_views
+
+        ok_features, ok_attn = finite_views(targets.features, targets.attn_logits)
+        stored = encode_views(targets.features, targets.attn_logits, params, seeds=seeds)
+        out = {name: t.cpu().numpy() for name, t in stored.items()}
+        out.update(feature_mean=targets.feature_mean.float().cpu().numpy(),
+                   feature_std=targets.feature_std.float().cpu().numpy(),
+                   attn_index=targets.attn_index.long().cpu().numpy(),
+                   features_finite=ok_features.cpu().numpy(),
+                   attn_logits_finite=ok_attn.cpu().numpy(),
+                   encoder=f"torch ({self.device.type})")
+        return out
 
 
 # ------------------------------------------------------------------------------ the shard task
@@ -133,6 +158,7 @@ class ShardJob:
     renames: dict = field(default_factory=dict)  # this shard's stages.sources.unique_keys
     storage_options: dict = field(default_factory=dict)  # targets.storage_options
     first_view: int = 0  # compute views first_view .. first_view + views - 1
+    encode_on_device: bool = False  # lowrank: the actors encode (targets.encode_on, resolved)
 
 
 @dataclass
@@ -149,7 +175,15 @@ class PartResult:
     worker: str = ""
 
 
-_RECORD_KEYS = ("features", "feature_mean", "feature_std", "attn_logits", "attn_index")
+_FINITE_CHECKED = ("features", "feature_mean", "feature_std", "attn_logits")
+
+
+def _finite(out: dict, name: str) -> bool:
+    """Whether an actor output's ``name`` is all finite (an encoding actor sends the flags)."""
+    flags = out.get(f"{name}_finite")
+    if flags is not None:
+        return bool(np.asarray(flags).all())
+    return bool(np.isfinite(out[name]).all())
 
 
 class _SampleAssembler:
@@ -160,14 +194,17 @@ class _SampleAssembler:
         self.write = write
         self.part = part
         self.pending: collections.deque = collections.deque()  # sample metas in row order
-        self.rows: dict[str, list] = {k: [] for k in _RECORD_KEYS}
+        self.rows: dict[str, list] = {}
         self.filled = 0  # rows of pending[0] received so far
 
     def expect(self, meta: dict) -> None:
         self.pending.append(meta)
 
-    def add(self, out: dict[str, np.ndarray]) -> None:
-        bad = [k for k in _RECORD_KEYS[:4] if not np.isfinite(out[k]).all()]
+    def add(self, out: dict) -> None:
+        """One actor output: float targets, or the lowrank codec's stored arrays (+ encoder)."""
+        out = dict(out)
+        encoder = out.pop("encoder", None)
+        bad = [k for k in _FINITE_CHECKED if not _finite(out, k)]
         if bad:
             key = self.pending[0]["key"] if self.pending else "?"
             raise NonFiniteTargetsError(
@@ -175,23 +212,25 @@ class _SampleAssembler:
                 f"{', '.join(bad)}) for the views of sample {key!r} and those batched with it; a "
                 "retry gives the same - check base_model.checkpoint (NaN or overflowing weights) "
                 "and run stage 1 again once the base model gives finite outputs")
-        n = len(out["features"])
+        n = len(out["attn_index"])
         start = 0
         while start < n:
             take = min(self.views - self.filled, n - start)
-            for k in _RECORD_KEYS:
-                self.rows[k].append(out[k][start:start + take])
+            for k, v in out.items():
+                self.rows.setdefault(k, []).append(v[start:start + take])
             self.filled += take
             start += take
             if self.filled == self.views:
                 meta = self.pending.popleft()
-                record = {k: np.concatenate(self.rows[k]) for k in _RECORD_KEYS}
+                record = {k: np.concatenate(rows) for k, rows in self.rows.items()}
+                if encoder is not None:
+                    record["encoder"] = encoder
                 record.update(crop=meta["crop"], flip=meta["flip"],
                               source_size=meta["source_size"], label=meta["label"])
                 if "pixels" in meta:
                     record["pixels"] = meta["pixels"]
                 self.write(meta["slot"], meta["key"], record)
-                self.rows = {k: [] for k in _RECORD_KEYS}
+                self.rows = {}
                 self.filled = 0
 
 
@@ -206,6 +245,7 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     from stages.sources import BadSample, decode_image
     from stages.views import render_views, view_params, views_to_arrays
     from storage import PartCommittedError
+    from storage.compact import record_seed
 
     start = time.perf_counter()
     if job.storage_options:  # this worker may be on another node: configure its filesystems
@@ -240,16 +280,22 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
     buffer: list[torch.Tensor] = []  # uint8 [K,3,S,S] per sample, not yet submitted
     buffered = 0
     calls = 0
+    # lowrank encoded by the actors: they get the cache's codec parameters and, for stochastic
+    # rounding, each view's dither seed (the writer's numpy encoder would draw the same)
+    encode = _actor_encoding(job, writer.spec)
+    seeds: list[int] = []  # dither seeds of the buffered views (stochastic rounding only)
 
     def submit(n: int) -> None:
-        nonlocal buffer, buffered, calls
+        nonlocal buffer, buffered, calls, seeds
         batch = torch.cat(buffer).numpy()
         head, rest = batch[:n], batch[n:]
         buffer = [torch.from_numpy(rest)] if len(rest) else []
         buffered = len(rest)
         actor = actors[(job.index + calls) % len(actors)]
         calls += 1
-        in_flight.append(actor.__call__.remote(head) if remote else actor(head))
+        args = (head,) if encode is None else (head, encode, seeds[:n] if seeds else None)
+        seeds = seeds[n:]
+        in_flight.append(actor.__call__.remote(*args) if remote else actor(*args))
         result.forward_passes += 1
         result.views += len(head)
         hooks.batch(job)
@@ -293,6 +339,9 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
                 meta["pixels"], pixels = stored_view_pixels(pixels, stored_pixels,
                                                              writer.spec.pixels_quality)
             assembler.expect(meta)
+            if encode is not None and encode["rounding"] == "stochastic":
+                seeds += [record_seed(key, v)
+                          for v in range(job.first_view, job.first_view + job.views)]
             buffer.append(pixels)
             buffered += len(pixels)
             result.images += 1
@@ -314,6 +363,18 @@ def process_shard(job: ShardJob, actors: list, writer=None) -> PartResult:
         raise
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _actor_encoding(job: ShardJob, spec) -> dict | None:
+    """The lowrank parameters the actors encode this part with, or None (the writer encodes)."""
+    from storage.compact import NAME as LOWRANK
+
+    if not job.encode_on_device:
+        return None
+    if spec.codec != LOWRANK:
+        raise Stage1Error(f"part {job.part}: encoding on the base model's device is for codec "
+                          f"{LOWRANK}, the cache's codec is {spec.codec}")
+    return dict(spec.codec_params)
 
 
 def stored_view_pixels(pixels, fmt: str, quality: int):
