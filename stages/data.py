@@ -152,7 +152,8 @@ def _file_signature(path: str) -> list:
 
         url = Url(path)
         info = call(url, url.fs.info, url.key)
-        tag = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        tag = (info.get("ETag") or info.get("LastModified") or info.get("mtime")
+               or info.get("created"))
         return [str(path), int(info.get("size") or 0), str(tag)]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
@@ -205,7 +206,9 @@ class SourceIndex:
             try:
                 results = list(pool.map(_index_tar, shards))
             except tarfile.TarError as exc:
-                raise DataError(f"a source shard cannot be read as an uncompressed tar ({exc})") from None
+                raise DataError(
+                    f"a source shard cannot be read as an uncompressed tar ({exc})"
+                ) from None
         renames = _unique_tar_keys(shards)
         keys, file, offsets, sizes, labels = [], [], [], [], []
         for i, (k, o, s, lab) in enumerate(results):
@@ -218,7 +221,8 @@ class SourceIndex:
                 offsets.append(offset)
                 sizes.append(size)
                 labels.append(label)
-        return cls(shards, keys, np.array(file), np.array(offsets), np.array(sizes), np.array(labels))
+        return cls(shards, keys, np.array(file), np.array(offsets), np.array(sizes),
+                   np.array(labels))
 
     @classmethod
     def load_or_build(cls, kind: str, shards: Sequence[str], cache_file: str | Path | None = None,
@@ -232,8 +236,8 @@ class SourceIndex:
                 with np.load(cache_file, allow_pickle=False) as z:
                     meta = json.loads(str(z["meta"]))
                     if meta.get("version") == _INDEX_VERSION and meta.get("signature") == signature:
-                        return cls(z["files"].tolist(), z["keys"].tolist(), z["file_id"], z["offsets"],
-                                   z["sizes"], z["labels"])
+                        return cls(z["files"].tolist(), z["keys"].tolist(), z["file_id"],
+                                   z["offsets"], z["sizes"], z["labels"])
             except (OSError, ValueError, KeyError) as exc:
                 logger.warning("ignoring unreadable source index %s (%s)", cache_file, exc)
         t0 = time.perf_counter()
@@ -337,7 +341,9 @@ class SamplePlan:
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self.eligible) // batch_size
 
-    def epoch(self, epoch: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def epoch(
+        self, epoch: int, limit: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(index int64 [M], view int64 [M], fresh bool [M]) for ``epoch`` in training order."""
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.eligible))
         index = self.eligible[order[:limit] if limit is not None else order]
@@ -388,7 +394,9 @@ class PlanSampler(Sampler):
     def __iter__(self):
         index, view, fresh = self.plan.epoch(self.epoch, self.steps * self.batch_size)
         shape = (self.steps, self.accum, self.world, self.micro)
-        pick = np.arange(self.steps * self.batch_size).reshape(shape)[self.start_step:, :, self.rank]
+        pick = np.arange(self.steps * self.batch_size).reshape(shape)[
+            self.start_step:, :, self.rank
+        ]
         for p in pick.reshape(-1):
             yield PlanItem(self.epoch, int(index[p]), int(view[p]), bool(fresh[p]))
 
@@ -464,9 +472,9 @@ class TrainDataset(Dataset):
             if size != [height, width] or recorded != expected:
                 raise ReplayMismatchError(
                     f"cache {self.cache.path}: sample {key!r} view {item.view} was recorded as "
-                    f"{recorded} on a {size[0]}x{size[1]} image, but the view policy gives {expected} "
-                    f"on the {height}x{width} source image; the source or the view code changed "
-                    "since stage 1 - rebuild the cache")
+                    f"{recorded} on a {size[0]}x{size[1]} image, but the view policy gives "
+                    f"{expected} on the {height}x{width} source image; the source or the view "
+                    "code changed since stage 1 - rebuild the cache")
         return recorded, record
 
     def __getitem__(self, item: PlanItem) -> dict[str, Any]:

@@ -631,7 +631,8 @@ class Finetuner:
             while self.global_step < self.stop_step:
                 self.sampler.set_position(self.epoch, self.step_in_epoch)
                 batches = iter(self.loader)
-                while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.stop_step:
+                while (self.step_in_epoch < self.steps_per_epoch
+                       and self.global_step < self.stop_step):
                     micro = [next(batches) for _ in range(cfg.accum_steps)]
                     loss = self.train_step(micro)
                     if log.after_step({"loss": loss},

@@ -92,7 +92,9 @@ class MetricsLogger:
     last checkpoint) are dropped so the CSV describes exactly one training history.
     """
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self, log_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None
+    ):
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self._csv_file = None

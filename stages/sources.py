@@ -122,7 +122,9 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     else:
         items = [str(p) for p in spec]
     if not items:
-        raise ShardSpecError(f"empty shard specification {spec!r}; give a path, directory, glob or brace pattern")
+        raise ShardSpecError(
+            f"empty shard specification {spec!r}; give a path, directory, glob or brace pattern"
+        )
 
     out: list[str] = []
     for item in items:
@@ -143,10 +145,13 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 missing.append(path)
         if missing:
             raise MissingShardsError(
-                f"{len(missing)} shard(s) named by {item!r} do not exist (first: {missing[0]}); check the path"
+                f"{len(missing)} shard(s) named by {item!r} do not exist (first: {missing[0]}); "
+                "check the path"
             )
         if not matched:
-            raise ShardSpecError(f"shard pattern {item!r} matches no files; check the path or pattern")
+            raise ShardSpecError(
+                f"shard pattern {item!r} matches no files; check the path or pattern"
+            )
         out.extend(matched)
     return list(dict.fromkeys(out))
 
@@ -180,7 +185,8 @@ def _expand_url(item: str) -> list[str]:
             missing.append(url)
     if missing:
         raise MissingShardsError(
-            f"{len(missing)} shard(s) named by {item!r} do not exist (first: {missing[0]}); check the path")
+            f"{len(missing)} shard(s) named by {item!r} do not exist (first: {missing[0]}); "
+            "check the path")
     if not matched:
         raise ShardSpecError(f"shard pattern {item!r} matches no objects; check the URL or pattern")
     return matched
@@ -221,7 +227,9 @@ def decode_image(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         img = Image.open(io.BytesIO(data), formats=_allowed_formats())
     except UnidentifiedImageError:
-        raise BadSample(f"not an image in an allowed format ({len(data)} bytes, first bytes {data[:8]!r})") from None
+        raise BadSample(
+            f"not an image in an allowed format ({len(data)} bytes, first bytes {data[:8]!r})"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise BadSample(f"too many pixels (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
@@ -233,13 +241,16 @@ def decode_image(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise BadSample(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise BadSample(
-                f"too many pixels: {width}x{height} > max_pixels {max_pixels} (decompression bomb guard)"
+                f"too many pixels: {width}x{height} > max_pixels {max_pixels} "
+                "(decompression bomb guard)"
             )
         try:
             img.load()
         except Image.DecompressionBombError as exc:
             raise BadSample(f"too many pixels (decompression bomb guard): {exc}") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error, MemoryError) as exc:
+        except (
+            OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error, MemoryError
+        ) as exc:
             raise BadSample(f"corrupt image data: {_one_line(exc)}") from None
         try:
             img = ImageOps.exif_transpose(img)
@@ -349,7 +360,9 @@ class WebDatasetSource:
 
     kind = "webdataset"
 
-    def __init__(self, pattern: str | Sequence[str], *, image_extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+    def __init__(
+        self, pattern: str | Sequence[str], *, image_extensions: Sequence[str] = IMAGE_EXTENSIONS
+    ) -> None:
         self.pattern = pattern
         self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
         self._shards = sorted(expand_shards(pattern))
@@ -368,7 +381,8 @@ class WebDatasetSource:
 
     def scan(self, shard: str) -> tuple[int, list[str]]:
         """(candidate samples, keys of the candidates without a header-level error) of `shard`,
-        from tar headers only: what :func:`unique_keys` needs to spot keys repeated across shards."""
+        from tar headers only: what :func:`unique_keys` needs to spot keys repeated across
+        shards."""
         count, keys = 0, []
         with _open_shard(shard) as f:
             for group in self._groups(shard, f, log=False):
@@ -388,7 +402,8 @@ class WebDatasetSource:
                     continue
                 try:
                     data = self._read(tar, group.fields[group.image_field])
-                    label = _parse_label(self._read(tar, group.fields["cls"])) if "cls" in group.fields else -1
+                    label = (_parse_label(self._read(tar, group.fields["cls"]))
+                             if "cls" in group.fields else -1)
                 except (OSError, tarfile.TarError, EOFError) as exc:
                     yield Sample(group.key, None, -1, f"unreadable tar member: {_one_line(exc)}")
                     continue
@@ -559,21 +574,33 @@ class ImageFolderSource:
 
     kind = "imagefolder"
 
-    def __init__(self, root: str | os.PathLike, shard_size: int = 1000, *, extensions: Sequence[str] = FOLDER_EXTENSIONS) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        shard_size: int = 1000,
+        *,
+        extensions: Sequence[str] = FOLDER_EXTENSIONS,
+    ) -> None:
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist or is not a directory"
+            )
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.shard_size = int(shard_size)
         self.extensions = tuple(e.lower() for e in extensions)
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         self._files: list[tuple[str, int]] = self._list_files()
         # stems shared by several files ('x.jpg' beside 'x.png'): keys keep the extension
         stems = collections.Counter(os.path.splitext(rel)[0] for rel, _ in self._files)
         self._stems = {stem for stem, n in stems.items() if n > 1}
         if not self._files:
-            raise ShardSpecError(f"image folder {self.root} holds no images with suffixes {list(self.extensions)}")
+            raise ShardSpecError(
+                f"image folder {self.root} holds no images with suffixes {list(self.extensions)}"
+            )
         n = (len(self._files) + self.shard_size - 1) // self.shard_size
         self._shards = [f"imagefolder-{i:05d}" for i in range(n)]
         self._index = {s: i for i, s in enumerate(self._shards)}
@@ -589,7 +616,8 @@ class ImageFolderSource:
                 if not self.classes and Path(dirpath) != base:
                     continue
                 for name in filenames:
-                    if not name.startswith(".") and os.path.splitext(name)[1].lower() in self.extensions:
+                    if (not name.startswith(".")
+                            and os.path.splitext(name)[1].lower() in self.extensions):
                         found.append(Path(dirpath, name).relative_to(self.root).as_posix())
             files.extend((rel, label) for rel in sorted(found))
         return files
@@ -598,11 +626,15 @@ class ImageFolderSource:
         return list(self._shards)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root), "shard_size": self.shard_size, "shards": self.shards()}
+        return {"kind": self.kind, "root": str(self.root), "shard_size": self.shard_size,
+                "shards": self.shards()}
 
     def _chunk(self, shard: str) -> list[tuple[str, int]]:
         if shard not in self._index:
-            raise ValueError(f"unknown shard {shard!r} of image folder {self.root}; expected one of imagefolder-NNNNN")
+            raise ValueError(
+                f"unknown shard {shard!r} of image folder {self.root}; "
+                "expected one of imagefolder-NNNNN"
+            )
         i = self._index[shard]
         return self._files[i * self.shard_size : (i + 1) * self.shard_size]
 
@@ -662,7 +694,9 @@ def unique_keys(keys_by_shard: Sequence[Sequence[str]],
     return renames
 
 
-def open_source(kind: str, path: str | os.PathLike | Sequence[str], **kwargs: Any) -> WebDatasetSource | ImageFolderSource:
+def open_source(
+    kind: str, path: str | os.PathLike | Sequence[str], **kwargs: Any
+) -> WebDatasetSource | ImageFolderSource:
     """Source factory: kind 'webdataset' (path = shard spec) or 'imagefolder' (path = root)."""
     if kind == "webdataset":
         return WebDatasetSource(path, **kwargs)

@@ -148,7 +148,8 @@ def format_inspect(summary: dict) -> str:
     comp = s.get("codec", {}).get("compression", {})
     comp_txt = comp.get("id", "?") if comp.get("id") != "blosc" else \
         f"blosc {comp.get('cname')} level {comp.get('clevel')}, byte shuffle"
-    status = "complete" if s["complete"] else f"INCOMPLETE ({len(s['missing_parts'])} parts missing)"
+    status = ("complete" if s["complete"]
+              else f"INCOMPLETE ({len(s['missing_parts'])} parts missing)")
     damaged = s.get("damaged_parts") or {}
     if damaged:
         status = (f"DAMAGED ({len(damaged)} committed part(s) lack their data"
@@ -157,8 +158,8 @@ def format_inspect(summary: dict) -> str:
     source = {k: (v if k != "shards" else f"{len(v)} shards") for k, v in s["source"].items()}
     lines = [
         f"target cache  {s['path']}",
-        f"format        {s['format']} schema v{s['schema_version']}  created {s.get('created') or '?'}"
-        f"  finalized {s.get('finalized') or 'no'}",
+        f"format        {s['format']} schema v{s['schema_version']}  "
+        f"created {s.get('created') or '?'}  finalized {s.get('finalized') or 'no'}",
         f"backend       {spec['backend']}   values {spec['codec']}   compression {comp_txt}",
         *_codec_lines(s),
         f"record        L={spec['num_patches']} C={spec['channels']} H={spec['heads']} "
@@ -169,30 +170,32 @@ def format_inspect(summary: dict) -> str:
         f"parts         {s['parts_committed']}/{s['parts_total']} committed - {status}",
         f"samples       {s['samples']} valid of {s['slots_total']} slots, {s['bad_samples']} bad "
         f"samples reported; {s['records']} records",
-        f"size          {format_bytes(s['bytes_total'])} total, {format_bytes(s['bytes_data'])} part data",
+        f"size          {format_bytes(s['bytes_total'])} total, "
+        f"{format_bytes(s['bytes_data'])} part data",
     ]
     if spec.get("pixels", "none") != "none":
         quality = f" quality {spec.get('pixels_quality')}" if spec["pixels"] == "jpeg" else ""
-        lines.append(f"view pixels   {spec['pixels']}{quality}, {spec.get('image_size')} px: stored "
-                     f"with every view (self-contained: cached views need no source image; "
+        lines.append(f"view pixels   {spec['pixels']}{quality}, {spec.get('image_size')} px: "
+                     f"stored with every view (self-contained: cached views need no source image; "
                      f"the per-view size below includes them)")
     if s["records"]:
         lines.append(f"per view      {format_bytes(s['bytes_per_view'])} on disk = "
-                     f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored tensors "
-                     f"({format_bytes(s['raw_bytes_per_view'])}); {format_bytes(s['float32_bytes_per_view'])} "
-                     f"decoded to float32")
+                     f"{s['bytes_per_view'] / s['raw_bytes_per_view']:.3f} x its raw stored "
+                     f"tensors ({format_bytes(s['raw_bytes_per_view'])}); "
+                     f"{format_bytes(s['float32_bytes_per_view'])} decoded to float32")
     for part, why in list(damaged.items())[:10]:
         lines.append(f"damaged       part {part}: {why}")
     if s["missing_parts"]:
-        shown = ", ".join(s["missing_parts"][:10]) + (" ..." if len(s["missing_parts"]) > 10 else "")
+        shown = (", ".join(s["missing_parts"][:10])
+                 + (" ..." if len(s["missing_parts"]) > 10 else ""))
         lines.append(f"missing       {shown}")
     for layer in s.get("view_layers") or []:
         first, stop = layer["views"]
-        lines.append(f"view layer    views {first}..{stop - 1} in {layer['path']} (tec cache extend, "
-                     f"{layer.get('at')}): K={stop} in all")
+        lines.append(f"view layer    views {first}..{stop - 1} in {layer['path']} "
+                     f"(tec cache extend, {layer.get('at')}): K={stop} in all")
     if s["unfinished_writes"]:
-        lines.append(f"unfinished    temp data of {len(s['unfinished_writes'])} part(s) being written "
-                     f"or left by a crash: {', '.join(s['unfinished_writes'][:10])}")
+        lines.append(f"unfinished    temp data of {len(s['unfinished_writes'])} part(s) being "
+                     f"written or left by a crash: {', '.join(s['unfinished_writes'][:10])}")
     return "\n".join(lines)
 
 
@@ -245,8 +248,8 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
                 continue
             size = fp.stat().st_size
             if size != info.get("bytes"):
-                problems.append(f"part {part}: file {rel} is {size} bytes, expected {info.get('bytes')} "
-                                f"(truncated or replaced)")
+                problems.append(f"part {part}: file {rel} is {size} bytes, "
+                                f"expected {info.get('bytes')} (truncated or replaced)")
                 continue
             if layout.file_sha256(fp) != info.get("sha256"):
                 problems.append(f"part {part}: file {rel} fails its sha256 checksum (corrupted)")

@@ -152,8 +152,10 @@ def check_location(url: str, *, write: bool = False, what: str = "location") -> 
             try:
                 fs.info(bucket)  # raises (unlike exists) on refused credentials or no connection
             except FileNotFoundError:
-                raise StorageError(f"{url}: the bucket {bucket!r} does not exist (or these "
-                                   f"credentials cannot see it); create it or fix the URL") from None
+                raise StorageError(
+                    f"{url}: the bucket {bucket!r} does not exist (or these "
+                    f"credentials cannot see it); create it or fix the URL"
+                ) from None
         if write:
             probe = posixpath.join(path.rstrip("/"), f".tec-write-probe-{uuid.uuid4().hex}")
             fs.pipe_file(probe, b"")

@@ -80,7 +80,8 @@ def test_debug_env_shows_the_traceback(ws, monkeypatch):
 
 def test_allow_pickle_flag_loads_a_pickled_checkpoint(ws):
     """The pickle error points at base_model.allow_pickle / --allow-pickle; both work."""
-    case = next(c for c in BAD_INPUT_CASES if c.name == "pickled base checkpoint without allow_pickle")
+    case = next(c for c in BAD_INPUT_CASES
+                if c.name == "pickled base checkpoint without allow_pickle")
     argv = case_argv(case, ws, "allow_pickle")
     # with the flag the checkpoint loads and stage 1 gets as far as the (mismatching) view size
     for extra in (["--allow-pickle"], ["--set", "base_model.allow_pickle=true"]):
@@ -150,7 +151,8 @@ def test_subcommand_help(argv):
 
 @pytest.mark.parametrize("argv, needle", [
     (["run"], "--set"), (["plan"], "--set"), (["targets"], "--ray-address"),
-    (["train"], "RUN"), (["train"], "--nproc-per-node"), (["train"], "torchrun"), (["export"], "--keep-adapters"),
+    (["train"], "RUN"), (["train"], "--nproc-per-node"), (["train"], "torchrun"),
+    (["export"], "--keep-adapters"),
     (["targets"], "--allow-pickle"), (["eval", "knn"], "--temperature"),
     (["data", "fashion-mnist"], "--idx-dir"),
 ])

@@ -186,7 +186,8 @@ def test_set_list_entry_by_position_and_by_name():
     ("targets.views", "--set 'targets.views': expected KEY=VALUE"),
     ("targets..views=3", "empty key segment"),
     ("=3", "empty key segment"),
-    ("runs.nosuch.epochs=2", "--set runs.nosuch: no entry named 'nosuch' (names: tec, feature_only"),
+    ("runs.nosuch.epochs=2",
+     "--set runs.nosuch: no entry named 'nosuch' (names: tec, feature_only"),
     ("runs.7.epochs=2", "--set runs.7: index out of range (list has 2 entries)"),
     ("runs.7=2", "--set runs.7: index out of range"),
     ("workdir.sub=3", "--set workdir.sub: workdir is "),
@@ -245,7 +246,8 @@ def test_parse_defaults_workdir_and_empty_runs():
     (lambda r: r["targets"].__setitem__("views", -1), "targets.views: must be >= 1, got -1"),
     (lambda r: r["targets"].__setitem__("views", "four"), "targets.views: expected an integer"),
     (lambda r: r["targets"].__setitem__("codec", "int4"), "targets.codec: 'int4' is not allowed"),
-    (lambda r: r["targets"]["ray"].__setitem__("num_cpus", 0), "targets.ray.num_cpus: must be >= 1"),
+    (lambda r: r["targets"]["ray"].__setitem__("num_cpus", 0),
+     "targets.ray.num_cpus: must be >= 1"),
     (lambda r: r["targets"].__setitem__("source", {"kind": "webdataset"}),
      "targets.source.path: give the input shards"),
     (lambda r: r["targets"]["view_policy"].__setitem__("scale", [0.5, 2.0]),
@@ -258,7 +260,8 @@ def test_parse_defaults_workdir_and_empty_runs():
      "runs[0].online_fraction: must be between 0 and 1, got 1.5"),
     (lambda r: r["runs"][0]["model"].__setitem__("depth", 4), "runs[0].model.depth"),
     (lambda r: r["runs"][0]["model"].__setitem__("tau", 0), "runs[0].model.tau: must be > 0"),
-    (lambda r: r["runs"][0]["model"].__setitem__("k", 9), "runs[0].model.k: 9 exceeds targets.k_max 8"),
+    (lambda r: r["runs"][0]["model"].__setitem__("k", 9),
+     "runs[0].model.k: 9 exceeds targets.k_max 8"),
     (lambda r: r["runs"][0]["model"].__setitem__("depthh", 3), "unknown key runs[0].model.depthh"),
     (lambda r: r["runs"][0]["model"].__setitem__("img_size", 64), "runs[0].model.img_size"),
     (lambda r: r["runs"][0].__setitem__("betas", [0.9, 1.5]), "runs[0].betas"),
@@ -360,6 +363,7 @@ def test_paper_settings_in_imagenet_configs(path):
     paper = {"mae_vitb": (15, 1.8), "ibot_vitb": (9, 1.0), "mae_vitl": (15, 1.4)}
     key = next(k for k in paper if k in path.stem)
     assert (run.model.k, run.model.tau) == paper[key]
-    assert (run.blr, run.batch_size, run.weight_decay, run.betas) == (1.5e-4, 4096, 0.05, (0.9, 0.95))
+    assert ((run.blr, run.batch_size, run.weight_decay, run.betas)
+            == (1.5e-4, 4096, 0.05, (0.9, 0.95)))
     assert cfg.targets.last_n == 2 and cfg.targets.view_policy.scale == (0.2, 1.0)
     assert cfg.data.num_samples == 1281167

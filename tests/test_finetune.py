@@ -60,7 +60,8 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(data, tmp_path):
     full = run(data, tmp_path / "full", cfg)
     assert full.steps == full.total_steps == 6  # 24 images / batch 8 x 2 epochs
     assert full.top1 is not None and full.test_samples == 10
-    assert json.loads((tmp_path / "full" / "result.json").read_text())["summary"]["top1"] == full.top1
+    assert (json.loads((tmp_path / "full" / "result.json").read_text())["summary"]["top1"]
+            == full.top1)
 
     part = run(data, tmp_path / "split", dataclasses.replace(cfg, max_steps=4))
     assert part.steps == 4

@@ -171,7 +171,8 @@ def test_s3_bad_locations_fail_before_any_base_model_work(s3_server, shards, tmp
 
     missing_base = BaseModelConfig(arch="vit_base_patch16_224", checkpoint=str(tmp_path / "no.pt"))
     cfg = make_cfg(shards, "s3://no-such-bucket/cache")
-    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/cache: the bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/cache: the bucket "
+                                           r"'no-such-bucket' does not exist"):
         run_stage1(cfg, missing_base, progress=False)
     cfg = make_cfg("s3://no-such-bucket/shards/", f"s3://{BUCKET}/bad-src")
     with pytest.raises(StorageError, match=r"^s3://no-such-bucket/shards/: the bucket"):
@@ -183,7 +184,8 @@ def test_s3_bad_locations_fail_before_any_base_model_work(s3_server, shards, tmp
                                                              "connect_timeout": 2}}})
     start = time.monotonic()
     try:
-        with pytest.raises(StorageError, match=r"^s3://tec-test/unreachable: cannot reach the storage endpoint"):
+        with pytest.raises(StorageError, match=r"^s3://tec-test/unreachable: cannot reach the "
+                                               r"storage endpoint"):
             run_stage1(cfg, missing_base, progress=False)
     finally:
         import fsspec.config

@@ -246,9 +246,11 @@ def test_unreadable_shard_is_one_error_sample_not_an_exception(tmp_path):
 def test_webdataset_keys_follow_the_first_dot_convention(tmp_path):
     jpg = encode(smooth_image(np.random.default_rng(6), 8, 8), "JPEG")
     path = tmp_path / "keys.tar"
-    write_tar(path, [("dir/x.y.seg.png", jpg), ("dir/x.jpg", jpg), ("dir/x.cls", b" 7\n"), ("z.JPG", jpg), ("noext", b"")])
+    write_tar(path, [("dir/x.y.seg.png", jpg), ("dir/x.jpg", jpg), ("dir/x.cls", b" 7\n"),
+                     ("z.JPG", jpg), ("noext", b"")])
     samples = list(WebDatasetSource(str(path)).samples(str(path)))
-    # dir/x.y.seg.png has key 'dir/x' and field 'y.seg.png' (not an image field); same sample as dir/x.jpg.
+    # dir/x.y.seg.png has key 'dir/x' and field 'y.seg.png' (not an image field); same sample as
+    # dir/x.jpg.
     assert [(s.key, s.label) for s in samples] == [("dir/x", 7), ("z", -1)]
 
 
@@ -262,7 +264,8 @@ def _write_image(path, seed, fmt="PNG", size=(12, 10)):
 
 def test_image_folder_keys_labels_and_shards(tmp_path):
     root = tmp_path / "folder"
-    for i, name in enumerate(["dog/b.png", "dog/a.jpg", "cat/z.png", "cat/sub/y.png", "cat/notes.txt", "eel/x.webp"]):
+    for i, name in enumerate(["dog/b.png", "dog/a.jpg", "cat/z.png", "cat/sub/y.png",
+                              "cat/notes.txt", "eel/x.webp"]):
         fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "txt": None}[name.rsplit(".", 1)[1]]
         if fmt is None:
             (root / name).write_text("not an image")
@@ -274,7 +277,8 @@ def test_image_folder_keys_labels_and_shards(tmp_path):
     got = [(s.key, s.label) for shard in source.shards() for s in source.samples(shard)]
     assert got == [("cat/sub/y", 0), ("cat/z", 0), ("dog/a", 1), ("dog/b", 1), ("eel/x", 2)]
     assert [source.count(s) for s in source.shards()] == [2, 2, 1]
-    assert all(decode_image(s.data).shape == (12, 10, 3) for s in source.samples("imagefolder-00001"))
+    assert all(decode_image(s.data).shape == (12, 10, 3)
+               for s in source.samples("imagefolder-00001"))
     with pytest.raises(ValueError, match="imagefolder-00009"):
         source.count("imagefolder-00009")
 
@@ -283,7 +287,8 @@ def test_flat_image_folder_has_unknown_labels(tmp_path):
     for i in range(3):
         _write_image(tmp_path / f"img{i}.png", i)
     source = ImageFolderSource(tmp_path)
-    assert [(s.key, s.label) for s in source.samples(source.shards()[0])] == [("img0", -1), ("img1", -1), ("img2", -1)]
+    assert [(s.key, s.label) for s in source.samples(source.shards()[0])] == [
+        ("img0", -1), ("img1", -1), ("img2", -1)]
 
 
 def test_open_source_dispatches_and_rejects_unknown_kinds(tmp_path):

@@ -47,9 +47,12 @@ def test_four_processes_write_different_parts_at_the_same_time(tmp_path):
         for w in range(4):
             for j in range(2):
                 part = f"p{w + 4 * j}"
-                for _slot, (key, rec) in part_records(s, part, dict(parts)[part], 10 * w + j).items():
+                for _slot, (key, rec) in part_records(
+                    s, part, dict(parts)[part], 10 * w + j
+                ).items():
                     got = cache.read(cache.index_of(key), 2)
-                    np.testing.assert_array_equal(got["features"], rec["features"][2].astype(np.float16))
+                    np.testing.assert_array_equal(got["features"],
+                                                  rec["features"][2].astype(np.float16))
 
 
 @pytest.mark.parametrize("backend", ("zarr", "webdataset"))
@@ -103,7 +106,8 @@ def test_crash_between_rename_and_marker_leaves_the_part_absent(tmp_path, backen
     assert open_cache(path, require_complete=False).parts == []
     written = write_part(writer, "p0", seed=1)
     cache = open_cache(path)
-    np.testing.assert_array_equal(cache.read(2, 1)["attn_index"], written["p0-0002"]["attn_index"][1])
+    np.testing.assert_array_equal(cache.read(2, 1)["attn_index"],
+                                  written["p0-0002"]["attn_index"][1])
     assert verify_cache(path) == []
 
 
@@ -155,7 +159,8 @@ def test_a_part_committed_by_another_writer_meanwhile_is_signalled_and_kept(tmp_
         late.commit()
     assert info.value.part == "p0" and isinstance(info.value, CacheError)
     again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (Ray) intact
-    assert type(again) is PartCommittedError and again.part == "p0" and str(again) == str(info.value)
+    assert (type(again) is PartCommittedError and again.part == "p0"
+            and str(again) == str(info.value))
     assert first.part_marker("p0") == marker
     assert not any(layout.part_tmp_root(path, "p0").glob("*"))  # this copy was dropped
     with pytest.raises(PartCommittedError, match="already committed"):

@@ -1,4 +1,5 @@
-"""Integrity: verify, damaged/truncated files, refusals (schema, incomplete, fingerprint), resume."""
+"""Integrity: verify, damaged/truncated files, refusals (schema, incomplete, fingerprint),
+resume."""
 from __future__ import annotations
 
 import json
@@ -99,7 +100,8 @@ def test_damaged_chunk_in_the_middle_of_a_record_names_the_part(tmp_path):
         fresh.read(cache.index_of("p1-0000"), 0)
     msg = str(err.value)
     assert "part p1" in msg and "\n" not in msg and "attn_logits" in msg
-    np.testing.assert_array_equal(fresh.read(5, 1)["features"], good["features"])  # others still read
+    # others still read
+    np.testing.assert_array_equal(fresh.read(5, 1)["features"], good["features"])
 
 
 def test_unknown_schema_version_is_refused(tmp_path):

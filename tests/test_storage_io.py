@@ -114,7 +114,8 @@ def test_files_per_part_do_not_grow_with_records(tmp_path, backend):
     count = {p: sum(1 for f in (tmp_path / "c" / "parts" / p).rglob("*") if f.is_file())
              for p in ("small", "large")}
     assert count["small"] == count["large"]
-    # zarr: zarr.json + one shard per field (7), 3 per-slot arrays, the group; webdataset: K tars + 2
+    # zarr: zarr.json + one shard per field (7), 3 per-slot arrays, the group;
+    # webdataset: K tars + 2
     assert count["large"] <= (2 * 7 + 2 * 3 + 1 if backend == "zarr" else s.views + 2)
     assert count["large"] < 40 * s.views
 
