@@ -345,8 +345,12 @@ def load_base_model(arch: str, checkpoint: str | Path | None = None, *, allow_pi
             kwargs.update(plain_kwargs or {})
         state_dict = _FILTERS[fmt](content)
         where = f"{checkpoint} ({fmt} format)"
-        logger.info("loading base model %s from %s", arch, where)
     kwargs.update(timm_kwargs)
+    if checkpoint is not None:  # the geometry too: an export's overrides the arch's defaults
+        geometry = {k: kwargs[k] for k in ("img_size", "patch_size", "embed_dim", "depth",
+                                            "num_heads") if k in kwargs}
+        logger.info("loading base model %s%s from %s", arch,
+                    f" {geometry}" if geometry else "", where)
     kwargs.update(num_classes=0, pretrained=False)
     if not timm.is_model(arch):
         raise CheckpointError(f"unknown timm architecture {arch!r}; use a timm ViT name such as "
