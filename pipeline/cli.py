@@ -336,8 +336,11 @@ def cache_repair(path, config, overrides, ray_address, allow_pickle):
 
 @cache.command("extend")
 @click.argument("path")
-@click.option("--views", "views", required=True, type=int,
+@click.option("--views", "views", default=None, type=int,
               help="The new number of views K2 (> the cache's K): views K..K2-1 are computed.")
+@click.option("--shards", "shards", default=None, metavar="MORE",
+              help="New source shards (a path, glob, brace list, folder or URL, as data.train): "
+                   "one part each is computed and added.")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Pipeline file whose targets/base_model to use (default: the settings the "
                    "cache recorded when it was built).")
@@ -345,11 +348,17 @@ def cache_repair(path, config, overrides, ray_address, allow_pickle):
 @click.option("--ray-address", default=None, help="Join this Ray cluster to compute the views.")
 @pickle_opt
 @user_errors
-def cache_extend(path, views, config, overrides, ray_address, allow_pickle):
-    """Grow a cache to K2 views without touching its parts (resumable)."""
-    from stages.extend import extend_views
+def cache_extend(path, views, shards, config, overrides, ray_address, allow_pickle):
+    """Grow a cache to K2 views, or by new source shards, without touching its parts
+    (resumable)."""
+    from stages.extend import extend_shards, extend_views
 
+    if (views is None) == (shards is None):
+        raise click.UsageError("give either --views K2 or --shards MORE")
     cfg = _load(config, overrides, allow_pickle) if config is not None else None
+    if shards is not None:
+        click.echo(extend_shards(path, shards, config=cfg, ray_address=ray_address).format())
+        return
     click.echo(extend_views(path, views, config=cfg, ray_address=ray_address).format())
 
 

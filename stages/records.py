@@ -35,15 +35,24 @@ def sample_parts(reader, kind: str, source_index) -> np.ndarray | None:
     """int64 [N]: the position (in the manifest's parts) of each source sample's part, or None
     when the source no longer lines up with the manifest (then keys are matched cache-wide).
 
-    Tar shards: the sample's shard (source index files are the manifest's shards, in order).
-    Image folders: consecutive runs of the manifest's slot counts (files in source order).
+    Tar shards: the part of the sample's shard (the reader's parts, with those of the shards a
+    cache was extended with, each from one shard). Image folders: consecutive runs of the
+    manifest's slot counts (files in source order).
     """
-    parts = reader.manifest["parts"]
+    parts = reader.part_entries
     n = len(source_index)
     if kind == "webdataset":
         if len(source_index.files) != len(parts):
             return None
-        return np.asarray(source_index.file, dtype=np.int64)
+        if list(source_index.files) == list(reader.shards):
+            return np.asarray(source_index.file, dtype=np.int64)
+        from .stage1.grown import norm_shard
+
+        position = {norm_shard(s): i for i, s in enumerate(reader.shards)}
+        of_file = [position.get(norm_shard(f)) for f in source_index.files]
+        if None in of_file:
+            return None
+        return np.asarray(of_file, dtype=np.int64)[np.asarray(source_index.file, dtype=np.int64)]
     slots = [int(p["slots"]) for p in parts]
     if sum(slots) != n:
         return None
@@ -56,7 +65,7 @@ def match_records(reader, keys: list[str], part_of: np.ndarray | None) -> np.nda
     A sample is looked up in its own part (``part_of``), by its key or, for caches written
     before keys repeated across shards were qualified (``<part>/<key>``), by the bare key.
     """
-    names = [p["name"] for p in reader.manifest["parts"]]
+    names = [p["name"] for p in reader.part_entries]
     committed = set(reader.parts)
     records: dict[str, dict[str, int]] = {}
     bad: dict[str, set[str]] = {}
@@ -108,7 +117,7 @@ def check_missing(cache_index: np.ndarray, part_of: np.ndarray | None, reader, k
             f"cache {cache}: {len(rows) - len(np.unique(rows))} records would serve two source "
             "samples; the source changed since stage 1 - rebuild the cache")
     missing = np.flatnonzero(cache_index == MISSING)
-    names = [p["name"] for p in reader.manifest["parts"]]
+    names = [p["name"] for p in reader.part_entries]
     damaged = {names[p] for p in part_of[missing].tolist()} if part_of is not None else set()
     used = np.zeros(reader.num_samples, dtype=bool)
     used[rows] = True

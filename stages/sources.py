@@ -110,7 +110,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
     spec: a path, a brace pattern ("train-{000000..001023}.tar"), a glob ("train-*.tar"), a
     directory (all *.tar directly inside, sorted), several of these joined by "::", or a list.
-    Order: as written (brace order, sorted glob/directory matches); duplicates dropped.
+    Order: as written (brace order, sorted glob/directory matches); duplicates (the same file
+    by another path too) dropped.
     Raises ShardSpecError (a ValueError) if a pattern matches nothing, MissingShardsError (a
     ShardSpecError and a FileNotFoundError) if a literal or brace-expanded path does not exist.
     """
@@ -153,7 +154,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 f"shard pattern {item!r} matches no files; check the path or pattern"
             )
         out.extend(matched)
-    return list(dict.fromkeys(out))
+    # one file named twice (a relative and an absolute path, a link) is one shard: the first name
+    first: dict[str, str] = {}
+    for path in out:
+        first.setdefault(path if is_url(path) else os.path.realpath(path), path)
+    return list(first.values())
 
 
 def is_url(path) -> bool:

@@ -24,6 +24,7 @@ from .schema import (
     PartCommittedError,
     build_manifest,
     check_manifest_readable,
+    check_part_name,
     fingerprint_mismatch,
     identity_keys,
     identity_mismatch,
@@ -46,8 +47,138 @@ DEFAULT_MAX_OPEN_FILES = 128
 DEFAULT_MAX_OPEN_PARTS = 64
 
 
-# manifest section of a grown cache (`tec cache extend`): its view layers, in order
+# manifest section of a grown cache (`tec cache extend`): its view layers and added shards, in
+# the order they were added
 EXTENSIONS_KEY = "extensions"
+VIEWS_KIND, SHARDS_KIND = "views", "shards"
+# the fields of a shard extension that its parts' commit markers record a checksum of
+_SHARD_ENTRY_KEYS = ("kind", "id", "path", "shards", "num_samples", "parts")
+
+
+def shard_entries(manifest: dict, *, pending: bool = False) -> list[dict]:
+    """The shard extensions (`tec cache extend --shards`) of a manifest, in order: the complete
+    ones, and with ``pending`` also an unfinished one (always the last; it is invisible to
+    readers until every part of it, in the cache and in each view layer, is committed).
+
+    An entry: ``{kind: shards, id: n, path: the shard spec, shards: [...], num_samples,
+    parts: [{name, slots}], status: pending | complete, at, completed}``; its shards are new
+    parts appended after the cache's own (``parts``), one part per shard as stage 1 makes them.
+    """
+    out = []
+    for entry in manifest.get(EXTENSIONS_KEY) or []:
+        if not isinstance(entry, dict) or entry.get("kind") != SHARDS_KIND:
+            continue
+        if not isinstance(entry.get("parts"), list) or not isinstance(entry.get("shards"), list) \
+                or not all(isinstance(p, dict) and "name" in p and "slots" in p
+                           for p in entry["parts"]):
+            raise CacheError(f"an entry of {EXTENSIONS_KEY!r} in {layout.MANIFEST} is malformed "
+                             f"({entry!r:.80})")
+        if entry.get("status") == "complete" or pending:
+            out.append(entry)
+    return out
+
+
+def shard_entry_identity(entry: dict) -> str:
+    """Checksum of a shard extension's defining fields (its parts' markers record it)."""
+    from .schema import _canonical_sha256
+
+    return _canonical_sha256({k: entry.get(k) for k in _SHARD_ENTRY_KEYS})
+
+
+def manifest_parts(manifest: dict, shard_extensions: int | None = None, *,
+                   pending: bool = False) -> list[dict]:
+    """[{name, slots}] of a cache's parts: its own, then those of its first ``shard_extensions``
+    complete shard extensions (None: all), then with ``pending`` the unfinished one's."""
+    entries = shard_entries(manifest, pending=pending)
+    if shard_extensions is not None:
+        entries = entries[:shard_extensions]
+    return list(manifest["parts"]) + [p for e in entries for p in e["parts"]]
+
+
+def manifest_shards(manifest: dict, shard_extensions: int | None = None) -> list[str]:
+    """The source shard of each part of ``manifest_parts`` (same order); a cache whose
+    manifest lists no shard per part (hand-built) gives its part names."""
+    own = [str(s) for s in (manifest.get("source") or {}).get("shards") or []]
+    if len(own) != len(manifest["parts"]):
+        own = [p["name"] for p in manifest["parts"]]
+    entries = shard_entries(manifest)
+    if shard_extensions is not None:
+        entries = entries[:shard_extensions]
+    return own + [str(s) for e in entries for s in e["shards"]]
+
+
+def grown_source(manifest: dict, shard_extensions: int | None = None) -> dict:
+    """The source section a cache over all its shards would have: the shard specs joined with
+    '::' (stages.sources.expand_shards reads that), every shard, every sample."""
+    source = dict(manifest.get("source") or {})
+    entries = shard_entries(manifest)
+    if shard_extensions is not None:
+        entries = entries[:shard_extensions]
+    if not entries:
+        return source
+    source["path"] = "::".join([str(source.get("path"))] + [str(e["path"]) for e in entries])
+    source["shards"] = manifest_shards(manifest, len(entries))
+    source["num_samples"] = int(source.get("num_samples") or 0) + sum(
+        int(e.get("num_samples") or 0) for e in entries)
+    return source
+
+
+def views_in_use(manifest: dict, views: int | None = None) -> int:
+    """The views a reader opened with ``views`` shows (CacheReader): every view of the cache's
+    view layers when None, else ``views`` capped to them and never fewer than it was built with."""
+    base = int(manifest["spec"]["views"])
+    total = base
+    for entry in manifest.get(EXTENSIONS_KEY) or []:
+        if isinstance(entry, dict) and entry.get("kind") == VIEWS_KIND:
+            try:
+                total = max(total, int(entry["views"][1]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue
+    return total if views is None else max(base, min(int(views), total))
+
+
+def add_shard_extension(path, entry: dict) -> dict:
+    """Append the pending shard extension ``entry`` to the manifest at ``path`` (one atomic
+    write; nothing else changes). An equal one already there (a resumed extension) is kept.
+    Returns the manifest's entry."""
+    root = as_root(path)
+    mpath = layout.manifest_path(root)
+    manifest = layout.read_json(mpath, "manifest")
+    check_manifest_readable(manifest, str(mpath))
+    wanted = shard_entry_identity(entry)
+    for have in shard_entries(manifest, pending=True):
+        if shard_entry_identity(have) == wanted:
+            return have
+        if have.get("status") != "complete":
+            raise CacheError(f"cache {root} has an unfinished `tec cache extend --shards "
+                             f"{have.get('path')}`; rerun it to finish it first")
+    taken = {p["name"] for p in manifest_parts(manifest, pending=True)}
+    for part in entry["parts"]:
+        check_part_name(part["name"])
+        if part["name"] in taken:
+            raise CacheError(f"part {part['name']!r} of the new shards is a part of cache {root} "
+                             f"already")
+        taken.add(part["name"])
+    entry = jsonable({**{k: v for k, v in entry.items() if k != "completed"},
+                      "kind": SHARDS_KIND, "status": "pending"})
+    manifest[EXTENSIONS_KEY] = list(manifest.get(EXTENSIONS_KEY) or []) + [entry]
+    layout.write_json_atomic(mpath, manifest)
+    return entry
+
+
+def _layers_complete(root, manifest: dict, entry: dict) -> bool:
+    """Whether every view layer of the cache holds the shard extension ``entry`` complete."""
+    wanted = shard_entry_identity(entry)
+    for view in manifest.get(EXTENSIONS_KEY) or []:
+        if not isinstance(view, dict) or view.get("kind") != VIEWS_KIND:
+            continue
+        try:
+            layer = layout.read_json(layout.manifest_path(root / str(view["path"])), "manifest")
+        except (FileNotFoundError, CacheError, KeyError):
+            return False
+        if not any(shard_entry_identity(e) == wanted for e in shard_entries(layer)):
+            return False
+    return True
 
 
 def view_layer_mismatch(manifest: dict, layer: dict, start: int, stop: int,
@@ -164,14 +295,14 @@ def _read_marker(root: Path, part: str) -> dict | None:
     return marker
 
 
-def _committed(root: Path, manifest: dict) -> dict[str, dict]:
-    """part -> marker, for the manifest's parts that are committed.
+def _committed(root: Path, manifest: dict, parts: list[dict] | None = None) -> dict[str, dict]:
+    """part -> marker, for the manifest's parts (or ``parts``) that are committed.
 
     The marker files are the commit points and the truth; the manifest's part_status (written by
     finalize) is a summary that verify_cache checks against them.
     """
     out = {}
-    for p in manifest["parts"]:
+    for p in manifest["parts"] if parts is None else parts:
         marker = _read_marker(root, p["name"])
         if marker is not None:
             out[p["name"]] = marker
@@ -207,14 +338,27 @@ def manifest_edits(manifest: dict, markers: dict[str, dict]) -> tuple[list[str],
     return parts, sections
 
 
-def slot_count_edits(manifest: dict, markers: dict[str, dict]) -> list[tuple[str, int, object]]:
-    """(part, slots in the manifest, slots in its commit marker) for each committed part whose
-    slot count in the manifest differs from the one it was committed with."""
+def slot_count_edits(manifest: dict, markers: dict[str, dict],
+                     parts: list[dict] | None = None) -> list[tuple[str, int, object]]:
+    """(part, slots in the manifest, slots in its commit marker) for each committed part (of the
+    manifest's, or ``parts``) whose slot count in the manifest differs from the one it was
+    committed with."""
     out = []
-    for entry in manifest["parts"]:
+    for entry in manifest["parts"] if parts is None else parts:
         marker = markers.get(entry["name"])
         if marker is not None and "slots" in marker and marker["slots"] != entry["slots"]:
             out.append((entry["name"], entry["slots"], marker["slots"]))
+    return out
+
+
+def extension_edits(manifest: dict, markers: dict[str, dict]) -> list[str]:
+    """The committed parts of shard extensions whose marker records another checksum of their
+    extension entry than the manifest holds now (the entry was edited after the commit)."""
+    out = []
+    for entry in shard_entries(manifest, pending=True):
+        digest = shard_entry_identity(entry)
+        out.extend(p["name"] for p in entry["parts"] if p["name"] in markers
+                   and markers[p["name"]].get("extension", digest) != digest)
     return out
 
 
@@ -238,11 +382,15 @@ class CacheWriter:
         self.root = as_root(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
-        self._slots = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
+        # the cache's parts and those of its shard extensions, the unfinished one included
+        self._slots = {p["name"]: int(p["slots"])
+                       for p in manifest_parts(manifest, pending=True)}
+        self._extension = {p["name"]: shard_entry_identity(e)
+                           for e in shard_entries(manifest, pending=True) for p in e["parts"]}
 
     @property
     def parts(self) -> list[str]:
-        return [p["name"] for p in self.manifest["parts"]]
+        return list(self._slots)
 
     def slots_of(self, part: str) -> int:
         self._check_part(part)
@@ -294,18 +442,28 @@ class CacheWriter:
         manifest = layout.read_json(layout.manifest_path(self.root), "manifest")
         check_manifest_readable(manifest, str(layout.manifest_path(self.root)))
         status = {}
-        for p in manifest["parts"]:
+        for p in manifest_parts(manifest, pending=True):
             marker = _read_marker(self.root, p["name"])
             if marker is None:
                 continue
             status[p["name"]] = part_summary(marker)
         manifest["part_status"] = status
-        manifest["complete"] = len(status) == len(manifest["parts"])
+        # an unfinished shard extension becomes visible (complete) once each of its parts is
+        # committed here and every view layer holds it complete (`tec cache extend --shards`)
+        for entry in shard_entries(manifest, pending=True):
+            if entry.get("status") != "complete" and all(
+                    p["name"] in status for p in entry["parts"]) and \
+                    _layers_complete(self.root, manifest, entry):
+                entry["status"], entry["completed"] = "complete", _now()
+                log.info("shard extension %s of %s complete: %d parts", entry.get("id"),
+                         self.root, len(entry["parts"]))
+        visible = manifest_parts(manifest)
+        manifest["complete"] = all(p["name"] in status for p in visible)
         manifest["finalized"] = _now()
         layout.write_json_atomic(layout.manifest_path(self.root), manifest)
         self.manifest = manifest
-        log.info("finalized cache %s: %d/%d parts committed", self.root, len(status),
-                 len(manifest["parts"]))
+        log.info("finalized cache %s: %d/%d parts committed", self.root,
+                 sum(p["name"] in status for p in visible), len(visible))
         return manifest
 
 
@@ -469,6 +627,8 @@ class PartWriter:
             }
             if self._encoder is not None:  # lowrank: numpy (the writer) or torch (the actor)
                 marker["encoder"] = self._encoder
+            if self.part in self.cache._extension:  # a part added by `tec cache extend --shards`
+                marker["extension"] = self.cache._extension[self.part]
             if _read_marker(self.cache.root, self.part) is not None:
                 raise PartCommittedError(
                     f"part {self.part} of {self.cache.root} was committed by another writer while "
@@ -548,7 +708,8 @@ class _FdCache:
 
 
 def open_cache(path: str | Path, *, require_complete: bool = True,
-               check_identity: bool = True, views: int | None = None) -> CacheReader:
+               check_identity: bool = True, views: int | None = None,
+               shard_extensions: int | None = None) -> CacheReader:
     """Open a cache for reading.
 
     Refuses (CacheError, one line) a path without a cache, another format, an unknown schema
@@ -561,6 +722,9 @@ def open_cache(path: str | Path, *, require_complete: bool = True,
     for a more specific message). No part file is read beyond the sample lists.
     views: of a cache grown with `tec cache extend --views`, read the first ``views`` views
     (never fewer than the K it was built with); None reads all (see CacheReader).
+    shard_extensions: of a cache grown with `tec cache extend --shards`, read its own parts and
+    those of its first ``shard_extensions`` shard extensions (0: the samples it was built with);
+    None reads all.
     """
     root = as_root(path)
     mpath = layout.manifest_path(root)
@@ -570,7 +734,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True,
     manifest = layout.read_json(mpath, "manifest")
     check_manifest_readable(manifest, str(mpath))
     return CacheReader(root, manifest, require_complete=require_complete,
-                       check_identity=check_identity, views=views)
+                       check_identity=check_identity, views=views,
+                       shard_extensions=shard_extensions)
 
 
 class CacheReader:
@@ -584,18 +749,36 @@ class CacheReader:
     section ``extensions``). ``spec.views`` is then K2 (or the ``views`` asked for, at least
     K) and a record of view v >= K is read from the layer holding v; views < K read exactly the
     records they read before the extension.
+
+    A cache grown by `tec cache extend --shards` holds the parts of the added shards after its
+    own (manifest section ``extensions``, kind ``shards``): samples are numbered over the cache's
+    own parts first, so ``shard_extensions=0`` reads exactly what it read before; ``parts``,
+    ``part_entries`` and ``shards`` list the parts shown and the source shard of each.
     """
 
     def __init__(self, root: Path, manifest: dict, *, require_complete: bool = True,
                  max_open_files: int = DEFAULT_MAX_OPEN_FILES,
                  max_open_parts: int = DEFAULT_MAX_OPEN_PARTS, check_identity: bool = True,
-                 views: int | None = None):
+                 views: int | None = None, shard_extensions: int | None = None):
         self.root = as_root(root)
         self.manifest = manifest
         self.spec = CacheSpec.from_dict(manifest["spec"])
         self._limits = (max_open_files, max_open_parts)
-        markers = _committed(self.root, manifest)
-        all_parts = [p["name"] for p in manifest["parts"]]
+        try:
+            entries = shard_entries(manifest)
+        except CacheError as e:
+            raise CacheError(f"cache {self.root}: {e}; run `tec cache verify`") from None
+        if shard_extensions is not None:
+            if isinstance(shard_extensions, bool) or not 0 <= int(shard_extensions) \
+                    <= len(entries):
+                raise CacheError(f"cache {self.root} has {len(entries)} shard extension(s), "
+                                 f"not {shard_extensions}")
+            entries = entries[:int(shard_extensions)]
+        self.shard_extensions = len(entries)
+        self.part_entries = manifest_parts(manifest, self.shard_extensions)
+        self.shards = manifest_shards(manifest, self.shard_extensions)
+        markers = _committed(self.root, manifest, self.part_entries)
+        all_parts = [p["name"] for p in self.part_entries]
         self.missing_parts = [p for p in all_parts if p not in markers]
         if self.missing_parts and require_complete:
             shown = ", ".join(self.missing_parts[:10]) + (" ..." if len(self.missing_parts) > 10 else "")
@@ -608,7 +791,7 @@ class CacheReader:
         self._check_against_markers()
         if check_identity:
             self.check_manifest_identity()
-        slots_of = {p["name"]: int(p["slots"]) for p in manifest["parts"]}
+        slots_of = {p["name"]: int(p["slots"]) for p in self.part_entries}
         self._slots_total = {p: slots_of[p] for p in self.parts}
         keys: list[str] = []
         labels, sizes, slots, starts = [], [], [], [0]
@@ -648,11 +831,16 @@ class CacheReader:
             if start != total or stop <= start:
                 raise CacheError(f"cache {self.root}: view layer {entry['path']} holds views "
                                  f"[{start}, {stop}), expected views from {total}")
-            try:
-                layer = open_cache(layer_root)
+            try:  # the layer shows the shard extensions this reader shows
+                layer = open_cache(layer_root, shard_extensions=self.shard_extensions)
             except CacheError as e:
                 raise CacheError(f"cache {self.root}: view layer {entry['path']}: {e}") from None
             why = view_layer_mismatch(self.manifest, layer.manifest, start, stop, entry)
+            mine = [shard_entry_identity(e) for e in
+                    shard_entries(self.manifest)[:self.shard_extensions]]
+            if why is None and mine != [shard_entry_identity(e) for e in
+                                        shard_entries(layer.manifest)[:self.shard_extensions]]:
+                why = "its shard extensions differ from the cache's"
             if why is None and (layer.parts != self.parts or layer.keys != self.keys):
                 why = "its samples differ from the cache's (the source changed?)"
             if why is not None:
@@ -675,7 +863,7 @@ class CacheReader:
     def _check_against_markers(self) -> None:
         """The manifest's per-part facts (slot counts, part-status checksums written by finalize)
         must agree with the commit markers, which are the truth. Markers only: no file is read."""
-        edits = slot_count_edits(self.manifest, self._markers)
+        edits = slot_count_edits(self.manifest, self._markers, self.part_entries)
         if edits:
             part, slots, committed = edits[0]
             raise CacheError(
@@ -707,6 +895,12 @@ class CacheReader:
                 f"cache {self.root}: {layout.MANIFEST} was edited after {which} committed ({what}); "
                 f"it no longer matches the checksum in status/{parts[0]}.json - restore the "
                 f"manifest or rebuild the cache")
+        edited = extension_edits(self.manifest, self._markers)
+        if edited:
+            raise CacheError(
+                f"cache {self.root}: the shard extension of part {edited[0]} in "
+                f"{layout.MANIFEST} was edited after the part was committed; it no longer matches "
+                f"the checksum in status/{edited[0]}.json - restore the manifest")
 
     def __repr__(self) -> str:
         return (f"CacheReader({str(self.root)!r}, backend={self.spec.backend}, codec={self.spec.codec}, "

@@ -13,9 +13,13 @@ from .cache import (
     _committed,
     _read_marker,
     _shown,
+    extension_edits,
     manifest_edits,
+    manifest_parts,
     open_cache,
     part_checksum,
+    shard_entries,
+    shard_entry_identity,
     slot_count_edits,
     view_layer_mismatch,
 )
@@ -41,13 +45,16 @@ def inspect_cache(path: str | Path) -> dict:
     bad_samples, views_per_sample, records, bytes_data (committed part files), bytes_total
     (data + markers + manifest), bytes_per_view, raw_bytes_per_view (stored tensors before
     compression and framing), float32_bytes_per_view, compression_ratio (raw / on disk),
-    unfinished_writes (parts with temp data of an unfinished attempt).
+    unfinished_writes (parts with temp data of an unfinished attempt), view_layers and
+    shard_extensions (`tec cache extend`; the parts of complete shard extensions are counted
+    with the cache's own), unfinished_extension (an extension by shards not finished yet).
     """
     root = as_root(path)
     manifest = _load_manifest(root)
     spec = CacheSpec.from_dict(manifest["spec"])
-    committed = _committed(root, manifest)
-    parts = [p["name"] for p in manifest["parts"]]
+    listed = manifest_parts(manifest)  # the cache's parts and those of its shard extensions
+    committed = _committed(root, manifest, listed)
+    parts = [p["name"] for p in listed]
     missing = [p for p in parts if p not in committed]
     damaged = {p: why for p in committed if (why := _data_missing(root, p, committed[p]))}
     samples = sum(int(m.get("samples", 0)) for m in committed.values())
@@ -59,9 +66,12 @@ def inspect_cache(path: str | Path) -> dict:
             bytes_meta += mp.stat().st_size
     records = samples * spec.views
     tmp = root / layout.TMP_DIR
+    entries = shard_entries(manifest, pending=True)
+    pending = [e for e in entries if e.get("status") != "complete"]
     if isinstance(root, Url):  # objects of attempts that died before their marker
         present = {d.name for d in (root / layout.PARTS_DIR).iterdir()}
-        unfinished = sorted(p for p in missing if p in present)
+        unfinished = sorted(p for p in missing + [q["name"] for e in pending for q in e["parts"]]
+                            if p in present)
     else:
         unfinished = sorted(d.name for d in tmp.iterdir() if d.is_dir() and any(d.iterdir())) \
             if tmp.is_dir() else []
@@ -87,7 +97,7 @@ def inspect_cache(path: str | Path) -> dict:
         "missing_parts": missing,
         "complete": not missing and not damaged,
         "damaged_parts": damaged,
-        "slots_total": sum(int(p["slots"]) for p in manifest["parts"]),
+        "slots_total": sum(int(p["slots"]) for p in listed),
         "samples": samples,
         "bad_samples": sum(int(m.get("bad_samples", 0)) for m in committed.values()),
         "views_per_sample": spec.views,
@@ -103,6 +113,15 @@ def inspect_cache(path: str | Path) -> dict:
         "view_layers": [{"path": e.get("path"), "views": e.get("views"), "at": e.get("at")}
                         for e in manifest.get(EXTENSIONS_KEY) or []
                         if isinstance(e, dict) and e.get("kind") == "views"],
+        # source shards added by `tec cache extend --shards` (their parts follow the cache's)
+        "shard_extensions": [{"id": e.get("id"), "path": e.get("path"),
+                              "shards": len(e["shards"]), "samples": e.get("num_samples"),
+                              "parts": [q["name"] for q in e["parts"]], "at": e.get("at"),
+                              "completed": e.get("completed")}
+                             for e in entries if e.get("status") == "complete"],
+        "unfinished_extension": None if not pending else {
+            "path": pending[0].get("path"), "parts": len(pending[0]["parts"]),
+            "committed": len(_committed(root, manifest, pending[0]["parts"]))},
     }
 
 
@@ -193,6 +212,16 @@ def format_inspect(summary: dict) -> str:
         first, stop = layer["views"]
         lines.append(f"view layer    views {first}..{stop - 1} in {layer['path']} "
                      f"(tec cache extend, {layer.get('at')}): K={stop} in all")
+    for ext in s.get("shard_extensions") or []:
+        names = ext["parts"]
+        shown = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+        lines.append(f"shards added  {ext['shards']} shard(s), {ext.get('samples')} samples of "
+                     f"{ext['path']} (tec cache extend, {ext.get('at')}): part(s) {shown}")
+    pending = s.get("unfinished_extension")
+    if pending:
+        lines.append(f"unfinished    tec cache extend --shards {pending['path']}: "
+                     f"{pending['committed']} of {pending['parts']} parts committed (not visible "
+                     f"yet; rerun it to finish)")
     if s["unfinished_writes"]:
         lines.append(f"unfinished    temp data of {len(s['unfinished_writes'])} part(s) being "
                      f"written or left by a crash: {', '.join(s['unfinished_writes'][:10])}")
@@ -217,7 +246,13 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
     problems: list[str] = []
     status = manifest.get("part_status") or {}
     markers: dict[str, dict] = {}
-    for entry in manifest["parts"]:
+    try:
+        entries = shard_entries(manifest, pending=True)
+    except CacheError as e:
+        return [f"manifest: {e}"]
+    unfinished = {q["name"]: e for e in entries if e.get("status") != "complete"
+                  for q in e["parts"]}
+    for entry in manifest_parts(manifest, pending=True):
         part = entry["name"]
         try:
             marker = _read_marker(root, part)
@@ -225,6 +260,8 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
             problems.append(f"part {part}: {e}")
             continue
         if marker is None:
+            if part in unfinished:  # one line for the whole extension, below
+                continue
             problems.append(f"part {part}: not committed" + (
                 f" (the manifest lists it as committed but status/{part}.json is missing)"
                 if status.get(part, {}).get("status") == "committed" else ""))
@@ -257,7 +294,13 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
         if recorded is not None and recorded.get("checksum") != part_checksum(files):
             problems.append(f"part {part}: manifest part status differs from status/{part}.json "
                             f"(rewritten after finalize?); run finalize again")
-    for part, slots, committed in slot_count_edits(manifest, markers):
+    for e in {id(e): e for e in unfinished.values()}.values():
+        done = sum(q["name"] in markers for q in e["parts"])
+        problems.append(f"shard extension {e.get('id')}: `tec cache extend --shards "
+                        f"{e.get('path')}` is unfinished ({done} of {len(e['parts'])} parts "
+                        f"committed, not visible to readers); rerun it to finish it")
+    for part, slots, committed in slot_count_edits(manifest, markers,
+                                                   manifest_parts(manifest, pending=True)):
         problems.append(f"part {part}: {layout.MANIFEST} lists {slots} sample slots, the part was "
                         f"committed with {committed} (manifest edited?)")
     edited, sections = manifest_edits(manifest, markers)
@@ -267,6 +310,10 @@ def verify_cache(path: str | Path, *, deep: bool = False) -> list[str]:
         problems.append(f"manifest: {layout.MANIFEST} was edited after {which} committed ({what}; "
                         f"its identity checksum no longer matches the commit marker); restore it "
                         f"or rebuild the cache")
+    for part in extension_edits(manifest, markers):
+        problems.append(f"manifest: the shard extension of part {part} was edited after the part "
+                        f"was committed (its checksum in status/{part}.json no longer matches); "
+                        f"restore {layout.MANIFEST}")
     if deep and not problems:
         problems.extend(_decode_all(root))
     problems.extend(_verify_view_layers(root, manifest, deep))
@@ -294,6 +341,14 @@ def _verify_view_layers(root, manifest: dict, deep: bool) -> list[str]:
             continue
         why = view_layer_mismatch(manifest, layer_manifest, start, stop, entry) \
             if start == total else f"holds views from {start}, expected from {total}"
+        if why is None:
+            try:  # the layer holds every complete shard extension of the cache
+                mine = [shard_entry_identity(e) for e in shard_entries(manifest)]
+                theirs = [shard_entry_identity(e) for e in shard_entries(layer_manifest)]
+            except CacheError as e:
+                mine, theirs = [], [str(e)]
+            if theirs[:len(mine)] != mine:
+                why = "its shard extensions differ from the cache's"
         if why is not None:
             problems.append(f"{where}: does not belong to this cache ({why})")
         problems.extend(f"{where}: {line}" for line in verify_cache(layer_root, deep=deep))

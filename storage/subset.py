@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .cache import create_cache, open_cache
+from .cache import create_cache, grown_source, open_cache
 from .objstore import as_root, resolved
 from .schema import CacheError, build_manifest, stored_fields
 
@@ -66,8 +66,8 @@ def subset_cache(src: str | Path, dst: str | Path, *, views: int,
     extra["subset"] = list(m.get("subset") or []) + [step]
     writer = create_cache(dst, spec, base_model=m["base_model"],
                           view_policy={**m["view_policy"], "views": int(views)},
-                          source=m["source"],
-                          parts=[(p["name"], int(p["slots"])) for p in m["parts"]],
+                          source=grown_source(m),  # shards added by extend: its own now
+                          parts=[(p["name"], int(p["slots"])) for p in reader.part_entries],
                           targets=m.get("targets") or {}, extra=extra)
     if writer.manifest.get("subset", [{}])[-1].get("source") != step["source"]:
         raise CacheError(f"{dst} holds another cache with the same settings (not a subset of "

@@ -3,7 +3,8 @@
 Every record of SRC is decoded to float32 and written to DST with the new codec (and, if asked,
 another backend), part by part: DST's parts commit atomically like stage 1's, a rerun skips the
 committed ones (resume), and ``verify_cache`` passes on the result. DST keeps SRC's identity
-(base model, view policy, source, parts, stage-1 precision) but for the spec; its manifest records
+(base model, view policy, source, parts, stage-1 precision) but for the spec (a cache grown by
+``tec cache extend`` becomes a flat one of all its views and shards); its manifest records
 the chain of transcodes (``transcode``: source, codecs, time, the error against the source on the
 first records, and a warning when a lossy cache was re-encoded into another lossy codec, whose
 errors add up).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import create_cache, open_cache
+from .cache import create_cache, grown_source, open_cache
 from .objstore import as_root, resolved
 from .schema import CODECS, CacheError, CacheSpec
 
@@ -64,8 +65,8 @@ def transcode_cache(src: str | Path, dst: str | Path, *, codec: str,
         extra["source_target_error"] = m["target_error"]  # of the source's codec and precision
     writer = create_cache(dst, spec, base_model=m["base_model"],
                           view_policy={**m["view_policy"], "views": spec.views},  # grown: K2
-                          source=m["source"], parts=[(p["name"], int(p["slots"]))
-                                                     for p in m["parts"]],
+                          source=grown_source(m),  # shards added by extend: its own now
+                          parts=[(p["name"], int(p["slots"])) for p in reader.part_entries],
                           targets=m.get("targets") or {}, extra=extra)
     if writer.manifest.get("transcode", [{}])[-1].get("source") != step["source"]:
         raise CacheError(f"{dst} holds a transcode of another cache; choose another DST")

@@ -513,3 +513,35 @@ def test_extend_views_of_a_cache_on_s3(s3_reference, base, tmp_path):
     assert verify_cache(url) == []
     with pytest.raises(_CacheError, match="has 4 views already"):
         extend_views(url, 4, progress=False)
+
+
+@pytest.mark.slow
+def test_extend_shards_of_a_cache_on_s3(s3_reference, base, tmp_path):
+    """tec cache extend --shards on an s3:// cache with new shards on s3://: the new parts are
+    written to the bucket, the old objects stay as they were, the old shards read the same
+    records and the grown cache verifies and reads every sample."""
+    from image_helpers import make_shards
+
+    from stages.extend import extend_shards
+
+    paths = make_shards(tmp_path / "five", n_shards=5, per_shard=5, size_range=(20, 56))
+    (tmp_path / "more").mkdir()
+    for path in paths[3:]:
+        Path(path).rename(tmp_path / "more" / Path(path).name)
+    upload_tree(tmp_path / "more", f"s3://{BUCKET}/more")
+    url = f"s3://{BUCKET}/grown-shards"
+    for rel in Url(s3_reference[0].cache).find():  # a copy of the reference on the bucket
+        (Url(url) / rel).write_bytes((Url(s3_reference[0].cache) / rel).read_bytes())
+    before, old = _s3_files(url), all_records(url)
+    summary = extend_shards(url, f"s3://{BUCKET}/more/", progress=False)
+    assert summary.parts == ["shard-000003", "shard-000004"] and summary.samples_after == 25
+    after = _s3_files(url)
+    assert {rel: after[rel] for rel in before if rel.startswith(("parts/", "status/"))} == \
+        {rel: d for rel, d in before.items() if rel.startswith(("parts/", "status/"))}
+    assert any(rel.startswith("parts/shard-000004/") for rel in after)
+    assert_same_records(old, {k: v for k, v in all_records(url).items() if k[0] in
+                              {key for key, _ in old}})
+    grown = open_cache(url)
+    assert grown.num_samples == 25 and grown.keys[-1] == "s004_00004"
+    assert open_cache(url, shard_extensions=0).keys == open_cache(s3_reference[0].cache).keys
+    assert verify_cache(url) == []

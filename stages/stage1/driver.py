@@ -45,6 +45,7 @@ from .config import (
     resolve_encode_on,
     resolve_precision,
 )
+from .grown import grown_layout
 from .shard import ShardHooks, ShardJob, _open_source, part_names
 
 logger = logging.getLogger("stages.stage1")
@@ -163,7 +164,7 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
     """Create (or reopen, to resume) the cache; returns (writer, jobs of uncommitted parts).
     measure_error: measure the codec's target error on a new cache's first samples."""
     from stages.sources import unique_keys
-    from storage import CacheSpec, create_cache
+    from storage import CacheError, CacheSpec, create_cache
 
     source = _open_source(cfg.source.kind, cfg.source.path, cfg.source.shard_size)
     shards = [str(s) for s in source.shards()]
@@ -178,6 +179,21 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
         logger.info("%d sample keys repeat across shards; cached as <part>/<key>",
                     sum(len(r) for r in renames))
     geometry = base.geometry
+    manifest = _existing_manifest(cfg.cache)
+    growth = grown_layout(manifest, shards, scans) if manifest is not None and \
+        cfg.source.kind == "webdataset" else None
+    if growth is not None:
+        # the cache's own shards plus shards added by `tec cache extend --shards`: the cache
+        # keeps its identity (its own source and parts), the added parts are its extensions'
+        logger.info("cache %s: its shards and those of %d shard extension(s)", cfg.cache,
+                    growth.steps)
+        names, renames = growth.names, growth.renames
+        cache_source, cache_parts = manifest["source"], [(p["name"], int(p["slots"]))
+                                                         for p in manifest["parts"]]
+    else:
+        cache_source = {"kind": cfg.source.kind, "path": cfg.source.path, "shards": shards,
+                        "num_samples": sum(counts)}
+        cache_parts = list(zip(names, counts))
     policy = cfg.view_policy
     spec = CacheSpec(num_patches=geometry.num_patches, channels=geometry.embed_dim,
                      heads=geometry.num_heads, k_max=cfg.k_max, views=cfg.views,
@@ -187,23 +203,23 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
                      image_size=policy.output_size if cfg.pixels != "none" else 0)
     precision = resolve_precision(cfg)
     extra = None
-    from storage.objstore import as_root
 
-    if measure_error and not (as_root(cfg.cache) / "manifest.json").exists():
+    if measure_error and manifest is None:
         # a new cache: measure the target error of its codec and precision on the first samples
         from stages.target_error import measure_stage1_error
 
         extra = {"target_error": measure_stage1_error(cfg, base, spec, precision, source,
                                                       shards[0])}
-    writer = create_cache(
-        cfg.cache, spec, base_model=base.fingerprint(last_n=cfg.last_n, k_max=cfg.k_max),
-        targets={"precision": precision}, extra=extra,
-        view_policy={**policy.to_dict(), "views": cfg.views,
-                     **({"first_view": cfg.first_view} if cfg.first_view else {})},
-        source={"kind": cfg.source.kind, "path": cfg.source.path, "shards": shards,
-                "num_samples": sum(counts)},
-        parts=list(zip(names, counts)),
-    )
+    try:
+        writer = create_cache(
+            cfg.cache, spec, base_model=base.fingerprint(last_n=cfg.last_n, k_max=cfg.k_max),
+            targets={"precision": precision}, extra=extra,
+            view_policy={**policy.to_dict(), "views": cfg.views,
+                         **({"first_view": cfg.first_view} if cfg.first_view else {})},
+            source=cache_source, parts=cache_parts,
+        )
+    except CacheError as exc:
+        raise CacheError(f"{exc}{_new_shards_hint(cfg, manifest, shards)}") from None
     committed = writer.committed_parts()
     import torch
 
@@ -224,6 +240,29 @@ def _prepare_cache(cfg: Stage1Config, base: ResolvedBase, hooks: ShardHooks | No
         if name not in committed
     ]
     return writer, jobs
+
+
+def _new_shards_hint(cfg: Stage1Config, manifest: dict | None, shards: list[str]) -> str:
+    """When the configured source holds every shard of the cache and more: how to add them."""
+    from .grown import history_steps, norm_shard
+
+    if manifest is None or cfg.source.kind != "webdataset":
+        return ""
+    have = {norm_shard(s) for step, _ in history_steps(manifest) for s in step}
+    new = [s for s in shards if norm_shard(s) not in have]
+    if not new or not have <= {norm_shard(s) for s in shards}:
+        return ""
+    return (f" - the source names {len(new)} shard(s) the cache does not hold (first: "
+            f"{new[0]}); add them with `tec cache extend {cfg.cache} --shards SPEC`")
+
+
+def _existing_manifest(cache: str) -> dict | None:
+    """The manifest of the cache at ``cache``, None when there is none yet."""
+    from storage import layout
+    from storage.objstore import as_root
+
+    path = layout.manifest_path(as_root(cache))
+    return layout.read_json(path, "manifest") if path.exists() else None
 
 
 def _record_config(cfg: Stage1Config, base: BaseModelConfig) -> None:

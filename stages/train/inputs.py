@@ -50,6 +50,8 @@ class RunInputs:
     base: ResolvedBase | None = None  # the base model's description (None: not used)
     source_index: SourceIndex | None = None  # None: a self-contained cache, no source read
     cache_reader: Any = None  # the open storage.CacheReader (handed to the loader workers)
+    # of a cache grown by `tec cache extend --shards`: the shard extensions the run reads
+    shard_extensions: int | None = None
 
 
 
@@ -70,7 +72,8 @@ def _same_files(a: list[str], b: list[str]) -> bool:
     return [os.path.realpath(x) for x in a] == [os.path.realpath(x) for x in b]
 
 
-def _open_cache_checked(cache: str, base: ResolvedBase | None, views: int | None = None):
+def _open_cache_checked(cache: str, base: ResolvedBase | None, views: int | None = None,
+                        shard_extensions: int | None = None):
     """Open a complete cache and check it belongs to this run's base model (schema, base model
     fingerprint, manifest identity)."""
     from storage import CacheError, open_cache
@@ -87,7 +90,8 @@ def _open_cache_checked(cache: str, base: ResolvedBase | None, views: int | None
     try:
         # the manifest's identity checksum is checked after the base model, so that a cache of
         # another base model is named as such
-        reader = open_cache(cache, check_identity=False, views=views)
+        reader = open_cache(cache, check_identity=False, views=views,
+                            shard_extensions=shard_extensions)
         if base is not None:
             cached_base = reader.manifest.get("base_model", {})
             reader.check_base_model(base.fingerprint(
@@ -125,8 +129,10 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
 
     reader = None
     views, k_max, last_n, codec = 0, None, 2, None
+    grown, grown_shards = None, None
     if cache is not None:
-        reader = _open_cache_checked(str(cache), base, cache_views)
+        grown, grown_shards = shards_in_use(str(cache), source)
+        reader = _open_cache_checked(str(cache), base, cache_views, grown)
         _check_read_mode(run, reader, cache)
         manifest = reader.manifest
         cached_base = manifest.get("base_model", {})
@@ -138,6 +144,9 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
         src = manifest.get("source", {})
         kind, shards = src.get("kind", "webdataset"), [str(s) for s in src.get("shards", [])]
         root = str(src.get("path")) if kind == "imagefolder" else None
+        if reader.shard_extensions:  # the cache's shards and those it was extended with
+            # in source order, as a stage 1 over all of them lists them (samples line up)
+            shards = grown_shards if grown_shards is not None else sorted(reader.shards)
         # a self-contained run reads no source: the configured one is neither read nor checked
         if source is not None and getattr(source, "path", None) and not _self_contained(
                 reader, run, needs_targets):
@@ -145,7 +154,9 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
                 raise CacheMismatchError(
                     f"cache {cache} was built from a {kind!r} source, the run configures "
                     f"{source.kind!r}; use the source the cache was built from")
-            if kind == "imagefolder":
+            if grown is not None:  # checked against the cache's shards by shards_in_use
+                same, what = True, ""
+            elif kind == "imagefolder":
                 same = os.path.realpath(str(source.path)) == os.path.realpath(root)
                 what = f"the image folder {root!r}"
             else:
@@ -178,7 +189,7 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
                          cache_path=str(cache), cache_index=np.arange(reader.num_samples),
                          views=views, k_max=k_max, last_n=last_n, codec=codec,
                          base_model=base_model, base=base, source_index=None,
-                         cache_reader=reader)
+                         cache_reader=reader, shard_extensions=reader.shard_extensions)
     if kind == "webdataset":
         _check_source_exists(shards, reader, run, cache)
 
@@ -214,7 +225,31 @@ def resolve_inputs(run: TrainConfig, *, cache: str | None, source,
                      cache_path=str(cache) if cache is not None else None,
                      cache_index=cache_index, views=views, k_max=k_max, last_n=last_n,
                      codec=codec, base_model=base_model, base=base,
-                     source_index=source_index, cache_reader=reader)
+                     source_index=source_index, cache_reader=reader,
+                     shard_extensions=reader.shard_extensions if reader is not None else None)
+
+
+def shards_in_use(cache: str, source) -> tuple[int | None, list[str] | None]:
+    """Of a cache grown by `tec cache extend --shards`: (the shard extensions the configured
+    ``source`` names, its shards in source order or None), so that a run configured with the old
+    shard list reads what it read before and one with the grown list reads every sample;
+    (None, None) for another cache or no configured source (every sample). CacheMismatchError
+    (one line) for a source that is not the cache's shards plus some of those added."""
+    import json
+
+    from stages.stage1.grown import source_prefix
+    from storage.objstore import as_root
+
+    path = as_root(cache) / "manifest.json"
+    if source is None or not getattr(source, "path", None) or not path.is_file():
+        return None, None  # open_cache reports a missing manifest
+    try:
+        manifest = json.loads(path.read_text())
+        return source_prefix(manifest, getattr(source, "kind", "webdataset"), str(source.path))
+    except ValueError as exc:
+        raise CacheMismatchError(f"cache {cache}: {first_line(exc)}") from None
+    except (KeyError, TypeError, AttributeError):
+        return None, None  # a malformed manifest: open_cache names the problem
 
 
 def _self_contained(reader, run: TrainConfig, needs_targets: bool) -> bool:
