@@ -150,13 +150,15 @@ def train_run(cfg: PipelineConfig, run, base: BaseModelConfig | ResolvedBase | N
                  cache_views=cfg.targets.views)  # a grown cache: the views the config names
 
 
-def _set_aside_if_stale(run_dir: Path, run, *, cache: str | None, base) -> str:
+def _set_aside_if_stale(run_dir: Path, run, *, cache: str | None, base, views: int | None = None,
+                        source=None) -> str:
     """A run folder trained from other inputs is renamed (kept) so the run trains anew; returns
-    what to say about it ('' when the folder is reusable or absent)."""
+    what to say about it ('' when the folder is reusable or absent). views, source: the run's
+    targets.views and source, what it reads of a cache grown by `tec cache extend`."""
     from stages.identity import set_aside, stale_changes
 
-    changes = stale_changes(run_dir, run, cache=cache, base=base) if Path(run_dir).is_dir() \
-        else []
+    changes = stale_changes(run_dir, run, cache=cache, base=base, views=views,
+                            source=source) if Path(run_dir).is_dir() else []
     if not changes:
         return ""
     old = set_aside(run_dir)
@@ -263,7 +265,8 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None,
     if "train" in wanted:
         for run in cfg.runs:
             anew = _set_aside_if_stale(cfg.run_dir(run.name), run, cache=str(cfg.cache_path),
-                                       base=base)
+                                       base=base, views=cfg.targets.views,
+                                       source=cfg.targets.source)
             result = train_run(cfg, run, base)
             if _already_done(result):
                 summary.add(f"run {run.name}", f"reused finished run ({result.steps} steps; "

@@ -144,7 +144,9 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
                      heads=BASE_KWARGS["num_heads"], k_max=cfg.k_max, views=cfg.views,
                      codec=cfg.codec, backend=cfg.backend)
     writer = create_cache(cfg.cache, spec, base_model=fingerprint,
-                          view_policy={**cfg.view_policy.to_dict(), "views": cfg.views},
+                          view_policy={**cfg.view_policy.to_dict(), "views": cfg.views,
+                                       **({"first_view": cfg.first_view} if cfg.first_view
+                                          else {})},  # a view layer, as run_stage1
                           source={"kind": "webdataset", "path": cfg.source.path, "shards": shards,
                                   "num_samples": sum(counts)},
                           parts=list(zip(names, counts)),
@@ -168,7 +170,7 @@ def stage1_in_process(cfg, base: BaseModelConfig, *, actor_hook: Callable | None
                        source_path=cfg.source.path, shard_size=1000, cache=str(cfg.cache),
                        views=cfg.views, policy=cfg.view_policy.to_dict(),
                        batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
-                       renames=renames[i])
+                       renames=renames[i], first_view=cfg.first_view)
         process_shard(job, [call], writer)
         done["computed"].append(name)
     writer.finalize()

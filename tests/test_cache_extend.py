@@ -282,7 +282,7 @@ def _extend_by_hand(root, entry: dict, seeds: list[int], skip: tuple[int, ...] =
     add_shard_extension(root, entry)
     writer = open_writer(root)
     for part, seed in zip(entry["parts"], seeds):
-        write_part(writer, part["name"], seed, skip=skip)
+        write_part(writer, part["name"], seed, skip=skip, realistic=False)
     return writer.finalize()
 
 
@@ -300,8 +300,8 @@ def test_shard_parts_are_invisible_until_complete_then_follow_the_cache_s_own(
 
     root = str(tmp_path / "c") if where == "folder" else f"memory://tec-grow-{backend}/c"
     w = new_cache(root, spec(backend=backend), [("p0", 4), ("p1", 3)])
-    write_part(w, "p0", 1, skip=(2,))
-    write_part(w, "p1", 2)
+    write_part(w, "p0", 1, skip=(2,), realistic=False)
+    write_part(w, "p1", 2, realistic=False)
     w.finalize()
     before = records(root)
     old_manifest = open_cache(root).manifest
@@ -310,7 +310,7 @@ def test_shard_parts_are_invisible_until_complete_then_follow_the_cache_s_own(
     entry = add_shard_extension(root, _shard_entry(1, ["q0", "q1"], [3, 2]))
     assert entry["status"] == "pending"
     writer = open_writer(root)
-    write_part(writer, "q0", 3)
+    write_part(writer, "q0", 3, realistic=False)
     writer.finalize()  # one of two parts: still pending
     assert open_cache(root).parts == ["p0", "p1"]
     assert_same_records(before, records(root))
@@ -319,7 +319,7 @@ def test_shard_parts_are_invisible_until_complete_then_follow_the_cache_s_own(
                            "is unfinished (1 of 2 parts committed")
     assert inspect_cache(root)["unfinished_extension"] == {
         "path": "/data/more-1-*.tar", "parts": 2, "committed": 1}
-    write_part(writer, "q1", 4, skip=(0,))
+    write_part(writer, "q1", 4, skip=(0,), realistic=False)
     manifest = writer.finalize()
     assert manifest["extensions"][0]["status"] == "complete" and manifest["complete"]
     assert {k: v for k, v in manifest.items() if k not in ("extensions", "part_status",
@@ -357,7 +357,7 @@ def test_shard_parts_are_invisible_until_complete_then_follow_the_cache_s_own(
 def test_an_edited_shard_extension_is_named_by_verify_and_refused_by_readers(tmp_path):
     root = tmp_path / "c"
     w = new_cache(root, spec(), [("p0", 3)])
-    write_part(w, "p0", 1)
+    write_part(w, "p0", 1, realistic=False)
     w.finalize()
     _extend_by_hand(root, _shard_entry(1, ["q0"], [2]), [2])
     manifest = json.loads((root / "manifest.json").read_text())
@@ -379,7 +379,7 @@ def test_an_edited_shard_extension_is_named_by_verify_and_refused_by_readers(tmp
 
     root2 = tmp_path / "d"
     w = new_cache(root2, spec(), [("p0", 3)])
-    write_part(w, "p0", 1)
+    write_part(w, "p0", 1, realistic=False)
     w.finalize()
     add_shard_extension(root2, _shard_entry(1, ["q0"], [2]))
     with pytest.raises(CacheError, match=r"has an unfinished `tec cache extend --shards "
@@ -658,16 +658,18 @@ def test_extend_shards_equals_a_fresh_stage1_over_all_shards_and_keeps_every_par
 
 
 @pytest.mark.slow
-def test_runs_read_the_shards_their_source_names(
+def test_runs_read_the_shards_their_source_names_and_grown_runs_are_not_reused(
         ray_session, base, shards, more, reference, fresh_all, tmp_path):
     """Stage 2 after `extend --shards`: the old shard list trains on exactly the records (same
     losses) it trained on before; the grown list trains on every sample, as from a cache built
-    over all shards (same losses)."""
+    over all shards (same losses); a run checkpointed for the old list is stale for the grown
+    one (tec run trains it anew) and reusable for the old one."""
     import torch
     from reliability_helpers import Source
     from train_helpers import run_config
 
     from stages.extend import extend_shards
+    from stages.identity import stale_changes
     from stages.train import train
     from stages.train.config import CacheMismatchError
 
@@ -682,6 +684,9 @@ def test_runs_read_the_shards_their_source_names(
     same = train(run, cache=str(cache), source=old, base=None, out_dir=tmp_path / "same",
                  progress=False)
     assert same.losses == before.losses and same.steps == before.steps == 6
+    assert stale_changes(tmp_path / "before", run, cache=str(cache), source=old) == []
+    assert stale_changes(tmp_path / "before", run, cache=str(cache), source=grown) == [
+        "the cache's shards read (0 -> 1 shard extensions: tec cache extend --shards)"]
     everything = train(run, cache=str(cache), source=grown, base=None,
                        out_dir=tmp_path / "grown", progress=False)
     fresh = train(run, cache=str(fresh_all), source=grown, base=None, out_dir=tmp_path / "fresh",
@@ -692,6 +697,11 @@ def test_runs_read_the_shards_their_source_names(
                                                  r"from 3 shard\(s\)"):
         train(run, cache=str(cache), source=Source(str(more)), base=None,
               out_dir=tmp_path / "other", progress=False)
+    # resuming the old-list run with the grown list is refused, naming why
+    with pytest.raises(ValueError, match=r"was trained from other inputs \(changed: the cache's "
+                                         r"shards read"):
+        train(run, cache=str(cache), source=grown, base=None, out_dir=tmp_path / "same",
+              progress=False)
 
 
 EXTEND_DRIVER = """

@@ -351,6 +351,49 @@ def test_tec_run_reuses_only_what_was_built_from_the_same_inputs(world, tmp_path
                                                    if not ok}
 
 
+@category("stale_reuse")
+def test_tec_run_does_not_reuse_a_run_for_views_the_cache_gained_after_it(
+        world, tmp_path, no_fsync, one_thread, record_property):
+    """After `tec cache extend --views`, a finished run of the old targets.views is reused and a
+    config naming the new K trains anew (saying the views read changed), not the old run."""
+    import json
+    import shutil
+
+    from reliability_helpers import pipeline_yaml, record_cases, stage1_config, stage1_in_process
+
+    from storage.schema import manifest_identity
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    work = tmp_path / "work"
+    config = pipeline_yaml(tmp_path / "p.yaml", shards=world["shards"], base=world["base"],
+                           cache=cache, workdir=work)
+    first = _run_cli(config)
+    # views 2..2 in a view layer, the manifest entry last: what `tec cache extend --views 3` does
+    layer = cache / "extensions" / "views-2-3"
+    stage1_in_process(stage1_config(world["shards"], layer, views=1, first_view=2), world["base"])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["extensions"] = [{"kind": "views", "path": "extensions/views-2-3", "views": [2, 3],
+                               "identity": manifest_identity(json.loads(
+                                   (layer / "manifest.json").read_text()))}]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    results = {}
+    same = _run_cli(config)
+    results["old K: reused"] = (same.exit_code == 0 and "reused finished run" in same.stdout,
+                                same.stdout[-600:] + same.stderr[-600:])
+    grown = _run_cli(config, "--set", "targets.views=3")
+    results["new K: trained anew, says the views read changed"] = (
+        grown.exit_code == 0 and "reused" not in grown.stdout and "trained anew" in grown.stdout
+        and "the cache's views read (as built -> 3: tec cache extend --views)" in grown.stdout,
+        grown.stdout[-800:] + grown.stderr[-600:])
+    again = _run_cli(config, "--set", "targets.views=3")
+    results["new K again: reused"] = ("reused finished run" in again.stdout, again.stdout[-600:])
+    record_cases(record_property, results)
+    assert first.exit_code == 0, first.stderr[-2000:]
+    assert all(ok for ok, _ in results.values()), {k: d for k, (ok, d) in results.items()
+                                                   if not ok}
+
+
 def test_identity_changes_name_settings_cache_sections_and_base():
     from stages.identity import identity_changes
 
@@ -363,6 +406,12 @@ def test_identity_changes_name_settings_cache_sections_and_base():
                                           "the base model (checkpoint_sha256)"]
     assert identity_changes(old, old) == []
     assert "older version" in identity_changes(None, new)[0]
+    # the same cache read with more views or shards than a run was trained on (tec cache extend)
+    grown = {**old, "cache": {**old["cache"], "views": 5, "shards": ["e1"]}}
+    assert identity_changes(old, grown) == [
+        "the cache's views read (as built -> 5: tec cache extend --views)",
+        "the cache's shards read (0 -> 1 shard extensions: tec cache extend --shards)"]
+    assert identity_changes(grown, grown) == []
 
 
 # ------------------------------------------------------------------------------ stage 1 helpers

@@ -117,8 +117,9 @@ def test_tec_run_describes_the_base_model_once_for_every_step(tmp_path, monkeypa
     monkeypatch.setattr(stages.stage1, "check_storage", lambda targets: None)
     monkeypatch.setattr(stages.stage1, "run_stage1", lambda targets, b, **kw: seen.append(
         ("targets", b)) or SimpleNamespace(parts_done=0, parts_skipped=2))
-    monkeypatch.setattr(orchestrate, "_set_aside_if_stale", lambda d, run, cache, base: seen.append(
-        (f"stale {run.name}", base)) or "")
+    monkeypatch.setattr(orchestrate, "_set_aside_if_stale",
+                        lambda d, run, cache, base, **use: seen.append(
+                            (f"stale {run.name}", base)) or "")
     monkeypatch.setattr(orchestrate, "train_run", lambda c, run, b: seen.append(
         (f"train {run.name}", b)) or SimpleNamespace(resumed_from_step=3, steps=3))
     monkeypatch.setattr(orchestrate, "_evaluate", lambda c, b, summary: seen.append(("eval", b)))

@@ -97,7 +97,10 @@ def _train(run: TrainConfig, dist: DistEnv, *, cache, source, base, view_policy,
     from stages.identity import run_identity
 
     trainer.identity = run_identity(run, cache=inputs.cache_path, base=inputs.base,
-                                    needs_targets=trainer.needs_targets)
+                                    needs_targets=trainer.needs_targets,
+                                    # of a grown cache: the views and shards this run reads
+                                    views=inputs.views or None,
+                                    shard_extensions=inputs.shard_extensions)
     if run.init_from_base:
         _init_from_base(run, trainer, init_source)
     if dist.is_main:
