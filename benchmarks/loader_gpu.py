@@ -19,6 +19,13 @@ DataLoader settings chosen from the machine), bf16 on the GPU, and reports:
 * ``loader_samples_per_s``: what the loader workers could deliver (busy-time based);
 * the device name, the loader settings, and the machine.
 
+Before the training run it checks the lowrank codec's device encoder (issue #16,
+``targets.encode_on``, storage/compact_torch.py) at ViT-B/16 geometry, batch 64: microseconds
+per view on the GPU (and of its float64 eigendecomposition alone, the step most likely to be
+slow there), the ViT-B/16 forward it must hide behind (float16 autocast, random init), and its
+codes against the numpy encoder's on 8 views (after aligning eigenvector signs) with the decoded
+error of both (``lowrank_encoder`` in the result; ``--encoder-only`` runs just this, seconds).
+
 Writes benchmarks/results/loader_gpu.json (``--out``). Goal (issue #19): data wait < 5% of step
 time. On the 2-core CPU this session has, only ``--smoke`` was run (a check that the script
 works, not a measurement).
@@ -75,6 +82,87 @@ def steady_rate(log_dir: Path, skip: int) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def _timed(fn, repeats: int = 3) -> float:
+    """Best wall seconds of fn() over ``repeats`` (after one warm-up call), device synced."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def encoder_check(smoke: bool) -> dict:
+    """The lowrank device encoder at ViT-B/16 geometry (smoke: the miniature), batch 64."""
+    import timm
+
+    from storage import compact
+    from storage.compact_torch import encode_views
+    from storage.synthetic import realistic_targets
+    from tec.targets import extract_targets
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    L, C, H, k, n = (49, 96, 3, 16, 64) if smoke else (196, 768, 12, 16, 64)
+    params = compact.check_params({})
+    rng = np.random.default_rng(0)
+    views = [realistic_targets(rng, L, C, H, k) for _ in range(n)]
+    f = np.stack([v["features"] for v in views])
+    a = np.stack([v["attn_logits"] for v in views])
+    tf, ta = torch.from_numpy(f).to(device), torch.from_numpy(a).to(device)
+    encode_s = _timed(lambda: encode_views(tf, ta, params))
+    y64 = tf.double()
+    gram = y64 @ y64.mT if L <= C else y64.mT @ y64
+    eigh_s = _timed(lambda: torch.linalg.eigh(gram))
+    # the forward it hides behind: a random-init ViT-B/16 (smoke: a tiny ViT), float16 autocast
+    kw = dict(img_size=28, patch_size=4, embed_dim=96, depth=2, num_heads=3) if smoke else {}
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                              **kw).to(device).eval()
+    x = torch.randn(n, 3, kw.get("img_size", 224), kw.get("img_size", 224), device=device)
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16,
+                                             enabled=device.type == "cuda"):
+            extract_targets(model, x, last_n=2, k_max=k)
+
+    forward_s = _timed(forward)
+    # agreement with the numpy encoder on 8 views (codes after aligning component signs)
+    got = encode_views(tf[:8], ta[:8], params)
+    fb, same, err_np, err_dev = params["factor_bits"], [], [], []
+    for i in range(8):
+        ref = compact.encode_view(f[i], a[i], params, key="k", view=0)
+        dev = {name: t[i].cpu().numpy() for name, t in got.items()}
+        r = ref["features_u_scale"].shape[0]
+        un = compact.unpack_codes(ref["features_u"], fb, r).astype(int)
+        ud = compact.unpack_codes(dev["features_u"], fb, r).astype(int)
+        off = 1 << (fb - 1)
+        sign = np.where(((un - off) * (ud - off)).sum(0) < 0, -1, 1)
+        same.append(float(((un - off) == (ud - off) * sign).mean()))
+        for out, enc in ((err_np, ref), (err_dev, dev)):
+            full = dict(enc, feature_mean=np.zeros(C, np.float16))
+            dec, _ = compact.dequantize_payload(compact.unpack_payload(full))
+            out.append(float(np.linalg.norm(dec - f[i]) / np.linalg.norm(f[i])))
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "geometry": {"L": L, "C": C, "H": H, "k_max": k}, "batch": n,
+           "encode_us_per_view": encode_s / n * 1e6, "eigh_us_per_view": eigh_s / n * 1e6,
+           "forward_us_per_view": forward_s / n * 1e6,
+           "encode_over_forward": encode_s / forward_s,
+           "codes_same_after_sign_alignment": min(same),
+           "feature_rel_error_numpy": float(np.mean(err_np)),
+           "feature_rel_error_device": float(np.mean(err_dev))}
+    log.info("lowrank device encoder on %s: %.0f us/view (eigh %.0f), forward %.0f us/view "
+             "(encode / forward %.2f); codes same %.4f; feature error %.4f numpy / %.4f device",
+             out["device"], out["encode_us_per_view"], out["eigh_us_per_view"],
+             out["forward_us_per_view"], out["encode_over_forward"],
+             out["codes_same_after_sign_alignment"], out["feature_rel_error_numpy"],
+             out["feature_rel_error_device"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="miniature on any device, 4 steps")
@@ -83,6 +171,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--codec", default="lowrank")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="only the lowrank device-encoder check (seconds)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" /
                                              "loader_gpu.json"))
     args = parser.parse_args()
@@ -95,6 +185,11 @@ def main() -> None:
     student = MINI_STUDENT if args.smoke else VITB_STUDENT
     started = time.perf_counter()
     result = result_header("loader_gpu")
+    result["lowrank_encoder"] = encoder_check(args.smoke)
+    if args.encoder_only:
+        result["runtime_s"] = time.perf_counter() - started
+        write_result(result, args.out)
+        return
     from stages.configs import from_dict
     from stages.train import TrainConfig, train
 

@@ -24,6 +24,12 @@ Writes ``benchmarks/results/storage.json``:
   patch selection at ViT-B size, on a random-init ViT-B/16.
 * ``stage1``: stage-1 efficiency (views/s of a steady stage-1 part / forward-only views/s, as
   benchmarks/speed.py measures it, its config and synthetic images) with float16 and lowrank.
+* ``encoders``: where the lowrank codec encodes (``targets.encode_on``): CPU microseconds per
+  view of the numpy encoder (the shard task's writer, one view at a time) and of the torch encoder
+  (storage/compact_torch.py, the base-model actor, batches of 1 and 64 views), one thread, at
+  ViT-B/16 geometry and at ViT-Ti/16 224 px, and the bytes per view an actor sends through Ray's
+  object store (float32 targets vs the encoded arrays). ``--encoders`` runs only this part and
+  merges it into an existing result file. GPU rows when a GPU is present, else "not measured".
 * ``quality``: the rows of ``results/quality_codec_float16.json`` and
   ``results/quality_codec_lowrank.json`` (benchmarks/configs/quality_codec.yaml has the two
   commands) when they exist, and ``best_within_0p3``: the smallest ViT-B bytes per view whose
@@ -235,6 +241,100 @@ def rate_distortion(args, cfg, base) -> tuple[list[dict], dict]:
     return rows, info
 
 
+ENCODER_GEOMETRIES = [("ViT-B/16", VIT_B),
+                      ("ViT-Ti/16 224 px", dict(num_patches=196, channels=192, heads=3, k_max=16))]
+
+
+def _cpu_timed(fn, repeats: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of fn(), best of ``repeats`` (CPU time of this process)."""
+    best_cpu, best_wall = float("inf"), float("inf")
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        best_cpu = min(best_cpu, time.process_time() - c0)
+        best_wall = min(best_wall, time.perf_counter() - w0)
+    return best_cpu, best_wall
+
+
+def _encoder_call(encoder: str, device: str, batch: int, data, keys, params):
+    """A function encoding every view of ``data`` (features, attn_logits) once."""
+    import torch
+
+    from storage import compact
+    from storage.compact_torch import encode_views
+
+    f, a = data
+    if encoder.startswith("numpy"):
+        def run():
+            for i in range(len(keys)):
+                compact.encode_view(f[i], a[i], params, key=keys[i], view=0)
+        return run
+
+    def run():
+        for i in range(0, len(keys), batch):
+            encode_views(f[i:i + batch], a[i:i + batch], params)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def encoder_timing(args) -> dict:
+    """The lowrank encoders' cost per view: numpy (the shard task's writer) against torch (the
+    base-model actor, storage/compact_torch.py), one CPU thread, batches of 1 and 64 views."""
+    import torch
+
+    from storage import compact
+    from storage.compact_torch import encode_views
+    from storage.synthetic import realistic_targets
+
+    torch.set_num_threads(1)
+    params = compact.check_params({})
+    n = args.encoder_views
+    rows, traffic = [], {}
+    for name, g in ENCODER_GEOMETRIES:
+        L, C, H, k = g["num_patches"], g["channels"], g["heads"], g["k_max"]
+        rng = np.random.default_rng(0)
+        views = [realistic_targets(rng, L, C, H, k) for _ in range(n)]
+        f = np.stack([v["features"] for v in views])
+        a = np.stack([v["attn_logits"] for v in views])
+        keys = [f"v{i}" for i in range(n)]
+        geometry = f"{name} (L {L}, C {C}, H {H}, k_max {k}, rank {compact.rank_for(params, L, C)})"
+
+        tf, ta = torch.from_numpy(f), torch.from_numpy(a)
+        runs = [("numpy (writer)", "cpu", 1), ("torch (actor)", "cpu", 1),
+                ("torch (actor)", "cpu", 64)]
+        if torch.cuda.is_available():
+            runs.append(("torch (actor)", "cuda", 64))
+        for encoder, device, batch in runs:
+            data = (f, a) if encoder.startswith("numpy") else (tf.to(device), ta.to(device))
+            call = _encoder_call(encoder, device, batch, data, keys, params)
+            if device == "cuda":
+                call()  # warm-up (cuSOLVER handles, kernels)
+            cpu, wall = _cpu_timed(call, args.repeats)
+            rows.append({"geometry": geometry, "encoder": encoder,
+                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                         "batch": batch, "cpu_us_per_view": cpu / n * 1e6,
+                         "wall_us_per_view": wall / n * 1e6})
+        if not torch.cuda.is_available():
+            rows.append({"geometry": geometry, "encoder": "torch (actor)", "device": "cuda",
+                         "batch": 64, "cpu_us_per_view": None, "wall_us_per_view": None,
+                         "note": "not measured (no GPU on this machine)"})
+        # bytes per view through the object store: the actor's float32 targets against the
+        # encoded arrays (+ float32 mean/std, int64 attn_index, two finiteness flags)
+        enc = encode_views(tf[:1], ta[:1], params)
+        side = 2 * C * 4 + k * 8
+        traffic[geometry] = {"float32_targets": 4 * (L * C + H * (k + 1) * L) + side,
+                             "encoded": sum(t.numel() * t.element_size() for t in enc.values())
+                             + side + 2}
+        log.info("%s: %s", geometry, ", ".join(
+            f"{r['encoder']} {r['device']} b{r['batch']} "
+            + ("n/a" if r["cpu_us_per_view"] is None else f"{r['cpu_us_per_view']:,.0f} us")
+            for r in rows if r["geometry"] == geometry))
+    return {"rows": rows, "object_store_bytes_per_view": traffic, "views": n,
+            "repeats": args.repeats, "threads": 1, "params": params,
+            "data": "storage.synthetic.realistic_targets (the tests' ViT-shaped targets)"}
+
+
 def _entropy(logits: np.ndarray, tau: float) -> float:
     x = logits.astype(np.float64) / tau
     x = x - x.max(-1, keepdims=True)
@@ -370,6 +470,30 @@ def _f(v, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def encoder_markdown(e: dict | None) -> list[str]:
+    """The encoder table (``encoders`` of storage.json) as README lines ([] when absent)."""
+    if not e:
+        return []
+    lines = ["| lowrank encoder (targets.encode_on) | geometry | device | views per call | CPU "
+             "us per view | wall us per view |", "|---|---|---|---|---|---|"]
+    for row in e["rows"]:
+        cpu, wall = row["cpu_us_per_view"], row["wall_us_per_view"]
+        lines.append(f"| {row['encoder']} | {row['geometry']} | {row['device']} | {row['batch']} "
+                     f"| {'not measured' if cpu is None else f'{cpu:,.0f}'} | "
+                     f"{'not measured' if wall is None else f'{wall:,.0f}'} |")
+    traffic = "; ".join(f"{g}: {t['float32_targets']:,} B float32 targets -> {t['encoded']:,} B "
+                        f"encoded ({t['float32_targets'] / t['encoded']:.1f}x fewer)"
+                        for g, t in e["object_store_bytes_per_view"].items())
+    prov = e.get("provenance", {})
+    return lines + ["", f"Encoders: {e['views']} views per geometry ({e['data']}), one thread, "
+                    f"best of {e['repeats']}; CPU time of the process (the machine was shared: "
+                    f"load average {prov.get('load_average_start')} at start, "
+                    f"{prov.get('load_average_end')} at end; wall times are noisier). Bytes per "
+                    f"view an actor sends through Ray's object store: {traffic}. "
+                    f"`{prov.get('command', '')}`, commit {prov.get('commit', '?')}, "
+                    f"{prov.get('created', '?')}.", ""]
+
+
 def markdown(r: dict) -> str:
     """The README tables of a storage.json result (benchmarks/report.py renders them)."""
     lines = ["| setting | ViT-B bytes/view | ViT-B bits/value (features / attention) | "
@@ -394,6 +518,7 @@ def markdown(r: dict) -> str:
               f"attention-target entropy {_f(info.get('attention_target_entropy_tau1.0'), 3)} "
               f"nats at tau 1.0, {_f(info.get('attention_target_entropy_tau1.8'), 3)} at 1.8 "
               f"(uniform over 49 patches: {np.log(49):.3f}).", ""]
+    lines += encoder_markdown(r.get("encoders"))
     pr = r.get("precision", {})
     lines += ["| forward precision vs float32 | targets | feature rel. RMS | attn excess CE tau "
               "1.0 / 1.8 (nats) | top-k agreement | attention rows compared |",
@@ -442,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the quality benchmark's base model if it is missing")
     parser.add_argument("--update-quality", action="store_true",
                         help="only re-read the quality results into an existing storage.json")
+    parser.add_argument("--encoders", action="store_true",
+                        help="only time the lowrank encoders (numpy vs torch) and merge the table "
+                             "into an existing result file")
+    parser.add_argument("--encoder-views", type=int, default=64)
     parser.add_argument("--out", default=None)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -457,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         write_result(result, out)
         log.info("updated the quality rows of %s: %s", out, result["best_within_0p3"])
         return 0
+    if args.encoders:
+        return merge_encoders(args, out)
     import torch
 
     torch.set_num_threads(1)
@@ -468,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     result["vitb_bytes_per_view"] = {r["setting"]: r["vitb_bytes_per_view"] for r in rows}
     result["rows"] = rows
     result["learned_targets"] = info
+    result["encoders"] = encoder_timing(args)
     result["precision"] = precision_table(args, cfg, base)
     if not args.no_stage1:
         result["stage1"] = stage1_efficiency(args)
@@ -476,6 +608,33 @@ def main(argv: list[str] | None = None) -> int:
     result["runtime_s"] = time.perf_counter() - started
     write_result(result, out)
     log.info("wrote %s (%.1f min)", out, result["runtime_s"] / 60)
+    return 0
+
+
+def merge_encoders(args, out: Path) -> int:
+    """``--encoders``: time the encoders and put the table into ``out`` (kept otherwise as is)."""
+    import datetime
+
+    from common import _json_default, git_info
+
+    started, load = time.perf_counter(), load_average()
+    result = json.loads(out.read_text()) if out.exists() else result_header("storage")
+    enc = encoder_timing(args)
+    git = git_info()
+    enc["provenance"] = {
+        "command": "python benchmarks/storage_bench.py " + " ".join(sys.argv[1:]),
+        "commit": (git.get("commit") or "unknown")[:10] + (" (dirty tree)" if git.get("dirty")
+                                                           else ""),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": load, "load_average_end": load_average(),
+        "runtime_s": round(time.perf_counter() - started, 1)}
+    result["encoders"] = enc
+    # written directly: write_result would restamp the earlier run's machine header
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, out)
+    log.info("merged the encoder table into %s (%.1f min)", out,
+             enc["provenance"]["runtime_s"] / 60)
     return 0
 
 

@@ -92,11 +92,10 @@ def _signed(x: torch.Tensor, reduce_dim: int, bits: int,
     return (q + (1 << (bits - 1))).to(torch.uint8), scale
 
 
-def _factor_a(y: torch.Tensor, rank: int) -> torch.Tensor:
-    """A [N, L, r] (float32) of the best rank-r factorisation of y [N, L, C], as
-    compact.factorize, with each column's sign canonical (its largest-magnitude entry > 0)."""
-    L, C = y.shape[-2:]
-    y64 = y.double()
+def _factor_a(y64: torch.Tensor, rank: int) -> torch.Tensor:
+    """A [N, L, r] (float32) of the best rank-r factorisation of y [N, L, C] (given in float64),
+    as compact.factorize, with each column's sign canonical (its largest-magnitude entry > 0)."""
+    L, C = y64.shape[-2:]
     if L <= C:
         _, vec = torch.linalg.eigh(y64 @ y64.mT)
         a = vec.flip(-1)[..., :rank]
@@ -109,7 +108,8 @@ def _factor_a(y: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def encode_views(features: torch.Tensor, attn_logits: torch.Tensor, params: dict, *,
-                 seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                 seeds: Sequence[int] | None = None,
+                 finite: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """N views' features [N, L, C] and attn_logits [N, H, R, L] (float, any device) -> the
     codec's stored arrays as [N, ...] tensors on that device (names, shapes and dtypes of
     ``compact.stored_fields``).
@@ -117,7 +117,8 @@ def encode_views(features: torch.Tensor, attn_logits: torch.Tensor, params: dict
     params: the codec parameters (``compact.check_params``); seeds: ``compact.record_seed(key,
     view)`` of each view, required for stochastic rounding. A row maximum that overflows float16
     comes back as an infinite ``attn_max`` (the writer refuses it, as the numpy encoder does);
-    views with non-finite values are encoded as zeros (check :func:`finite_views` first).
+    views with non-finite values are encoded as zeros (check :func:`finite_views` first and pass
+    its result as ``finite`` to save computing it again).
     """
     params = compact.check_params(params)
     N, L, C = features.shape
@@ -135,16 +136,19 @@ def encode_views(features: torch.Tensor, attn_logits: torch.Tensor, params: dict
                              f"got {None if seeds is None else len(seeds)}")
         noise = [torch.from_numpy(d).to(device, non_blocking=True)
                  for d in dither(seeds, [(L, r), (r, C), (H, R, L)])]
-    ok_f, ok_a = finite_views(features, attn_logits)
-    y = torch.where(ok_f[:, None, None], features.float(), 0.0)
-    x = torch.where(ok_a[:, None, None, None], attn_logits.float(), 0.0)
+    ok_f, ok_a = finite_views(features, attn_logits) if finite is None else finite
+    y64, x = features.float().double(), attn_logits.float()
+    if not bool(ok_f.all()):  # one host sync per batch; a bad view must not fail the others
+        y64 = torch.where(ok_f[:, None, None], y64, 0.0)
+    if not bool(ok_a.all()):
+        x = torch.where(ok_a[:, None, None, None], x, 0.0)
 
     # features: A from the eigenvectors, quantised per column; B refitted to the quantised A
-    a = _factor_a(y, r)
+    a = _factor_a(y64, r)
     ua, sa = _signed(a, -2, fb, noise[0])
     a64 = ((ua.float() - (1 << (fb - 1))) * sa.float()[:, None, :]).double()
     gram = torch.linalg.pinv(a64.mT @ a64, rtol=1e-15, hermitian=True)
-    b = (gram @ (a64.mT @ y.double())).float()
+    b = (gram @ (a64.mT @ y64)).float()
     ub, sb = _signed(b, -1, fb, noise[1])
 
     # attention: row maximum (float16), then steps below it clamped at attn_floor

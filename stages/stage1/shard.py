@@ -105,7 +105,8 @@ class BaseModelActor:
         from storage.compact_torch import encode_views, finite_views
 
         ok_features, ok_attn = finite_views(targets.features, targets.attn_logits)
-        stored = encode_views(targets.features, targets.attn_logits, params, seeds=seeds)
+        stored = encode_views(targets.features, targets.attn_logits, params, seeds=seeds,
+                              finite=(ok_features, ok_attn))
         out = {name: t.cpu().numpy() for name, t in stored.items()}
         out.update(feature_mean=targets.feature_mean.float().cpu().numpy(),
                    feature_std=targets.feature_std.float().cpu().numpy(),
