@@ -51,7 +51,7 @@ one CPU core, ~6.5 ms of CPU time per ViT-B view (one thread on a loaded 2-core 
 the float64 eigendecomposition). Stage 1 runs it in the shard task's writer on a
 CPU-only run, and ``tec cache transcode`` always. A GPU base model does thousands of ViT-B views
 per second, which this encoder would need 10+ cores per GPU to follow, and its float32 input
-(~760 KB a view) would cross Ray's object store before shrinking to ~46 KB. So when the
+(768,320 B a ViT-B view) would cross Ray's object store before shrinking to ~46 KB. So when the
 base-model actors have GPUs, stage 1 encodes in the actor right after the forward pass with
 :mod:`storage.compact_torch` (the same algorithm and format in torch, batched over the views of
 a forward pass) and sends only the stored arrays. Both encoders write this format and decode
