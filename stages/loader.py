@@ -418,6 +418,9 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         if self.steps < 1:
             raise DataError(f"cache {reader.root} holds {reader.num_samples} samples, fewer than "
                             f"one batch of {global_batch}; lower batch_size")
+        self.part_sizes = np.array([stop - start for start, stop in
+                                    (reader.part_range(part) for part in reader.parts)],
+                                   dtype=np.int64)
         # (epoch, step) of the next iteration, shared with the loader workers
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
@@ -450,7 +453,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         from storage.batch import view_order
 
         view = self.view_of_epoch(epoch)
-        sizes = np.diff(np.asarray(self.reader._starts, dtype=np.int64))
+        sizes = self.part_sizes
         perm = np.random.default_rng([self.seed, epoch, 3]).permutation(len(sizes))
         ends = np.cumsum(sizes[perm])
         start, length = self.stream_range(stream, streams)
