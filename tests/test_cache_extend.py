@@ -335,6 +335,16 @@ def test_shard_parts_are_invisible_until_complete_then_follow_the_cache_s_own(
     with pytest.raises(CacheError, match=r"has 1 shard extension\(s\), not 2"):
         open_cache(root, shard_extensions=2)
     assert verify_cache(root) == [] and verify_cache(root, deep=True) == []
+    if backend == "webdataset":  # read: stream's pass over every part, the added ones too
+        from storage.batch import stream_records
+
+        for reader in (grown, open_cache(root, shard_extensions=0)):
+            streamed = {i: rec for p in range(len(reader.parts))
+                        for i, rec in stream_records(reader, p, 1)}
+            assert sorted(streamed) == list(range(reader.num_samples))
+            for i, rec in streamed.items():
+                np.testing.assert_array_equal(rec["features"],
+                                              reader.read(i, 1, decode=False)["features"])
     info = inspect_cache(root)
     assert info["parts_total"] == 4 and info["samples"] == 10 and info["complete"]
     assert info["shard_extensions"][0]["parts"] == ["q0", "q1"]
