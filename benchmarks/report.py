@@ -5,7 +5,7 @@
 
 The README keeps hand-written findings outside the generated blocks, which sit between
 ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers (names: speed, quality,
-quality_reduced, quality_sweep). A block whose result file is missing says so.
+quality_reduced, quality_sweep, views, ...). A block whose result file is missing says so.
 """
 from __future__ import annotations
 
@@ -226,6 +226,64 @@ def sweep_block() -> str:
     return "\n".join(lines)
 
 
+def views_block(name: str = "views") -> str:
+    """The view-diversity study (benchmarks/views.py): one line per row, the chosen setting
+    and its rule."""
+    r = _load(name)
+    if r is None:
+        return "_No result yet: run `python benchmarks/views.py`._"
+    rows, chosen = r["rows"], r["chosen"]
+    ref = next((row for row in rows if row["name"] == chosen["reference"]), None)
+
+    def cell(row: dict, metric: str) -> str:
+        if row.get(metric) is None:
+            return "n/a"
+        text = f"{_fmt(row[metric])} ± {_fmt(row[metric + '_std'])}"
+        if ref is not None and row is not ref and ref.get(metric) is not None:
+            text += f" ({row[metric] - ref[metric]:+.2f})"
+        return text
+
+    lines = [
+        "| row | K | view selection | online fraction | epochs | replays per cached view | "
+        "base forwards per image | seeds | k-NN top-1 | linear top-1 | fine-tune top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        replays = row.get("epochs_per_cached_view")
+        lines.append(
+            f"| {row['name']} | {row['views'] if row['views'] is not None else '-'} | "
+            f"{row['view_selection'] or '-'} | {row['online_fraction']:g} | {row['epochs']} | "
+            f"{_fmt(replays, 1) if replays is not None else '-'} | "
+            f"{row['base_forwards_per_image']:g} | {len(row['seeds'])} | "
+            f"{cell(row, 'knn_top1')} | {cell(row, 'linear_top1')} | "
+            f"{cell(row, 'finetune_top1')} |")
+    base = r.get("base") or {}
+    if base:
+        lines += ["", f"Base model ({base.get('epochs')} epochs, `{base['checkpoint']}`): k-NN "
+                      f"{_fmt(base.get('knn_top1'))}, linear {_fmt(base.get('linear_top1'))}"
+                      + (f", fine-tune {_fmt(base['finetune_top1'])}"
+                         if base.get("finetune_top1") is not None else "") + "."]
+    if chosen.get("row"):
+        deltas = ", ".join(f"{m} {d:+.2f}" for m, d in chosen["deltas"].items())
+        lines += ["", f"**Chosen: K = {chosen['views']}, view_selection "
+                      f"{chosen['view_selection']}, online_fraction "
+                      f"{chosen['online_fraction']:g}** (row {chosen['row']}; vs fully online: "
+                      f"{deltas}; {chosen['why']})."]
+    else:
+        lines += ["", f"**Chosen: none** ({chosen['why']})."]
+    steps = r.get("steps", {})
+    a = steps.get("attention_target")
+    if a:
+        lines += ["", f"Attention target of the K = {steps.get('source_views')} cache"
+                      f" (softmax(logits / {a['tau']:g}), cls + top-{a['k']} rows, mean "
+                      f"entropy): {a['entropy']:.3f} nats; a uniform map has "
+                      f"{a['uniform_entropy']:.3f}."]
+    lines += ["", "In parentheses: the difference to the fully online row. ± is the sample "
+                  "standard deviation over seeds (0 with one seed). Rule of the choice: "
+                  + chosen["rule"], "", _provenance(r)]
+    return "\n".join(lines)
+
+
 def storage_block() -> str:
     r = _load("storage")
     if r is None:
@@ -252,6 +310,7 @@ BLOCKS = {
     "quality_long": lambda: quality_block("quality_long"),
     "quality_strong_base": lambda: quality_block("quality_strong_base"),
     "storage": storage_block,
+    "views": views_block,
     "loader": loader_block,
 }
 
