@@ -6,11 +6,12 @@ Builds, in a temporary folder, ImageNet-like WebDataset source shards from real 
 JPEGs of Debian's ``opencv-doc``: ``apt-get download opencv-doc && dpkg -x opencv-doc*.deb
 /tmp/ocv``; each photo of at least 300 px is scaled to cover 500 x 375, centre-cropped and saved
 at JPEG quality 98: these photos are smoother than ImageNet's, and quality 98 brings them to
-~ImageNet's average file size of ~110 KB; the mean is recorded), and target caches at ViT-B/16 geometry (L =
-196, C = 768, H = 12, k_max = 16, 224 px views, K = 2) and at the miniature's (L = 49, C = 96,
-H = 3, 28 px): one per codec x pixels (none | jpeg | png). The cache's targets are synthetic
-(storage.synthetic's ViT-shaped generator: loader speed depends on bytes and compressibility, not on the
-values); its crops, flips and pixels are the real view policy's on the real photos.
+~ImageNet's average file size of ~110 KB; the mean is recorded), and target caches at ViT-B/16
+geometry (L = 196, C = 768, H = 12, k_max = 16, 224 px views, K = 2) and at the miniature's
+(L = 49, C = 96, H = 3, 28 px): one per codec x pixels (none | jpeg | png). The cache's targets
+are synthetic (storage.synthetic's ViT-shaped generator: loader speed depends on bytes and
+compressibility, not on the values); its crops, flips and pixels are the real view policy's on
+the real photos.
 
 Then, in this one process (no DataLoader workers, one torch thread, files in the page cache),
 it times micro-batches of 64 samples of random (sample, view) pairs, per path, in samples per
@@ -342,7 +343,8 @@ def io_amplification(tmp: Path, shards: list[str], geo: dict, n_samples: int) ->
             tars = sum(f.stat().st_size for f in Path(cache, "parts").rglob("*.tar"))
             per_record = used / len(s)
             out[backend]["stream_round_robin_bytes_read"] = streamed
-            out[backend]["stream_round_robin_amplification"] = streamed / (per_record * fresh.num_samples)
+            out[backend]["stream_round_robin_amplification"] = streamed / (
+                per_record * fresh.num_samples)
             out[backend]["stream_uniform_amplification"] = tars / (per_record * fresh.num_samples)
     return out
 
@@ -381,7 +383,8 @@ def main() -> None:
                 paths[f"source/{codec}/none"] = make_path("source", caches["none"], shards, geo)
                 paths[f"targets/{codec}/none"] = make_path("targets", caches["none"], shards, geo)
                 for pixels in ("jpeg", "png"):
-                    paths[f"cache/{codec}/{pixels}"] = make_path("cache", caches[pixels], shards, geo)
+                    paths[f"cache/{codec}/{pixels}"] = make_path("cache", caches[pixels], shards,
+                                                                 geo)
                 wds = write_cache(tmp / f"{geo_name}-{codec}-jpeg-wds", shards, geo, codec, "jpeg",
                                   "webdataset")
                 paths[f"cache-wds/{codec}/jpeg"] = make_path("cache", wds, shards, geo)
@@ -406,7 +409,8 @@ def main() -> None:
                                                          args.samples, args.repeats)
                     for codec in codecs}
                 result["io_amplification"] = io_amplification(tmp, shards, geo, args.samples)
-    result["vitb_samples_per_s_per_core"] = {k: round(v["median"], 1) for k, v in rows["vitb"].items()}
+    result["vitb_samples_per_s_per_core"] = {k: round(v["median"], 1)
+                                             for k, v in rows["vitb"].items()}
     result["miniature_samples_per_s_per_core"] = {k: round(v["median"], 1)
                                                   for k, v in rows["miniature"].items()}
     result["device"] = {"gpu": "not measured", "why": "no GPU was lent to this session"}
@@ -456,8 +460,8 @@ def markdown(r: dict) -> str:
     prof = r.get("profile_us_per_sample", {})
     if prof:
         names = list(next(iter(prof.values())))
-        lines += ["CPU microseconds per sample of the self-contained jpeg path at ViT-B/16, by step "
-                  "(medians):", "", "| step | " + " | ".join(prof) + " |",
+        lines += ["CPU microseconds per sample of the self-contained jpeg path at ViT-B/16, "
+                  "by step (medians):", "", "| step | " + " | ".join(prof) + " |",
                   "|---|" + "---:|" * len(prof)]
         for n in names:
             lines.append(f"| {n} | " + " | ".join(f"{prof[k][n]:.0f}" for k in prof) + " |")
@@ -468,7 +472,8 @@ def markdown(r: dict) -> str:
         lines += ["I/O amplification of one epoch (one of K = 2 views per sample; bytes read / "
                   "bytes the step uses, ViT-B/16 float16 + jpeg, measured by counting every read):",
                   "", "| read pattern | backend | bytes read / used |", "|---|---|---:|",
-                  f"| random access (`read_batch`) | zarr | {z['random_access_amplification']:.4f} |",
+                  f"| random access (`read_batch`) | zarr | "
+                  f"{z['random_access_amplification']:.4f} |",
                   f"| random access (`read_batch`, records.npy offsets) | webdataset | "
                   f"{w['random_access_amplification']:.4f} |",
                   f"| streaming, round-robin view (`StreamingCacheDataset`) | webdataset | "

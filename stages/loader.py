@@ -121,7 +121,8 @@ def loader_settings(device: torch.device, *, workers: int | None = None,
     if pin and device.type != "cuda":
         raise DataError("pin_memory: true needs a CUDA device (pinned memory is page-locked "
                         "host memory for asynchronous copies to the GPU); remove it")
-    overridden = [name for name, v in (("num_workers", workers), ("prefetch_factor", prefetch_factor),
+    overridden = [name for name, v in (("num_workers", workers),
+                                       ("prefetch_factor", prefetch_factor),
                                        ("persistent_workers", persistent_workers),
                                        ("pin_memory", pin_memory)) if v is not None]
     reason = why + (f"; set in the config: {', '.join(overridden)}" if overridden else "")

@@ -85,7 +85,8 @@ def read_batch(reader, samples, views, fields: list[str] | None = None, *,
     result = out if out is not None else allocate(spec, fields, n)
     images: list = [None] * n
     located = [reader._locate(int(i)) for i in samples]
-    order = sorted(range(n), key=lambda j: (located[j][0], int(reader._part_slots[located[j][0]][located[j][1]]),
+    order = sorted(range(n), key=lambda j: (located[j][0],
+                                            int(reader._part_slots[located[j][0]][located[j][1]]),
                                             int(views[j])))
     blosc = spec.compression == "blosc"
     per_part = np.bincount([p for p, _ in located], minlength=len(reader.parts)) if n else []
@@ -193,7 +194,8 @@ def decode_records(spec, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """Stacked stored arrays -> float32 records with the codec's own decoder (any codec), for
     consumers that cannot dequantise on their device. Returns features, attn_logits float32."""
     n = len(next(iter(stored.values())))
-    rows = [decode_view({k: v[i] for k, v in stored.items() if k != "pixels"}, True) for i in range(n)]
+    rows = [decode_view({k: v[i] for k, v in stored.items() if k != "pixels"}, True)
+            for i in range(n)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

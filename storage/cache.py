@@ -241,18 +241,20 @@ def create_cache(path: str | Path, spec: CacheSpec, *, base_model: dict, view_po
         diffs = identity_mismatch(existing, wanted)
         if diffs:
             shown = ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
-            raise CacheError(f"{root} already holds a different target cache (differs in: {shown}); "
-                             f"choose another output path or delete it")
+            raise CacheError(f"{root} already holds a different target cache "
+                             f"(differs in: {shown}); choose another output path or delete it")
         log.info("resuming cache %s: %d/%d parts committed", root,
                  len(_committed(root, existing)), len(existing["parts"]))
         return CacheWriter(root, existing)
-    if root.exists() and (not root.is_dir() or not all(_is_cache_entry(p.name) for p in root.iterdir())):
+    if root.exists() and (not root.is_dir()
+                          or not all(_is_cache_entry(p.name) for p in root.iterdir())):
         raise CacheError(f"{root} exists and is not a target cache (no {layout.MANIFEST}); "
                          f"choose an empty or new output path")
     root.mkdir(parents=True, exist_ok=True)
     for key, value in (extra or {}).items():
         if key in wanted:
-            raise CacheError(f"create_cache: extra section {key!r} would replace a manifest section")
+            raise CacheError(
+                f"create_cache: extra section {key!r} would replace a manifest section")
         wanted[key] = jsonable(value)
     wanted["created"] = _now()
     layout.write_json_atomic(mpath, wanted)
@@ -273,7 +275,8 @@ def _is_cache_entry(name: str) -> bool:
 
 
 def open_writer(path: str | Path) -> CacheWriter:
-    """Reopen an existing cache for writing parts (e.g. in a worker process) without its arguments."""
+    """Reopen an existing cache for writing parts (e.g. in a worker process) without its
+    arguments."""
     root = as_root(path)
     mpath = layout.manifest_path(root)
     if not mpath.exists():
@@ -289,7 +292,8 @@ def _read_marker(root: Path, part: str) -> dict | None:
         marker = layout.read_json(path, "commit marker")
     except FileNotFoundError:
         return None
-    if not isinstance(marker, dict) or marker.get("status") != "committed" or marker.get("part") != part:
+    if (not isinstance(marker, dict) or marker.get("status") != "committed"
+            or marker.get("part") != part):
         raise CacheError(f"commit marker {path} is not a valid marker for part {part}; "
                          f"rewrite the part with `tec cache repair {root}`")
     return marker
@@ -368,7 +372,8 @@ def _shown(names: list[str], limit: int = 10) -> str:
 
 def part_summary(marker: dict) -> dict:
     """What the manifest keeps of a part's commit marker (per-file checksums stay in the marker)."""
-    out = {k: marker[k] for k in ("status", "slots", "samples", "bad_samples", "bytes", "committed_at")
+    out = {k: marker[k]
+           for k in ("status", "slots", "samples", "bad_samples", "bytes", "committed_at")
            if k in marker}
     out["files"] = len(marker.get("files", {}))
     out["checksum"] = part_checksum(marker.get("files", {}))
@@ -409,7 +414,8 @@ class CacheWriter:
         return {p for p in self._slots if _read_marker(self.root, p) is not None}
 
     def part_marker(self, part: str) -> dict | None:
-        """A committed part's marker (samples, bad_samples, 'report', files with sha256), else None."""
+        """A committed part's marker (samples, bad_samples, 'report', files with sha256), else
+        None."""
         self._check_part(part)
         return _read_marker(self.root, part)
 
@@ -618,7 +624,8 @@ class PartWriter:
                 "backend": self.spec.backend, "slots": self.slots, "samples": int(len(slots)),
                 "views": self.spec.views, "bad_samples": len(report),
                 "bytes": int(sum(f["bytes"] for f in files.values())),
-                "committed_at": _now(), "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+                "committed_at": _now(),
+                "writer": {"host": socket.gethostname(), "pid": os.getpid()},
                 # the manifest identity this part was written for: an edit of manifest.json
                 # after the commit (view policy, base model, ...) no longer matches it
                 "manifest_identity": manifest_identity(self.cache.manifest),
@@ -781,10 +788,11 @@ class CacheReader:
         all_parts = [p["name"] for p in self.part_entries]
         self.missing_parts = [p for p in all_parts if p not in markers]
         if self.missing_parts and require_complete:
-            shown = ", ".join(self.missing_parts[:10]) + (" ..." if len(self.missing_parts) > 10 else "")
+            shown = (", ".join(self.missing_parts[:10])
+                     + (" ..." if len(self.missing_parts) > 10 else ""))
             raise CacheError(
-                f"cache {self.root} is incomplete: {len(self.missing_parts)} of {len(all_parts)} parts "
-                f"not committed ({shown}); rerun stage 1 to finish it, or open with "
+                f"cache {self.root} is incomplete: {len(self.missing_parts)} of {len(all_parts)} "
+                f"parts not committed ({shown}); rerun stage 1 to finish it, or open with "
                 f"require_complete=False")
         self.parts = [p for p in all_parts if p in markers]
         self._markers = {p: markers[p] for p in self.parts}
@@ -867,8 +875,8 @@ class CacheReader:
         if edits:
             part, slots, committed = edits[0]
             raise CacheError(
-                f"part {part} of cache {self.root}: {layout.MANIFEST} lists {slots} sample slots but "
-                f"the part was committed with {committed} (manifest edited?); run `tec cache "
+                f"part {part} of cache {self.root}: {layout.MANIFEST} lists {slots} sample slots "
+                f"but the part was committed with {committed} (manifest edited?); run `tec cache "
                 f"verify`, restore the manifest or rebuild the cache")
         status = self.manifest.get("part_status") or {}
         if not isinstance(status, dict):
@@ -882,7 +890,8 @@ class CacheReader:
                 raise CacheError(
                     f"part {part} of cache {self.root}: the manifest's part status checksum "
                     f"differs from status/{part}.json (part rewritten after finalize, or an edited "
-                    f"file); run `tec cache verify`, then rerun stage 1 to finalize the cache again")
+                    f"file); run `tec cache verify`, then rerun stage 1 to finalize the cache "
+                    f"again")
 
     def check_manifest_identity(self) -> None:
         """Raise CacheError if the manifest's identity sections (spec, base model, view policy,
@@ -892,9 +901,9 @@ class CacheReader:
             what = f"changed: {', '.join(sections)}" if sections else "identity sections changed"
             which = f"part {parts[0]} was" if len(parts) == 1 else f"parts {_shown(parts, 3)} were"
             raise CacheError(
-                f"cache {self.root}: {layout.MANIFEST} was edited after {which} committed ({what}); "
-                f"it no longer matches the checksum in status/{parts[0]}.json - restore the "
-                f"manifest or rebuild the cache")
+                f"cache {self.root}: {layout.MANIFEST} was edited after {which} committed "
+                f"({what}); it no longer matches the checksum in status/{parts[0]}.json - "
+                f"restore the manifest or rebuild the cache")
         edited = extension_edits(self.manifest, self._markers)
         if edited:
             raise CacheError(
@@ -903,8 +912,9 @@ class CacheReader:
                 f"the checksum in status/{edited[0]}.json - restore the manifest")
 
     def __repr__(self) -> str:
-        return (f"CacheReader({str(self.root)!r}, backend={self.spec.backend}, codec={self.spec.codec}, "
-                f"samples={self.num_samples}, views={self.spec.views}, parts={len(self.parts)})")
+        return (f"CacheReader({str(self.root)!r}, backend={self.spec.backend}, "
+                f"codec={self.spec.codec}, samples={self.num_samples}, views={self.spec.views}, "
+                f"parts={len(self.parts)})")
 
     # -- state that is per process ------------------------------------------------------------
     def _reset_handles(self) -> None:
@@ -1039,11 +1049,11 @@ class CacheReader:
         directory = layout.part_dir(self.root, part)
         files = marker.get("files", {})
         if self.spec.backend == "zarr":
-            r = ZarrPartReader(directory, self._base_spec, part, self._slots_total[part], files, self._fds,
-                               str(self.root))
+            r = ZarrPartReader(directory, self._base_spec, part, self._slots_total[part], files,
+                               self._fds, str(self.root))
         else:
-            r = WdsPartReader(directory, self._base_spec, part, len(self._part_slots[p]), files, self._fds,
-                              str(self.root))
+            r = WdsPartReader(directory, self._base_spec, part, len(self._part_slots[p]), files,
+                              self._fds, str(self.root))
         return self._readers.put(part, r)
 
     def _check_view(self, view: int) -> int:
@@ -1138,7 +1148,8 @@ class CacheReader:
         if per_sample is not None:
             if views is not None:
                 raise ValueError("iter_records: pass views or per_sample, not both")
-            per_sample = np.asarray(per_sample if isinstance(per_sample, np.ndarray) else list(per_sample))
+            per_sample = np.asarray(per_sample if isinstance(per_sample, np.ndarray)
+                                    else list(per_sample))
             if per_sample.shape != (self.num_samples,):
                 raise ValueError(f"per_sample has shape {list(per_sample.shape)}, expected "
                                  f"[{self.num_samples}] (one view per sample, -1 to skip)")

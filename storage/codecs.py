@@ -94,7 +94,8 @@ class Compressor:
         if self.enabled:
             p = blosc_params(dtype, nbytes)
             self._codec = Blosc(cname=p["cname"], clevel=p["clevel"],
-                                shuffle=Blosc.SHUFFLE if p["shuffle"] == "shuffle" else Blosc.NOSHUFFLE,
+                                shuffle=(Blosc.SHUFFLE if p["shuffle"] == "shuffle"
+                                         else Blosc.NOSHUFFLE),
                                 blocksize=p["blocksize"], typesize=p["typesize"])
 
     def encode(self, arr: np.ndarray) -> bytes:
@@ -151,7 +152,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
         raise CacheError(f"record {key!r}: already encoded as {compact.NAME}, but the cache's "
                          f"codec is {spec.codec}")
     want = {"features": (K, L, C), "feature_mean": (K, C), "feature_std": (K, C),
-            "attn_logits": (K, H, R, L), "attn_index": (K, spec.k_max), "crop": (K, 4), "flip": (K,)}
+            "attn_logits": (K, H, R, L), "attn_index": (K, spec.k_max), "crop": (K, 4),
+            "flip": (K,)}
     fields = stored_fields(spec)
     if encoded:
         del want["features"], want["attn_logits"]
@@ -164,7 +166,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
     for name, shape in want.items():
         a = np.asarray(view_records[name])
         if a.shape != shape:
-            raise CacheError(f"record {key!r}: {name} has shape {list(a.shape)}, expected {list(shape)}")
+            raise CacheError(f"record {key!r}: {name} has shape {list(a.shape)}, "
+                             f"expected {list(shape)}")
         arrs[name] = a
     if encoded:
         for name in compact.PAYLOAD_FIELDS:
@@ -177,7 +180,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
                 raise CacheError(f"record {key!r}: {name} holds NaN or inf values")
             continue
         if arrs[name].dtype.kind not in "fiu":
-            raise CacheError(f"record {key!r}: {name} has dtype {arrs[name].dtype}, expected a float array")
+            raise CacheError(f"record {key!r}: {name} has dtype {arrs[name].dtype}, "
+                             "expected a float array")
         if not np.isfinite(arrs[name]).all():
             raise CacheError(f"record {key!r}: {name} holds NaN or inf values")
     idx = arrs["attn_index"]
@@ -185,7 +189,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
         raise CacheError(f"record {key!r}: attn_index must be integers in [0, {L})")
     crop = arrs["crop"]
     if crop.dtype.kind not in "iu" or (crop.size and crop.min() < 0):
-        raise CacheError(f"record {key!r}: crop must be non-negative integers (top, left, height, width)")
+        raise CacheError(f"record {key!r}: crop must be non-negative integers "
+                         "(top, left, height, width)")
     try:
         h, w = (int(v) for v in view_records["source_size"])
     except (KeyError, TypeError, ValueError):
@@ -208,7 +213,8 @@ def prepare_views(spec: CacheSpec, key: str, view_records: dict, *,
             with np.errstate(over="ignore"):
                 a = arrs[name].astype("<f2")
             if not np.isfinite(a).all():
-                raise CacheError(f"record {key!r}: {name} overflows float16 (|x| > 65504); use codec int8")
+                raise CacheError(f"record {key!r}: {name} overflows float16 (|x| > 65504); "
+                                 "use codec int8")
             out[name] = a
     elif spec.codec == compact.NAME:
         for name in ("feature_mean", "feature_std"):

@@ -143,7 +143,8 @@ def rank_for(params: dict, num_patches: int, channels: int) -> int:
             raise CodecParamError(f"codec_params.rank={params['rank']} is out of range for codec "
                                   f"{NAME}; allowed: 1..{min(L, C)} (min(L, C) of the base model)")
         return int(params["rank"])
-    per_rank = params["factor_bits"] * (L + C) + 32  # codes of one column of A and row of B + 2 scales
+    # codes of one column of A and row of B + 2 scales
+    per_rank = params["factor_bits"] * (L + C) + 32
     return int(min(max(1, math.floor(params["feature_bits"] * L * C / per_rank)), min(L, C)))
 
 
@@ -151,7 +152,9 @@ def packed_width(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def stored_fields(L: int, C: int, H: int, R: int, params: dict) -> dict[str, tuple[tuple, np.dtype]]:
+def stored_fields(
+    L: int, C: int, H: int, R: int, params: dict
+) -> dict[str, tuple[tuple, np.dtype]]:
     """The codec's own stored arrays per view: name -> (shape, dtype)."""
     r = rank_for(params, L, C)
     fb, ab = params["factor_bits"], params["attn_bits"]

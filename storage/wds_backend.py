@@ -120,12 +120,14 @@ class WdsPartWriter:
                 raw = npy_bytes(stored[name][v])
                 if self.spec.compression == "blosc":
                     parts.append(_member(f"{tkey}.{name}.npy.blosc",
-                                         self._comp[name].encode(np.frombuffer(raw, np.uint8)), self._mtime))
+                                         self._comp[name].encode(np.frombuffer(raw, np.uint8)),
+                                         self._mtime))
                 else:
                     parts.append(_member(f"{tkey}.{name}.npy", raw, self._mtime))
             for name in self._small:
                 if name in stored:
-                    parts.append(_member(f"{tkey}.{name}.npy", npy_bytes(stored[name][v]), self._mtime))
+                    parts.append(_member(f"{tkey}.{name}.npy", npy_bytes(stored[name][v]),
+                                         self._mtime))
             if self.spec.pixels != "none":  # the view's encoded image, a standard .jpg/.png member
                 parts.append(_member(f"{tkey}.{PIXEL_EXTENSIONS[self.spec.pixels]}",
                                      bytes(stored["pixels"][v]), self._mtime))
@@ -141,7 +143,8 @@ class WdsPartWriter:
 
     def finish(self, slots: np.ndarray, labels: np.ndarray, sizes: np.ndarray,
                samples: dict) -> dict[str, dict]:
-        """Close the tars, write records.npy and samples.json; {relpath: {bytes, sha256}} of tars."""
+        """Close the tars, write records.npy and samples.json; {relpath: {bytes, sha256}} of
+        tars."""
         write_json_atomic(self.dir / SAMPLES_FILE, samples, style="compact")
         hashed = {}
         for tar in self._tars:
@@ -241,7 +244,8 @@ def decode_wds_sample(sample: dict, *, decode: bool = True) -> dict:
     rec = decode_view(stored, decode)
     if "pixels" in stored:
         rec["pixels"] = stored["pixels"]
-    rec.update(key=meta["key"], view=int(meta["view"]), label=np.asarray(meta["label"], dtype=np.int64),
+    rec.update(key=meta["key"], view=int(meta["view"]),
+               label=np.asarray(meta["label"], dtype=np.int64),
                source_size=np.asarray(meta["source_size"], dtype=np.int64))
     return rec
 
@@ -260,7 +264,8 @@ class WdsPartReader:
             raw = (directory / rel).read_bytes()  # a local file or an object (objstore.Url)
             size = len(raw)
             if expected is not None and size != expected:
-                raise self._fail(f"{rel} is {size} bytes, expected {expected} (truncated or replaced)")
+                raise self._fail(f"{rel} is {size} bytes, expected {expected} "
+                                 f"(truncated or replaced)")
             table = np.load(io.BytesIO(raw), allow_pickle=False)
         except CacheError:
             raise
@@ -272,14 +277,16 @@ class WdsPartReader:
         self.records = table
 
     def _fail(self, what: str) -> CacheError:
-        return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
-                          f"and rewrite the part with `tec cache repair {self._label}`")
+        return CacheError(f"part {self.part} of cache {self._label}: {what}; "
+                          f"run `tec cache verify` and rewrite the part with "
+                          f"`tec cache repair {self._label}`")
 
     def _record_bytes(self, index: int, view: int) -> bytes:
         """The tar blocks of the part's index-th valid sample, view `view`, crc-checked."""
         rel = view_tar_name(view)
         offset, n, crc = (int(x) for x in self.records[index, view])
-        fd, size = self._fds.get(str(self.dir / rel), self._files.get(rel, {}).get("bytes"), self._fail, rel)
+        fd, size = self._fds.get(str(self.dir / rel), self._files.get(rel, {}).get("bytes"),
+                                 self._fail, rel)
         if offset < 0 or offset + n > size:
             raise self._fail(f"{rel}: record {index} view {view} lies outside the file")
         data = pread(fd, n, offset)

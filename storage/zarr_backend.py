@@ -17,10 +17,10 @@ one record reads one 16-byte index entry and that record's chunk, not the part.
 zarr-python writes all metadata (zarr.json) and reads these arrays as any zarr v3 array (the tests
 check it returns the same values). The record data itself is encoded and decoded here, in
 exactly that format, because zarr-python costs about 1 ms per array per record access (7-9 ms
-per ViT-B record here, against ~1.5 ms this way) and cannot append to a shard: writing a shard in one go would mean holding a
-whole part (GBs for ImageNet) in memory. Here a part writer appends each record's chunks to the
-shard files as they come and writes the shard index at commit, so memory is O(index) and records
-may arrive in any slot order.
+per ViT-B record here, against ~1.5 ms this way) and cannot append to a shard: writing a shard
+in one go would mean holding a whole part (GBs for ImageNet) in memory. Here a part writer
+appends each record's chunks to the shard files as they come and writes the shard index at
+commit, so memory is O(index) and records may arrive in any slot order.
 
 View pixels are variable-length encoded images, for which zarr v3 has no standard codec, so they
 are not a zarr array: ``pixels.bin`` uses the same byte layout as a shard (each view's bytes
@@ -207,8 +207,9 @@ class ZarrPartReader:
                                       size - 4 - index_bytes)
 
     def _fail(self, what: str) -> CacheError:
-        return CacheError(f"part {self.part} of cache {self._label}: {what}; run `tec cache verify` "
-                          f"and rewrite the part with `tec cache repair {self._label}`")
+        return CacheError(f"part {self.part} of cache {self._label}: {what}; "
+                          f"run `tec cache verify` and rewrite the part with "
+                          f"`tec cache repair {self._label}`")
 
     def _check_metadata(self, name: str, shape: tuple, dt: np.dtype) -> None:
         path = self.dir / name / "zarr.json"
@@ -221,7 +222,8 @@ class ZarrPartReader:
                   and cfg.get("index_location", "end") == "end"
                   and np.dtype(meta["data_type"]) == dt)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise self._fail(f"array metadata {name}/zarr.json is unreadable ({type(e).__name__})") from None
+            raise self._fail(f"array metadata {name}/zarr.json is unreadable "
+                             f"({type(e).__name__})") from None
         if not ok:
             raise self._fail(f"array {name} does not have the layout this code writes")
 
@@ -246,7 +248,8 @@ class ZarrPartReader:
                 self.slots, self.spec.views, 2)
         return self._index_cache[name]
 
-    def read_view(self, slot: int, view: int, *, use_index_cache: bool = False) -> dict[str, np.ndarray]:
+    def read_view(self, slot: int, view: int, *,
+                  use_index_cache: bool = False) -> dict[str, np.ndarray]:
         """Stored arrays of record (slot, view): field -> array in its stored dtype.
 
         use_index_cache: load each field's whole shard index once (streaming a part) instead of
@@ -260,20 +263,23 @@ class ZarrPartReader:
                 payload = blosc_decode(data[:-4]) if compressed else data[:-4]
                 out[name] = np.frombuffer(payload, dtype=dt).reshape(shape)
             except Exception as e:  # a chunk that passed its checksum but does not decode
-                raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} does not "
-                                 f"decode ({type(e).__name__})") from None
+                raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} "
+                                 f"does not decode ({type(e).__name__})") from None
         if self.has_pixels:
             out["pixels"] = np.frombuffer(
-                self.read_chunk("pixels", slot, view, use_index_cache=use_index_cache)[:-4], np.uint8)
+                self.read_chunk("pixels", slot, view, use_index_cache=use_index_cache)[:-4],
+                np.uint8)
         return out
 
-    def _chunk_range(self, name: str, slot: int, view: int, use_index_cache: bool) -> tuple[int, int]:
+    def _chunk_range(self, name: str, slot: int, view: int,
+                     use_index_cache: bool) -> tuple[int, int]:
         """(offset, nbytes with the 4 checksum bytes) of record (slot, view)'s chunk of a field."""
         if use_index_cache:
             offset, n = self.load_index(name)[slot, view].tolist()
         else:
             entry_at = (slot * self.spec.views + view) * 16
-            offset, n = struct.unpack("<QQ", self._pread(name, 16, self._shards[name][3] + entry_at))
+            offset, n = struct.unpack("<QQ",
+                                      self._pread(name, 16, self._shards[name][3] + entry_at))
         if offset == _EMPTY or n < 4:
             raise self._fail(f"{self._shards[name][0]}: record slot {slot} view {view} is missing "
                              f"from the shard")
@@ -286,7 +292,8 @@ class ZarrPartReader:
         names = list(self._shards) if fields is None else fields
         return sum(self._chunk_range(n, slot, view, True)[1] - 4 for n in names)
 
-    def read_chunk(self, name: str, slot: int, view: int, *, use_index_cache: bool = False) -> bytes:
+    def read_chunk(self, name: str, slot: int, view: int, *,
+                   use_index_cache: bool = False) -> bytes:
         """The stored chunk of record (slot, view) of one field (or 'pixels'), its crc32c checked;
         the 4 checksum bytes are left at the end."""
         offset, n = self._chunk_range(name, slot, view, use_index_cache)

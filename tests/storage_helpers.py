@@ -21,7 +21,8 @@ def spec(**overrides) -> CacheSpec:
     return CacheSpec(**{**SMALL, **overrides})
 
 
-def make_views(rng: np.random.Generator, s: CacheSpec, label: int = -1, realistic: bool = True) -> dict:
+def make_views(rng: np.random.Generator, s: CacheSpec, label: int = -1,
+               realistic: bool = True) -> dict:
     """view_records for one sample: all K views (PartWriter.write input).
 
     realistic=False draws i.i.d. Gaussians instead (fast; for tests about sizes and I/O only)."""
@@ -36,8 +37,9 @@ def make_views(rng: np.random.Generator, s: CacheSpec, label: int = -1, realisti
                "attn_logits": 5 * rng.standard_normal((s.views, H, R, L), dtype=np.float32),
                "attn_index": np.stack([rng.permutation(L)[: s.k_max] for _ in range(s.views)])}
     h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-    out["crop"] = np.stack([[int(rng.integers(0, 8)), int(rng.integers(0, 8)), int(rng.integers(8, h - 8)),
-                             int(rng.integers(8, w - 8))] for _ in range(s.views)])
+    out["crop"] = np.stack([[int(rng.integers(0, 8)), int(rng.integers(0, 8)),
+                             int(rng.integers(8, h - 8)), int(rng.integers(8, w - 8))]
+                            for _ in range(s.views)])
     out["flip"] = rng.random(s.views) < 0.5
     out["source_size"] = (h, w)
     out["label"] = label
@@ -59,7 +61,8 @@ def part_records(s: CacheSpec, part: str, slots: int, seed: int, skip: tuple[int
     out = {}
     for slot in range(slots):
         if slot not in skip:
-            out[slot] = (f"{part}-{slot:04d}", make_views(rng, s, label=slot % 7, realistic=realistic))
+            out[slot] = (f"{part}-{slot:04d}",
+                         make_views(rng, s, label=slot % 7, realistic=realistic))
     return out
 
 
@@ -97,7 +100,8 @@ def write_gaussian_cache(path: Path, s: CacheSpec, n: int) -> Path:
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b)
+                 / np.linalg.norm(np.asarray(b, np.float64)))
 
 
 # ---------------------------------------------------------------------------------------------

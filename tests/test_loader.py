@@ -74,7 +74,8 @@ def test_replayed_pixels_are_what_stage1_fed_the_base_model(world, backend, pixe
     dataset, reader = _batched(world, name, source=pixels == "none")
     fed = torch.cat(world["captured"][name])  # stage 1's base-model input, K views per sample
     n = reader.num_samples
-    items = [PlanItem(epoch=0, index=i, view=v, fresh=False) for i in range(n) for v in range(VIEWS)]
+    items = [PlanItem(epoch=0, index=i, view=v, fresh=False)
+             for i in range(n) for v in range(VIEWS)]
     batch = dataset.__getitems__(items)
     assert batch.images.dtype == torch.uint8 and batch.images.shape == fed.shape
     assert torch.equal(batch.images, fed)
@@ -212,7 +213,8 @@ def test_cached_to_device_dequantises_int8_like_the_cpu_decoder():
 
 def test_loader_settings_follow_the_machine_and_the_config():
     gpu = loader_settings(torch.device("cuda"), cpus=32, local_ranks=4)
-    assert (gpu.workers, gpu.prefetch_factor, gpu.persistent_workers, gpu.pin_memory) == (7, 4, True, True)
+    assert (gpu.workers, gpu.prefetch_factor, gpu.persistent_workers,
+            gpu.pin_memory) == (7, 4, True, True)
     assert "8 per rank" in gpu.reason
     assert loader_settings(torch.device("cuda"), cpus=96, local_ranks=1).workers == 16
     cpu = loader_settings(torch.device("cpu"), cpus=2, local_ranks=1)
@@ -342,7 +344,8 @@ def test_plan_shows_the_bytes_of_the_view_pixels():
     from pipeline.plan import make_plan
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "imagenet_mae_vitb.yaml")
-    assert "targets.pixels: jpeg makes the cache self-contained for ~14,430 B" in make_plan(cfg).format()
+    assert ("targets.pixels: jpeg makes the cache self-contained for ~14,430 B"
+            in make_plan(cfg).format())
     cfg.targets.pixels, cfg.targets.pixels_quality = "jpeg", 75
     plan = make_plan(cfg)
     assert plan.pixel_bytes_per_view == 9_210  # mean of real 224 px photos at quality 75
@@ -409,13 +412,16 @@ def test_streaming_reads_each_sample_once_per_epoch_round_robin_and_shuffled(wor
                     assert torch.equal(targets["features"][r], torch.from_numpy(record["features"]))
                     from storage.pixels import decode_pixels
 
-                    assert torch.equal(batch.images[r],
-                                       torch.from_numpy(decode_pixels(record["pixels"])).permute(2, 0, 1))
+                    assert torch.equal(
+                        batch.images[r],
+                        torch.from_numpy(decode_pixels(record["pixels"])).permute(2, 0, 1))
                 seen += batch.indices.tolist()
         assert sorted(seen) == list(range(reader.num_samples))  # 2 parts x 4, batches of 2
-    order = [b.indices.tolist() for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
+    order = [b.indices.tolist()
+             for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
     assert sum(order, []) != sorted(sum(order, [])) or len(order) == 0
-    again = [b.indices.tolist() for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
+    again = [b.indices.tolist()
+             for b in StreamingCacheDataset(reader, **{**kwargs, "shuffle_buffer": 8})]
     assert order == again  # seeded
     with pytest.raises(ValueError, match="streaming needs a WebDataset cache with view pixels"):
         StreamingCacheDataset(open_cache(world["caches"]["zarr-jpeg-float16"]), **kwargs)

@@ -83,7 +83,8 @@ def test_a_new_lowrank_cache_records_precision_and_measured_target_error(world):
 
 def test_compare_targets_sees_precision_changes_of_the_patch_selection():
     rng = np.random.default_rng(0)
-    ref = {"features": rng.standard_normal((2, 4, 3)), "attn_logits": rng.standard_normal((2, 1, 3, 4)),
+    ref = {"features": rng.standard_normal((2, 4, 3)),
+           "attn_logits": rng.standard_normal((2, 1, 3, 4)),
            "attn_index": np.array([[0, 1], [2, 3]])}
     same = compare_targets(ref, ref)
     assert same["feature_rel_rms"] == 0 and same["attn_excess_ce_tau1.0"] == 0

@@ -38,7 +38,8 @@ if args.get("dump_weights"):
     fit = train.Trainer.fit
     def fit_and_dump(self):
         summary = fit(self)
-        torch.save(self.model.state_dict(), os.path.join(args["out"], f"weights_rank{self.dist.rank}.pt"))
+        torch.save(self.model.state_dict(),
+                   os.path.join(args["out"], f"weights_rank{self.dist.rank}.pt"))
         return summary
     train.Trainer.fit = fit_and_dump
 base = BaseModelConfig(**args["base"]) if args.get("base") else None
@@ -145,7 +146,8 @@ def test_two_process_torchrun_streams_every_sample_once_with_equal_steps(world, 
     """read: stream over 2 ranks x 2 loader workers: each epoch's samples once, none on two
     ranks, the same steps on both ranks (16 samples, batches of 6: 2 steps, 4 dropped), and
     the ranks' weights identical."""
-    cache = build_cache(tmp_path / "wds", sorted(str(p) for p in (world["tmp"] / "shards").iterdir()),
+    cache = build_cache(tmp_path / "wds",
+                        sorted(str(p) for p in (world["tmp"] / "shards").iterdir()),
                         world["base"], backend="webdataset", codec="int8", pixels="jpeg")
     run = dict(epochs=2, batch_size=6, num_workers=2, blr=0.05, seed=0, read="stream",
                view_selection="round_robin", shuffle_buffer=3)

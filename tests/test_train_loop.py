@@ -69,7 +69,8 @@ def test_loss_goes_down_on_a_tiny_dataset(world, tmp_path):
 
     model = timm.create_model(info["arch"], pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=summary.export), **{
-                                  k: v for k, v in info["timm_kwargs"].items() if k != "num_classes"})
+                                  k: v for k, v in info["timm_kwargs"].items()
+                                  if k != "num_classes"})
     assert model.embed_dim == 48 and len(model.blocks) == 3
     # export/ is also timm's pretrained folder: the same encoder with no arguments at all
     folder = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
@@ -110,7 +111,8 @@ def test_fully_online_needs_no_cache_and_pixel_mode_needs_no_base(world, tmp_pat
 
 def test_a_cache_of_another_base_model_is_refused(world, tmp_path):
     other = save_base_model(tmp_path / "other.safetensors", seed=1)
-    with pytest.raises(CacheMismatchError, match=r"different base model \(checkpoint_sha256: cache="):
+    with pytest.raises(CacheMismatchError,
+                       match=r"different base model \(checkpoint_sha256: cache="):
         train(run_config(), cache=world["cache"], source=world["source"], base=other,
               out_dir=tmp_path / "out", progress=False)
 

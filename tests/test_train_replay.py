@@ -51,7 +51,8 @@ def _dataset(world, backend, *, k=4, policy=None, half=True):
     cache_index = np.array([positions.get(k_, -1) for k_ in world["index"].keys])
     policy = policy or ViewPolicy.from_dict(reader.manifest["view_policy"])
     return TrainDataset(world["index"], policy, seed=0, num_patches=16,
-                        cache=CacheRead(world["caches"][backend], cache_index, k, True, half)), reader
+                        cache=CacheRead(world["caches"][backend], cache_index, k, True,
+                                        half)), reader
 
 
 @pytest.mark.parametrize("backend", ["zarr", "webdataset"])

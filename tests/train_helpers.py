@@ -30,7 +30,8 @@ def save_base_model(path: Path, seed: int = 0) -> BaseModelConfig:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **BASE_KWARGS)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                              **BASE_KWARGS)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
