@@ -546,9 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = run_study(raw, q, study, rows)
     except (StudyError, ConfigError, FileNotFoundError) as exc:
         hint = ""
-        if isinstance(exc, FileNotFoundError) and "strong-base" in str(exc):
-            hint = (" (train it: tec run benchmarks/configs/strong_base.yaml --only data --only "
-                    "bootstrap; or --set base_model.checkpoint=FILE)")
+        if isinstance(exc, FileNotFoundError) and "strong_base" in str(exc):
+            hint = (" (train and ship it: python benchmarks/strong_base.py; or --set "
+                    "base_model.checkpoint=FILE)")
         log.error("%s%s", exc, hint)
         return 2
     previous = previous_result(out, config_record)

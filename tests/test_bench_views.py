@@ -92,7 +92,7 @@ def test_group_configs_are_valid_pipelines_with_their_own_cache(views, tmp_path)
 
     raw, q, study = views.load_study(str(CONFIG), [f"workdir={tmp_path}"])
     assert raw["base_model"]["checkpoint"].endswith(
-        "runs/bench/strong-base/bootstrap/export/model.safetensors")
+        "benchmarks/strong_base/model.safetensors")
     assert raw["bootstrap"]["enabled"] is False
     template = raw["runs"][0]
     assert template["epochs"] == 8
