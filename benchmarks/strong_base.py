@@ -126,22 +126,6 @@ def attention_entropy(path: Path, images: torch.Tensor, *, k: int, tau: float, l
     return out
 
 
-def finetune(path: Path, name: str, settings: dict, quality: dict, test_shards: str,
-             workdir: Path) -> dict:
-    """Full fine-tuning top-1 with ``settings`` (FinetuneConfig values; ``rows`` ignored)."""
-    from stages.finetune import finetune as run_finetune
-    from stages.finetune import finetune_config
-
-    cfg = finetune_config({k: v for k, v in settings.items() if k != "rows"})
-    out = workdir / "finetune" / name
-    result = run_finetune(cfg, model_path=path, train_shards=quality["eval_train_shards"],
-                          test_shards=test_shards, out_dir=out, arch="vit_tiny_patch16_224",
-                          progress=False, name=name)
-    log.info("fine-tuned %s: top-1 %.2f (%d steps)", name, result.top1, result.steps)
-    return {"finetune_top1": result.top1, "finetune_steps": result.steps,
-            "finetune_dir": str(out)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(CONFIGS_DIR / "strong_base.yaml"))
@@ -166,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     import yaml
-    from quality import EvalData, evaluate_cached, load_raw, make_paths_absolute
+    from quality import (
+        EvalData,
+        evaluate_cached,
+        finetune_row,
+        load_raw,
+        make_paths_absolute,
+    )
 
     config = Path(args.config)
     if args.no_train:
@@ -221,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                     if m in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
                              "linear_mean", "knn_readout", "linear_readout")})
         if args.finetune:
-            row.update(finetune(path, name, settings.get("finetune", {}), quality,
-                                raw_q["data"]["test"], Path(cfg.workdir)))
+            row.update(finetune_row(path, name, "vit_tiny_patch16_224", raw_q,
+                                    {**quality, "finetune": settings}, Path(cfg.workdir)))
         rows.append(row)
         log.info("%s (%d epochs): k-NN %.2f, linear %.2f, attention entropy %.3f / %.3f",
                  name, row["epochs"], row["knn_top1"], row["linear_top1"],
