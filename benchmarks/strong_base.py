@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"rows": rows, "shipped": shipped,
                    "config": {"file": str(config), "overrides": args.set,
                               "quality_config": args.quality_config,
+                              "finetune": settings if args.finetune else None,
                               "evaluation": quality},
                    "runtime_s": time.perf_counter() - started})
     write_result(result, args.out)
