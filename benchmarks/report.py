@@ -259,7 +259,10 @@ def views_block(name: str = "views") -> str:
             f"{cell(row, 'finetune_top1')} |")
     base = r.get("base") or {}
     if base:
-        lines += ["", f"Base model ({base.get('epochs')} epochs, `{base['checkpoint']}`): k-NN "
+        checkpoint = Path(base["checkpoint"])
+        if checkpoint.is_relative_to(REPO_ROOT):  # the shipped strong base: a repository path
+            checkpoint = checkpoint.relative_to(REPO_ROOT)
+        lines += ["", f"Base model ({base.get('epochs')} epochs, `{checkpoint}`): k-NN "
                       f"{_fmt(base.get('knn_top1'))}, linear {_fmt(base.get('linear_top1'))}"
                       + (f", fine-tune {_fmt(base['finetune_top1'])}"
                          if base.get("finetune_top1") is not None else "") + "."]
