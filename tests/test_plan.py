@@ -41,18 +41,22 @@ def test_tec_plan_on_shipped_configs(path):
 
 
 def test_plan_numbers_for_vit_b():
-    """ViT-B/16 at 224 px: ~17.6 GMACs = 35.1 GFLOP per forward, int8 record ~198 KB."""
+    """ViT-B/16 at 224 px: ~17.6 GMACs = 35.1 GFLOP per forward; the record of the config's
+    codec; the planned FLOPs interpolate by the run's online_fraction."""
     cfg = load_config(REPO / "configs" / "imagenet_mae_vitb.yaml")
     plan = make_plan(cfg)
     per_view = plan.stage1_flops / (plan.samples * plan.views)
     assert per_view == pytest.approx(35.13e9, rel=1e-3)
     assert plan.bytes_per_view == bytes_per_view(num_patches=196, channels=768, heads=12,
-                                                 k_max=16, codec="int8")["stored"]
+                                                 k_max=16, codec=cfg.targets.codec,
+                                                 codec_params=cfg.targets.codec_params)["stored"]
     assert plan.cache_bytes == plan.samples * plan.views * plan.bytes_per_view
     run = plan.runs[0]
     assert run["flops_online"] - run["flops_cached"] == pytest.approx(
         run["epochs"] * plan.samples * per_view)  # fully online adds one base forward per sample
-    assert run["flops_planned"] == pytest.approx(run["flops_cached"])  # online_fraction 0
+    f = cfg.runs[0].online_fraction
+    assert run["flops_planned"] == pytest.approx(
+        run["flops_cached"] + f * (run["flops_online"] - run["flops_cached"]))
 
 
 def test_plan_online_fraction_interpolates(tmp_path):
