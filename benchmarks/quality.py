@@ -532,9 +532,11 @@ def goals(rows: list[dict], per_seed: dict) -> dict:
     out = {}
 
     def diff(a: str, b: str, metric: str):
-        if a in by and b in by:
+        if a in by and b in by and by[a].get(metric) is not None \
+                and by[b].get(metric) is not None:
             paired = [per_seed[s]["eval"][a][metric] - per_seed[s]["eval"][b][metric]
-                      for s in per_seed if a in per_seed[s]["eval"] and b in per_seed[s]["eval"]]
+                      for s in per_seed if per_seed[s]["eval"].get(a, {}).get(metric) is not None
+                      and per_seed[s]["eval"].get(b, {}).get(metric) is not None]
             return round(by[a][metric] - by[b][metric], 6), [round(p, 6) for p in paired]
         return None, []
 
@@ -650,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--reduced", action="store_true", help="the < 15 min version")
     mode.add_argument("--sweep", action="store_true", help="held-out hyper-parameter sweep")
+    mode.add_argument("--add-finetune", action="store_true",
+                      help="fine-tune the models an existing result file (--out) evaluated and "
+                      "add finetune_top1 to its rows (settings: the config's quality.finetune, "
+                      "else quality.yaml's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (as `tec run --set`)")
     parser.add_argument("--out", default=None)
@@ -677,17 +683,88 @@ def main(argv: list[str] | None = None) -> int:
     result = result_header(name)
     config_record = {"file": str(Path(args.config)), "overrides": overrides,
                      "pipeline": copy.deepcopy(raw), "quality": quality}
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
+    if args.add_finetune:
+        return add_finetune(out, raw, quality, config_record)
     if args.sweep:
         result.update(run_sweep(raw, quality))
     else:
         result.update(run_benchmark(raw, quality, name=name))
     result["config"] = config_record
     result["runtime_s"] = time.perf_counter() - started
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     earlier = earlier_invocations(out, config_record)
     if earlier:
         result["earlier_invocations"] = earlier
     write_result(result, out)
+    print_table(result)
+    return 0
+
+
+def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> int:
+    """``--add-finetune``: fine-tune the models a finished result file evaluated (its per-seed
+    ``eval.<row>.file``) and add ``finetune_top1`` (mean, spread, values) to its rows, then
+    recompute its goals. For result files written before the fine-tuning protocol existed.
+
+    The settings are the config's ``quality.finetune`` or, when it has none, quality.yaml's (the
+    miniature budget every benchmark shares); its ``rows`` (default: every row with a model
+    file) are fine-tuned. A model file modified after the result was written is not the model
+    the result measured: that row is skipped and the reason logged and recorded."""
+    from datetime import datetime
+
+    if not out.is_file():
+        raise SystemExit(f"--add-finetune: no result file {out} (run the benchmark first)")
+    result = json.loads(out.read_text())
+    if result.get("config", {}).get("pipeline") != json.loads(json.dumps(
+            config_record["pipeline"])):
+        raise SystemExit(f"--add-finetune: {out} was written by another config than "
+                         f"{config_record['file']} {config_record['overrides']}")
+    settings_from = config_record["file"]
+    ft = quality.get("finetune")
+    if not ft:
+        _, shared = load_raw(str(CONFIGS_DIR / "quality.yaml"), [])
+        ft, settings_from = shared["finetune"], "benchmarks/configs/quality.yaml"
+    created = datetime.fromisoformat(result["created"]).timestamp()
+    arch = raw["base_model"]["arch"]
+    wanted = ft.get("rows")
+    started = time.perf_counter()
+    skipped, done = {}, []
+    for seed, per in result["per_seed"].items():
+        for row, ev in per["eval"].items():
+            path = ev.get("file")
+            if not path or (wanted is not None and row not in wanted):
+                continue
+            if not Path(path).is_file():
+                skipped[f"{row}/seed{seed}"] = f"{path} no longer exists"
+            elif Path(path).stat().st_mtime > created:
+                skipped[f"{row}/seed{seed}"] = (f"{path} was modified after the result was "
+                                                "written: not the model it measured")
+            else:
+                ev.update(finetune_row(Path(path), row, arch, raw, {**quality, "finetune": ft},
+                                       Path(raw["workdir"]) / f"seed{seed}"))
+                done.append(f"{row}/seed{seed}")
+                continue
+            log.warning("--add-finetune: %s skipped: %s", f"{row}/seed{seed}",
+                        skipped[f"{row}/seed{seed}"])
+    for entry in result["rows"]:
+        values = [result["per_seed"][str(s)]["eval"][entry["name"]].get("finetune_top1")
+                  for s in entry.get("seeds", [])]
+        values = [v for v in values if v is not None]
+        if values:
+            stats = mean_spread(values)
+            entry["finetune_top1"], entry["finetune_top1_std"] = stats["mean"], stats["std"]
+            entry["finetune_top1_values"] = stats["values"]
+    result["goals"] = goals(result["rows"], result["per_seed"])
+    header = result_header(out.stem)
+    result["finetune_added"] = {
+        "created": header["created"], "git": header["git"], "command": header["command"],
+        "machine": header["machine"], "settings_from": settings_from,
+        "settings": {k: v for k, v in ft.items() if k != "rows"}, "fine_tuned": done,
+        "skipped": skipped, "seconds": time.perf_counter() - started}
+    # the original run's record (its load average at the end included) stays as it was
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    log.info("wrote %s", out)
     print_table(result)
     return 0
 
