@@ -723,7 +723,8 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
     if not ft:
         _, shared = load_raw(str(CONFIGS_DIR / "quality.yaml"), [])
         ft, settings_from = shared["finetune"], "benchmarks/configs/quality.yaml"
-    created = datetime.fromisoformat(result["created"]).timestamp()
+    # the result's end: its models were all written by then
+    finished = datetime.fromisoformat(result["created"]).timestamp() + float(result["runtime_s"])
     arch = raw["base_model"]["arch"]
     wanted = ft.get("rows")
     started = time.perf_counter()
@@ -735,7 +736,7 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
                 continue
             if not Path(path).is_file():
                 skipped[f"{row}/seed{seed}"] = f"{path} no longer exists"
-            elif Path(path).stat().st_mtime > created:
+            elif Path(path).stat().st_mtime > finished:
                 skipped[f"{row}/seed{seed}"] = (f"{path} was modified after the result was "
                                                 "written: not the model it measured")
             else:

@@ -98,7 +98,7 @@ def test_add_finetune_skips_a_model_changed_since_the_result(tmp_path, quality):
     config = str(BENCH / "configs" / "quality_codec.yaml")
     out, raw, record = _result(tmp_path, quality, config)
     changed = json.loads(out.read_text())["per_seed"]["1"]["eval"]["base"]["file"]
-    later = FIRST + 60
+    later = FIRST + 60  # the result's run took 1 s
     os.utime(changed, (later, later))  # retrained after the result was written
     Path(json.loads(out.read_text())["per_seed"]["0"]["eval"]["base"]["file"]).unlink()
     quality.add_finetune(out, raw, record["quality"], record)
