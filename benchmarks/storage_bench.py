@@ -445,7 +445,7 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
                      f"base ({codec} run)"] = {
                     **{k: row.get(k) for k in ("seeds", "epochs", "knn_top1", "linear_top1",
                                                "knn_cls", "knn_mean", "linear_cls",
-                                               "linear_mean")},
+                                               "linear_mean", "finetune_top1")},
                     "file": f"benchmarks/results/{name}",
                     "runtime_s": result.get("runtime_s")}
     ref, low = rows.get("tec (float16 cache)"), rows.get("tec (lowrank cache)")
@@ -453,15 +453,20 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
         missing = [n for c, n in QUALITY_FILES.items() if not (RESULTS_DIR / n).is_file()]
         return rows, {"setting": None, "vitb_bytes_per_view": None,
                       "why": f"quality rows not measured ({', '.join(missing)} missing)"}
-    diff = {m: low[m] - ref[m] for m in ("knn_top1", "linear_top1")}
+    # fine-tuning counts once both files have it (quality.py --add-finetune)
+    metrics = ["knn_top1", "linear_top1"] + (
+        ["finetune_top1"] if ref.get("finetune_top1") is not None
+        and low.get("finetune_top1") is not None else [])
+    diff = {m: low[m] - ref[m] for m in metrics}
     within = all(d >= -0.3 for d in diff.values())
+    measures = "k-NN, linear" + (" and fine-tuning" if "finetune_top1" in metrics else "")
     setting = DEFAULT_SETTING if within else "float16"
     best = {"setting": setting, "vitb_bytes_per_view": vitb_bytes[setting],
             "delta_vs_float16": diff, "seeds": ref.get("seeds"),
             "why": ("the lowrank default (the only compact setting with quality rows) is within "
-                    "0.3 point of float16 on k-NN and linear top-1" if within else
-                    "the lowrank default is more than 0.3 point below float16, so the smallest "
-                    "setting within 0.3 point is float16 itself"),
+                    f"0.3 point of float16 on {measures} top-1" if within else
+                    f"the lowrank default is more than 0.3 point below float16 ({measures} "
+                    "top-1), so the smallest setting within 0.3 point is float16 itself"),
             "note": "one seed at reduced scale (benchmarks/configs/quality_codec.yaml)"}
     return rows, best
 
@@ -541,11 +546,12 @@ def markdown(r: dict) -> str:
     q, best = r.get("quality") or {}, r.get("best_within_0p3") or {}
     lines += [""]
     if q:
-        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | file |",
-                  "|---|---|---|---|"]
+        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | fine-tuning top-1 "
+                  "| file |", "|---|---|---|---|---|"]
         for name, row in q.items():
             lines.append(f"| {name} | {_f(row.get('knn_top1'), 2)} | "
-                         f"{_f(row.get('linear_top1'), 2)} | `{row.get('file')}` |")
+                         f"{_f(row.get('linear_top1'), 2)} | "
+                         f"{_f(row.get('finetune_top1'), 2)} | `{row.get('file')}` |")
         lines.append("")
     lines.append(f"best_within_0p3: setting {best.get('setting')!r}, ViT-B bytes per view "
                  f"{best.get('vitb_bytes_per_view')}; {best.get('why')}"

@@ -123,3 +123,37 @@ def test_add_finetune_refuses_another_config_or_no_result(tmp_path, quality):
     with pytest.raises(SystemExit, match="no result file"):
         quality.add_finetune(tmp_path / "missing.json", raw, record["quality"], record)
     assert quality.calls == []
+
+
+@pytest.fixture
+def storage_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_storage", BENCH / "storage_bench.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_storage"] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.parametrize("finetune, within", [((70.0, 69.8), True), ((70.0, 69.6), False),
+                                              (None, True)])
+def test_storage_best_within_0p3_counts_finetuning_once_measured(tmp_path, monkeypatch,
+                                                                  storage_bench, finetune, within):
+    """best_within_0p3 (issue #16): lowrank qualifies only when every measured metric (k-NN,
+    linear and, once both files have it, fine-tuning) is within 0.3 point of float16."""
+    monkeypatch.setattr(storage_bench, "RESULTS_DIR", tmp_path)
+    for i, name in enumerate(storage_bench.QUALITY_FILES.values()):  # float16, lowrank
+        row = {"name": "tec", "seeds": [0], "epochs": 2, "knn_top1": 62.0 - 0.1 * i,
+               "linear_top1": 74.4}
+        if finetune is not None:
+            row["finetune_top1"] = finetune[i]
+        (tmp_path / name).write_text(json.dumps({"rows": [row], "runtime_s": 1.0}))
+    vitb = {"float16": 339_968, storage_bench.DEFAULT_SETTING: 46_297}
+    rows, best = storage_bench.quality_rows(vitb)
+    assert best["setting"] == (storage_bench.DEFAULT_SETTING if within else "float16")
+    assert best["vitb_bytes_per_view"] == vitb[best["setting"]]
+    assert ("finetune_top1" in best["delta_vs_float16"]) == (finetune is not None)
+    assert rows["tec (lowrank cache)"]["finetune_top1"] == (finetune[1] if finetune else None)
