@@ -315,10 +315,10 @@ class _TimedActor:
         return out
 
 
-def stage1_profile(cfg, base_cfg, fp16_cache: Path, out: Path, threads: int) -> dict:
+def stage1_profile(cfg, base_cfg, cache: Path, out: Path, threads: int) -> dict:
     """Where one shard's stage-1 time goes, run serially in this process (no Ray, no overlap):
     decode + views, the base-model actor (normalise, forward, targets, float16 numpy), and the
-    rest (cache writes, codec, commit). A cache with the fp16 cache's manifest is created at
+    rest (cache writes, codec, commit). A cache with the given cache's manifest is created at
     ``out`` and the first shard is processed with :func:`stages.stage1.process_shard`."""
     import torch
 
@@ -328,7 +328,7 @@ def stage1_profile(cfg, base_cfg, fp16_cache: Path, out: Path, threads: int) -> 
     from stages.views import render_views, view_params
     from storage import CacheSpec, create_cache, open_cache
 
-    manifest = open_cache(fp16_cache).manifest
+    manifest = open_cache(cache).manifest
     shutil.rmtree(out, ignore_errors=True)
     writer = create_cache(out, CacheSpec.from_dict(manifest["spec"]),
                           base_model=manifest["base_model"], view_policy=manifest["view_policy"],
@@ -664,25 +664,32 @@ def main(argv: list[str] | None = None) -> int:
     s1_cold = run_stage1_timed(cfg, base_cfg, workdir / "cache-cold")
     log.info("  %.1f images/s wall (%.1f s)", s1_cold["images_per_s_wall"], s1_cold["wall_s"])
     start_local_ray(cfg.targets.ray.num_cpus)
+    # the headline codec (targets.codec, float16 by default) twice: its steady parts give the
+    # headline; in between int8 (and float16 when the headline is another codec), whose caches
+    # give the storage ratios and int8's error against float16
+    headline = cfg.targets.codec
+    codecs = [headline, "int8", headline] if headline == "float16" else \
+        [headline, "float16", "int8", headline]
+    caches = {}
     s1_runs = []
     try:
-        # float16 twice (the headline is their mean), int8 in between
-        for i, codec in enumerate(("float16", "int8", "float16")):
+        for i, codec in enumerate(codecs):
             log.info("stage 1, Ray already up (%s)", codec)
-            res = run_stage1_timed(cfg, base_cfg, workdir / ("cache-int8" if codec == "int8"
-                                                              else f"cache-fp16-{i}"),
-                                   codec=codec)
+            path = workdir / f"cache-{codec}-{i}"
+            caches.setdefault(codec, path)
+            res = run_stage1_timed(cfg, base_cfg, path, codec=codec)
             log.info("  %.1f images/s wall, %.1f images/s over the parts",
                      res["images_per_s_wall"], res.get("images_per_s_parts", float("nan")))
             s1_runs.append(res)
     finally:
         ray.shutdown()
-    s1_fp16 = [s1_runs[0], s1_runs[2]]
-    s1_int8 = s1_runs[1]
+    s1_fp16 = [s1_runs[0], s1_runs[-1]]  # the headline codec's two runs
+    s1_int8 = s1_runs[codecs.index("int8")]
+    s1_float16_extra = s1_runs[1] if headline != "float16" else None
     raw_out["load_average"]["after_stage1"] = load_average()
 
     log.info("profile: one shard serially in-process (decode / actor / write)")
-    profile = stage1_profile(cfg, base_cfg, workdir / "cache-fp16-0", workdir / "cache-profile",
+    profile = stage1_profile(cfg, base_cfg, caches[headline], workdir / "cache-profile",
                              plan["threads_per_actor"])
     log.info("  ms per view: %s", {k: round(v, 1) for k, v in profile["ms_per_view"].items()})
     log.info("forward-only with a decoding process on the other core")
@@ -698,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     targets_vps = statistics.median(fwd_before["targets_passes_views_per_s"]
                                     + fwd_after["targets_passes_views_per_s"])
 
-    cache = str(workdir / "cache-fp16-0")
+    cache = str(caches[headline])  # stage 2 trains from the headline codec's cache
     online_run = copy.deepcopy(run)
     online_run.online_fraction = 1.0
     segments: dict[str, list[dict]] = {"cached": [], "online": []}
@@ -723,9 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("  speedup %.3f (p90 steps)", resident["speedup_p90"])
     raw_out["load_average"]["end"] = load_average()
 
-    fp16 = storage_sizes(workdir / "cache-fp16-0")
-    int8 = storage_sizes(workdir / "cache-int8")
-    error = int8_error(workdir / "cache-fp16-0", workdir / "cache-int8")
+    fp16 = storage_sizes(caches["float16"])
+    int8 = storage_sizes(caches["int8"])
+    error = int8_error(caches["float16"], caches["int8"])
+    head = storage_sizes(caches[headline])
 
     def views_rate(res: dict) -> float:
         return res.get("views_per_s_parts", res["views_per_s_wall"])
@@ -761,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                       "slows a measurement down): stage 1 = best part after each run's first "
                       "/ best forward-only pass; stage 2 = p90 of the per-step rates of each "
                       "mode. The median-based ratios are under 'secondary'."),
+        "headline_codec": headline,
         "bytes_per_view_ratio_fp16": fp16["ratio_to_float32"],
         "bytes_per_view_ratio_int8": int8["ratio_to_float32"],
         "goals": GOALS,
@@ -775,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
             "stage1_efficiency_incl_ray_startup": s1_cold["views_per_s_wall"] / forward_vps,
             "stage1_efficiency_vs_forward_plus_targets": s1_views / targets_vps,
             "stage1_efficiency_int8": views_rate(s1_int8) / forward_vps,
+            "stage1_efficiency_float16_once": (views_rate(s1_float16_extra) / forward_vps
+                                               if s1_float16_extra else None),
+            "bytes_per_view_ratio_headline": head["ratio_to_float32"],
             "targets_cost_vs_forward": forward_vps / targets_vps,
             "forward_with_decode_vs_forward_alone": (fwd_contended["forward_views_per_s"]
                                                      / forward_vps),
@@ -846,6 +858,7 @@ def main(argv: list[str] | None = None) -> int:
             "loader_only": loader,
             "resident_batch": resident,
             "storage_fp16": fp16,
+            "storage_headline": head,
             "storage_int8": int8,
             **raw_out,
         },
