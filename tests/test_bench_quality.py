@@ -15,16 +15,22 @@ FIRST = 1767225600.0  # 2026-01-01T00:00:00Z: when the fixture's result was "wri
 BENCH = ROOT / "benchmarks"
 
 
-@pytest.fixture
-def quality(monkeypatch):
+def _load(name: str, file: str):
+    """A benchmarks/ script as a module (they import benchmarks/common.py as `common`)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_quality", BENCH / "quality.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / file)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_quality"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.fixture
+def quality(monkeypatch):
+    module = _load("bench_quality", "quality.py")
     calls = []
 
     def fake_finetune_row(path, row, arch, raw, quality, workdir):
@@ -127,15 +133,7 @@ def test_add_finetune_refuses_another_config_or_no_result(tmp_path, quality):
 
 @pytest.fixture
 def storage_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_storage", BENCH / "storage_bench.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_storage"] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return _load("bench_storage", "storage_bench.py")
 
 
 @pytest.mark.parametrize("finetune, within", [((70.0, 69.8), True), ((70.0, 69.6), False),
