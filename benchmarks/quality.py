@@ -504,10 +504,8 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             if metric == "finetune_top1" and not any(r.get(metric) is not None
                                                      for _, r in results):
                 continue
-            stats = mean_spread([r[metric] for _, r in results if r.get(metric) is not None])
-            entry[metric] = stats["mean"]
-            entry[f"{metric}_std"] = stats["std"]
-            entry[f"{metric}_values"] = stats["values"]
+            set_stats(entry, metric, [r[metric] for _, r in results
+                                       if r.get(metric) is not None])
         entry["readouts"] = {"knn": [r["knn_readout"] for _, r in results],
                              "linear": [r["linear_readout"] for _, r in results]}
         entry["train"] = [per_seed[s]["runs"].get(row, {}) for s, _ in results]
@@ -516,6 +514,13 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
             "per_seed": {str(s): v for s, v in per_seed.items()}, "steps": steps,
             "files": {row: [str(per_seed[s]["eval"][row]["file"]) for s in per_seed
                             if row in per_seed[s]["eval"]] for row in labels}}
+
+
+def set_stats(entry: dict, metric: str, values: list[float]) -> None:
+    """A row's ``metric`` (mean over seeds), ``metric_std`` and ``metric_values``."""
+    stats = mean_spread(values)
+    entry[metric], entry[f"{metric}_std"] = stats["mean"], stats["std"]
+    entry[f"{metric}_values"] = stats["values"]
 
 
 def _row_epochs(row: str, epochs: dict) -> int | str:
@@ -751,9 +756,7 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
                   for s in entry.get("seeds", [])]
         values = [v for v in values if v is not None]
         if values:
-            stats = mean_spread(values)
-            entry["finetune_top1"], entry["finetune_top1_std"] = stats["mean"], stats["std"]
-            entry["finetune_top1_values"] = stats["values"]
+            set_stats(entry, "finetune_top1", values)
     result["goals"] = goals(result["rows"], result["per_seed"])
     header = result_header(out.stem)
     result["finetune_added"] = {

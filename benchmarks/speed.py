@@ -471,6 +471,13 @@ def train_timed(cfg, run, *, cache: str | None, base_cfg, out_dir: Path, skip: i
     }
 
 
+def _p90(rates: list[float]) -> float:
+    """The p90 of step rates: on a shared machine other work only ever slows a step down, so
+    the fast steps measure the code (timeit's "min of the repeats" rule)."""
+    ordered = sorted(rates)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
 def _pool(segments: list[dict], skip: int, batch_size: int) -> dict:
     """Steady-state rate of several training segments of one mode: the median of their
     per-step rates (first ``skip`` steps of each left out), plus the whole-fit and the
@@ -481,9 +488,7 @@ def _pool(segments: list[dict], skip: int, batch_size: int) -> dict:
     capacity = [seg["loader_capacity_in_run"] for seg in segments
                 if seg["loader_capacity_in_run"]]
     return {
-        # p90 of the step rates: on a shared machine other work only ever slows a step down,
-        # so the fast steps measure the code (timeit's "min of the repeats" rule)
-        "samples_per_s_p90_step": steps[min(len(steps) - 1, int(0.9 * len(steps)))],
+        "samples_per_s_p90_step": _p90(steps),
         "samples_per_s": statistics.median(steps),
         "samples_per_s_mean_step_time": batch_size * len(steps) / sum(batch_size / r
                                                                       for r in steps),
@@ -524,8 +529,8 @@ def resident_bound(cfg, run, online_run, *, cache: str, base_cfg, out_dir: Path,
             trainers[mode].train_step([batches[mode]])
             if i:
                 seconds[mode].append(time.perf_counter() - t0)
-    rates = {m: sorted(len(batches[m]) / s for s in v) for m, v in seconds.items()}
-    p90 = {m: v[min(len(v) - 1, int(0.9 * len(v)))] for m, v in rates.items()}
+    rates = {m: [len(batches[m]) / s for s in v] for m, v in seconds.items()}
+    p90 = {m: _p90(v) for m, v in rates.items()}
     med = {m: statistics.median(v) for m, v in rates.items()}
     return {"repeats": repeats, "batch_size": len(batches["cached"]),
             "cached_samples_per_s_p90": p90["cached"], "online_samples_per_s_p90": p90["online"],
@@ -683,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             s1_runs.append(res)
     finally:
         ray.shutdown()
-    s1_fp16 = [s1_runs[0], s1_runs[-1]]  # the headline codec's two runs
+    s1_head = [s1_runs[0], s1_runs[-1]]  # the headline codec's two runs
     s1_int8 = s1_runs[codecs.index("int8")]
     s1_float16_extra = s1_runs[1] if headline != "float16" else None
     raw_out["load_average"]["after_stage1"] = load_average()
@@ -730,10 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("  speedup %.3f (p90 steps)", resident["speedup_p90"])
     raw_out["load_average"]["end"] = load_average()
 
-    fp16 = storage_sizes(caches["float16"])
-    int8 = storage_sizes(caches["int8"])
+    sizes = {codec: storage_sizes(path) for codec, path in caches.items()}
+    fp16, int8, head = sizes["float16"], sizes["int8"], sizes[headline]
     error = int8_error(caches["float16"], caches["int8"])
-    head = storage_sizes(caches[headline])
 
     def views_rate(res: dict) -> float:
         return res.get("views_per_s_parts", res["views_per_s_wall"])
@@ -742,13 +746,13 @@ def main(argv: list[str] | None = None) -> int:
     # the best steady part of the two float16 runs / the best forward-only pass.
     forward_best = max(fwd_before["forward_best_views_per_s"],
                        fwd_after["forward_best_views_per_s"])
-    s1_best = max(r.get("best_part_views_per_s", views_rate(r)) for r in s1_fp16)
-    s1_views = statistics.fmean(views_rate(r) for r in s1_fp16)
+    s1_best = max(r.get("best_part_views_per_s", views_rate(r)) for r in s1_head)
+    s1_views = statistics.fmean(views_rate(r) for r in s1_head)
     s1_steady = statistics.fmean(r.get("views_per_s_after_first_part", views_rate(r))
-                                 for r in s1_fp16)
+                                 for r in s1_head)
     s1_images = statistics.fmean(r.get("images_per_s_parts", r["images_per_s_wall"])
-                                 for r in s1_fp16)
-    s1_wall_views = statistics.fmean(r["views_per_s_wall"] for r in s1_fp16)
+                                 for r in s1_head)
+    s1_wall_views = statistics.fmean(r["views_per_s_wall"] for r in s1_head)
     from pipeline.plan import new_model_forward_flops, vit_forward_flops
     from stages.resolve import BaseGeometry, build_model_config
 
@@ -778,8 +782,8 @@ def main(argv: list[str] | None = None) -> int:
             "stage1_efficiency_all_parts_median_based": s1_views / forward_vps,
             "stage2_speedup_median_step": cached["samples_per_s"] / online["samples_per_s"],
             "loader_headroom_median_step": loader["samples_per_s"] / cached["samples_per_s"],
-            "stage1_first_part_extra_s": [r.get("first_part_extra_s") for r in s1_fp16],
-            "stage1_efficiency_each_fp16_run": [views_rate(r) / forward_vps for r in s1_fp16],
+            "stage1_first_part_extra_s": [r.get("first_part_extra_s") for r in s1_head],
+            "stage1_efficiency_each_fp16_run": [views_rate(r) / forward_vps for r in s1_head],
             "stage1_efficiency_incl_driver_setup": s1_wall_views / forward_vps,
             "stage1_efficiency_incl_ray_startup": s1_cold["views_per_s_wall"] / forward_vps,
             "stage1_efficiency_vs_forward_plus_targets": s1_views / targets_vps,
@@ -850,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             "forward_only_with_decode": fwd_contended,
             "stage1_profile_serial": profile,
             "stage1_cold": s1_cold,
-            "stage1_fp16_runs": s1_fp16,
+            "stage1_fp16_runs": s1_head,
             "stage1_int8": s1_int8,
             "train_cached": cached,
             "train_online": online,

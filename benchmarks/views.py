@@ -44,7 +44,6 @@ from common import (  # noqa: E402
     CONFIGS_DIR,
     REPO_ROOT,
     RESULTS_DIR,
-    mean_spread,
     result_header,
     setup_logging,
     write_result,
@@ -468,10 +467,8 @@ def aggregate_row(row: Row, epochs: int, per_seed: dict) -> dict:
              "base_forwards_per_image": row.base_forwards_per_image(epochs),
              "seeds": [s for s, _ in results]}
     for metric in METRICS:
-        stats = mean_spread([r[metric] for _, r in results if r.get(metric) is not None])
-        entry[metric] = stats["mean"]
-        entry[f"{metric}_std"] = stats["std"]
-        entry[f"{metric}_values"] = stats["values"]
+        quality.set_stats(entry, metric, [r[metric] for _, r in results
+                                           if r.get(metric) is not None])
     entry["readouts"] = {"knn": [r["knn_readout"] for _, r in results],
                          "linear": [r["linear_readout"] for _, r in results]}
     entry["files"] = [str(r["file"]) for _, r in results]
