@@ -86,14 +86,14 @@ def load_raw(path: str, overrides: list[str]) -> tuple[dict, dict]:
 
 
 def seed_config(raw: dict, seed: int, *, with_ablations: bool,
-                main_rows: tuple[str, ...] = MAIN_ROWS):
+                main_rows: tuple[str, ...] = MAIN_ROWS, cache_name: str = "cache"):
     """The pipeline config of one seed: its own workdir, bootstrap seed, run seeds. Seeds
     without ablations run only ``main_rows`` (``quality.main_rows`` of the config)."""
     from pipeline.config import parse_config
 
     raw = copy.deepcopy(raw)
     raw["workdir"] = str(Path(raw["workdir"]) / f"seed{seed}")
-    raw.setdefault("targets", {}).pop("cache", None)  # per seed: <workdir>/cache
+    raw.setdefault("targets", {})["cache"] = str(Path(raw["workdir"]) / cache_name)  # per seed
     raw["bootstrap"]["run"]["seed"] = seed
     runs = []
     for run in raw.get("runs") or []:
@@ -102,6 +102,53 @@ def seed_config(raw: dict, seed: int, *, with_ablations: bool,
         runs.append({**run, "seed": seed})
     raw["runs"] = runs
     return parse_config(raw, source_file="benchmarks/configs/quality.yaml")
+
+
+def codec_row_config(raw: dict, seed: int, name: str, targets: dict):
+    """The pipeline config of a codec row (``quality.codec_rows.<name>``: targets settings) for
+    one seed: the seed's own base model (the same bootstrap), a second stage-1 cache
+    ``<workdir>/seed<s>/cache-<name>`` written with those targets settings, and one run named
+    ``name`` with the ``tec`` run's settings. Only the cache's targets settings differ from the
+    ``tec`` row, so the pair measures what the codec costs."""
+    unknown = set(targets) - {"codec", "codec_params", "precision"}
+    if unknown:
+        raise ValueError(f"quality.codec_rows.{name}: only codec, codec_params and precision may "
+                         f"differ from the tec row's cache, got {sorted(unknown)}")
+    raw = copy.deepcopy(raw)
+    raw["targets"] = {**raw["targets"], **copy.deepcopy(targets)}
+    tec = next((r for r in raw["runs"] if r["name"] == "tec"), None)
+    if tec is None:
+        raise ValueError(f"quality.codec_rows.{name}: the config has no `tec` run to copy")
+    raw["runs"] = [{**tec, "name": name}]
+    return seed_config(raw, seed, with_ablations=True, main_rows=(name,),
+                       cache_name=f"cache-{name}")
+
+
+def codec_rows_seed(raw: dict, quality: dict, seed: int, *, steps: dict) -> dict:
+    """Train every codec row of one seed (each with its own stage-1 cache); returns the models
+    and run infos as run_seed does, the per-row steps prefixed with the row's name."""
+    models, info = {}, {}
+    for name, targets in (quality.get("codec_rows") or {}).items():
+        row_steps: dict = {}
+        trained = run_seed(codec_row_config(raw, seed, name, targets), steps=row_steps)
+        models[name] = trained["models"][name]
+        info[name] = trained["runs"][name]
+        steps.update({k if k.startswith("train_") else f"{name}_{k}": v
+                      for k, v in row_steps.items() if k != "bootstrap_s"})
+    return {"models": models, "runs": info}
+
+
+def row_labels(raw: dict, quality: dict) -> dict:
+    """Every row's description: the built-in rows, the config's extra runs, the codec rows."""
+    labels = dict(ROW_LABELS)
+    for run in raw["runs"]:  # extra runs (an investigation config) become rows too
+        labels.setdefault(run["name"], quality.get("descriptions", {}).get(run["name"],
+                                                                         run["name"]))
+    for name, targets in (quality.get("codec_rows") or {}).items():
+        labels.setdefault(name, "TEC from a second cache of the same base model with targets "
+                          + ", ".join(f"{k}={v}" for k, v in targets.items())
+                          + " (the tec row's settings otherwise), E_t epochs")
+    return labels
 
 
 def derive_epochs(raw: dict, quality: dict | None = None) -> dict:
@@ -466,6 +513,9 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
         seed_steps: dict = {}
         references = bool(quality.get("references", True)) and seed in ablation_seeds
         trained = run_seed(cfg, steps=seed_steps, with_reference=references)
+        extra = codec_rows_seed(raw, quality, seed, steps=seed_steps)
+        trained["models"].update(extra["models"])
+        trained["runs"].update(extra["runs"])
         evals = {}
         for row, path in trained["models"].items():
             t0 = time.perf_counter()
@@ -484,36 +534,35 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
                     seed_steps[f"finetune_{row}_s"] = time.perf_counter() - t0
         per_seed[seed] = {"steps": seed_steps, "runs": trained["runs"], "eval": evals,
                           "pipeline": trained["summary"]}
-    rows = []
-    labels = dict(ROW_LABELS)
-    for run in raw["runs"]:  # extra runs (an investigation config) become rows too
-        labels.setdefault(run["name"], quality.get("descriptions", {}).get(run["name"],
-                                                                         run["name"]))
-    for row in labels:
-        results = [(s, per_seed[s]["eval"][row]) for s in per_seed if row in per_seed[s]["eval"]]
-        if not results:
-            continue
-        entry = {
-            "name": row,
-            "description": labels[row],
-            "epochs": _row_epochs(row, epochs),
-            "seeds": [s for s, _ in results],
-        }
-        for metric in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
-                       "linear_mean", "finetune_top1"):
-            if metric == "finetune_top1" and not any(r.get(metric) is not None
-                                                     for _, r in results):
-                continue
-            set_stats(entry, metric, [r[metric] for _, r in results
-                                       if r.get(metric) is not None])
-        entry["readouts"] = {"knn": [r["knn_readout"] for _, r in results],
-                             "linear": [r["linear_readout"] for _, r in results]}
-        entry["train"] = [per_seed[s]["runs"].get(row, {}) for s, _ in results]
-        rows.append(entry)
+    labels = row_labels(raw, quality)
+    rows = [entry for row in labels
+            if (entry := row_entry(row, labels[row], epochs, per_seed, quality)) is not None]
     return {"epochs": epochs, "rows": rows, "goals": goals(rows, per_seed),
             "per_seed": {str(s): v for s, v in per_seed.items()}, "steps": steps,
             "files": {row: [str(per_seed[s]["eval"][row]["file"]) for s in per_seed
                             if row in per_seed[s]["eval"]] for row in labels}}
+
+
+def row_entry(row: str, label: str, epochs: dict, per_seed: dict, quality: dict) -> dict | None:
+    """One row of the result: every metric's mean, spread and per-seed values over the seeds
+    that evaluated it (None when none did)."""
+    results = [(s, per_seed[s]["eval"][row]) for s in per_seed if row in per_seed[s]["eval"]]
+    if not results:
+        return None
+    entry = {"name": row, "description": label, "epochs": _row_epochs(row, epochs),
+             "seeds": [int(s) for s, _ in results]}
+    codec = (quality.get("codec_rows") or {}).get(row)
+    if codec is not None:  # what goals() pairs with the tec row
+        entry["cache_targets"] = codec
+    for metric in ("knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
+                   "linear_mean", "finetune_top1"):
+        if metric == "finetune_top1" and not any(r.get(metric) is not None for _, r in results):
+            continue
+        set_stats(entry, metric, [r[metric] for _, r in results if r.get(metric) is not None])
+    entry["readouts"] = {"knn": [r["knn_readout"] for _, r in results],
+                         "linear": [r["linear_readout"] for _, r in results]}
+    entry["train"] = [per_seed[s]["runs"].get(row, {}) for s, _ in results]
+    return entry
 
 
 def set_stats(entry: dict, metric: str, values: list[float]) -> None:
@@ -577,6 +626,15 @@ def goals(rows: list[dict], per_seed: dict) -> dict:
                 "mean": round(worst[metric] - reference, 6), "per_seed": [],
                 "goal": "> 0 (every fine-tuned encoder above raw pixels)",
                 "met": worst[metric] > reference, "row": worst["name"]}
+    # codec rows (quality.codec_rows, issue #16): TEC from a compact cache within 0.3 point of
+    # TEC from the float16 cache, on every measure both rows have
+    for row in (r for r in rows if r.get("cache_targets") is not None):
+        for metric in ("knn_top1", "linear_top1", "finetune_top1"):
+            d, paired = diff(row["name"], "tec", metric)
+            if d is not None:
+                out[f"{row['name']}_minus_tec_{metric}"] = {
+                    "mean": d, "per_seed": paired, "goal": ">= -0.3",
+                    "met": d >= -0.3}
     # a config without one of the rows (an investigation) has no such goal
     return {name: g for name, g in out.items() if g["mean"] is not None}
 
@@ -661,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="fine-tune the models an existing result file (--out) evaluated and "
                       "add finetune_top1 to its rows (settings: the config's quality.finetune, "
                       "else quality.yaml's)")
+    mode.add_argument("--add-rows", action="store_true",
+                      help="train and evaluate the config's quality.codec_rows that an existing "
+                      "result file (--out) lacks, for each of its seeds, and add them as rows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (as `tec run --set`)")
     parser.add_argument("--out", default=None)
@@ -691,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     if args.add_finetune:
         return add_finetune(out, raw, quality, config_record)
+    if args.add_rows:
+        return add_rows(out, raw, quality, config_record)
     if args.sweep:
         result.update(run_sweep(raw, quality))
     else:
@@ -714,22 +777,12 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
     miniature budget every benchmark shares); its ``rows`` (default: every row with a model
     file) are fine-tuned. A model file modified after the result was written is not the model
     the result measured: that row is skipped and the reason logged and recorded."""
-    from datetime import datetime
-
-    if not out.is_file():
-        raise SystemExit(f"--add-finetune: no result file {out} (run the benchmark first)")
-    result = json.loads(out.read_text())
-    if result.get("config", {}).get("pipeline") != json.loads(json.dumps(
-            config_record["pipeline"])):
-        raise SystemExit(f"--add-finetune: {out} was written by another config than "
-                         f"{config_record['file']} {config_record['overrides']}")
+    result, finished = _finished_result(out, config_record, "--add-finetune")
     settings_from = config_record["file"]
     ft = quality.get("finetune")
     if not ft:
         _, shared = load_raw(str(CONFIGS_DIR / "quality.yaml"), [])
         ft, settings_from = shared["finetune"], "benchmarks/configs/quality.yaml"
-    # the result's end: its models were all written by then
-    finished = datetime.fromisoformat(result["created"]).timestamp() + float(result["runtime_s"])
     arch = raw["base_model"]["arch"]
     wanted = ft.get("rows")
     started = time.perf_counter()
@@ -765,11 +818,94 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
         "settings": {k: v for k, v in ft.items() if k != "rows"}, "fine_tuned": done,
         "skipped": skipped, "seconds": time.perf_counter() - started}
     # the original run's record (its load average at the end included) stays as it was
+    _rewrite(result, out)
+    return 0
+
+
+def _finished_result(out: Path, config_record: dict, flag: str) -> tuple[dict, float]:
+    """A finished result file of the same pipeline config, and the time its run ended (its
+    models were all written by then)."""
+    from datetime import datetime
+
+    if not out.is_file():
+        raise SystemExit(f"{flag}: no result file {out} (run the benchmark first)")
+    result = json.loads(out.read_text())
+    if result.get("config", {}).get("pipeline") != json.loads(json.dumps(
+            config_record["pipeline"])):
+        raise SystemExit(f"{flag}: {out} was written by another config than "
+                         f"{config_record['file']} {config_record['overrides']}")
+    return result, (datetime.fromisoformat(result["created"]).timestamp()
+                    + float(result["runtime_s"]))
+
+
+def _rewrite(result: dict, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
     log.info("wrote %s", out)
     print_table(result)
+
+
+def add_rows(out: Path, raw: dict, quality: dict, config_record: dict) -> int:
+    """``--add-rows``: train, evaluate and (with ``quality.finetune``) fine-tune the config's
+    ``quality.codec_rows`` that a finished result file lacks, for each of its seeds, and add
+    them as rows; then recompute its goals. The rest of the file (its runs, timings and load
+    record) stays as it was.
+
+    A codec row trains from its seed's base model, so that model must be the one the result
+    measured: a base model file modified after the result was written stops it, naming the file."""
+    result, finished = _finished_result(out, config_record, "--add-rows")
+    have = {r["name"] for r in result["rows"]}
+    codec_rows = quality.get("codec_rows") or {}
+    names = [n for n in codec_rows if n not in have]
+    if not names:
+        log.info("--add-rows: %s already has every codec row (%s)", out,
+                 ", ".join(codec_rows) or "the config names none")
+        return 0
+    for seed, per in result["per_seed"].items():
+        base = Path(per["eval"]["base"]["file"])
+        if not base.is_file() or base.stat().st_mtime > finished:
+            raise SystemExit(f"--add-rows: seed {seed}'s base model {base} is missing or was "
+                             "retrained after the result was written; rerun the benchmark")
+    arch = raw["base_model"]["arch"]
+    img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
+    data: dict = {}
+
+    def data_fn() -> EvalData:
+        if "data" not in data:
+            data["data"] = EvalData(quality, raw["data"]["test"], img_size)
+        return data["data"]
+
+    started = time.perf_counter()
+    wanted = (quality.get("finetune") or {}).get("rows", [*MAIN_ROWS, "random_init"])
+    only = {**quality, "codec_rows": {n: codec_rows[n] for n in names}}
+    for seed, per in result["per_seed"].items():
+        steps = per.setdefault("steps", {})
+        extra = codec_rows_seed(raw, only, int(seed), steps=steps)
+        for name, path in extra["models"].items():
+            t0 = time.perf_counter()
+            per["eval"][name] = evaluate_cached(path, arch, data_fn, quality)
+            steps[f"eval_{name}_s"] = time.perf_counter() - t0
+            if quality.get("finetune") and name in wanted:
+                t0 = time.perf_counter()
+                per["eval"][name].update(finetune_row(path, name, arch, raw, quality,
+                                                      Path(raw["workdir"]) / f"seed{seed}"))
+                steps[f"finetune_{name}_s"] = time.perf_counter() - t0
+            per.setdefault("runs", {})[name] = extra["runs"][name]
+    labels = row_labels(raw, quality)
+    for name in names:
+        result["rows"].append(row_entry(name, labels[name], result["epochs"], result["per_seed"],
+                                        quality))
+        result["files"][name] = [str(per["eval"][name]["file"])
+                                 for per in result["per_seed"].values()]
+    result["goals"] = goals(result["rows"], result["per_seed"])
+    result["config"]["quality"] = config_record["quality"]  # the codec rows' settings
+    header = result_header(out.stem)
+    result.setdefault("rows_added", []).append({
+        "created": header["created"], "git": header["git"], "command": header["command"],
+        "machine": header["machine"], "rows": names,
+        "seconds": time.perf_counter() - started})
+    _rewrite(result, out)
     return 0
 
 

@@ -30,10 +30,14 @@ Writes ``benchmarks/results/storage.json``:
   ViT-B/16 geometry and at ViT-Ti/16 224 px, and the bytes per view an actor sends through Ray's
   object store (float32 targets vs the encoded arrays). ``--encoders`` runs only this part and
   merges it into an existing result file. GPU rows when a GPU is present, else "not measured".
-* ``quality``: the rows of ``results/quality_codec_float16.json`` and
-  ``results/quality_codec_lowrank.json`` (benchmarks/configs/quality_codec.yaml has the two
-  commands) when they exist, and ``best_within_0p3``: the smallest ViT-B bytes per view whose
-  quality rows are within 0.3 point of float16 (k-NN and linear top-1), with its setting.
+* ``quality``: TEC from the lowrank cache beside TEC from the float16 cache. First the quality
+  benchmark's own rows (``results/quality.json``: ``tec`` and the codec row ``tec_lowrank``,
+  every seed, its full settings; ``python benchmarks/quality.py --add-rows`` adds it), then the
+  earlier one-seed reduced pair (``results/quality_codec_float16.json`` and
+  ``quality_codec_lowrank.json``, benchmarks/configs/quality_codec.yaml). ``best_within_0p3``:
+  the smallest ViT-B bytes per view whose quality rows are within 0.3 point of float16 (k-NN,
+  linear and fine-tuning top-1), with its setting, decided by the benchmark's rows when they
+  exist (the reduced pair's deltas beside them as ``also``).
 
 The file is not called ``storage.py``: the benchmark scripts run with benchmarks/ first on
 sys.path, where a ``storage.py`` would shadow the ``storage`` package for every one of them.
@@ -428,12 +432,47 @@ def stage1_efficiency(args) -> dict:
 
 # ----------------------------------------------------------------------------- quality rows
 QUALITY_FILES = {"float16": "quality_codec_float16.json", "lowrank": "quality_codec_lowrank.json"}
+MAIN_QUALITY = "quality.json"  # the quality benchmark: tec and its codec rows (--add-rows)
+ROW_METRICS = ("seeds", "epochs", "knn_top1", "linear_top1", "knn_cls", "knn_mean", "linear_cls",
+               "linear_mean", "finetune_top1", "knn_top1_std", "linear_top1_std",
+               "finetune_top1_std")
+
+
+def _quality_row(row: dict, file: str, result: dict) -> dict:
+    return {**{k: row.get(k) for k in ROW_METRICS}, "file": f"benchmarks/results/{file}",
+            "runtime_s": result.get("runtime_s")}
+
+
+def _delta(ref: dict, low: dict) -> tuple[dict, str]:
+    """lowrank - float16 per measure both rows have (fine-tuning once both have it)."""
+    metrics = ["knn_top1", "linear_top1"] + (
+        ["finetune_top1"] if ref.get("finetune_top1") is not None
+        and low.get("finetune_top1") is not None else [])
+    measures = "k-NN, linear" + (" and fine-tuning" if "finetune_top1" in metrics else "")
+    return {m: low[m] - ref[m] for m in metrics}, measures
 
 
 def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
-    """The rows of the two quality runs (benchmarks/configs/quality_codec.yaml) when they exist,
-    and best_within_0p3."""
-    rows = {}
+    """The quality rows of the compact cache beside the float16 cache, and best_within_0p3.
+
+    Preferred: the quality benchmark's own rows (results/quality.json, every seed, its full
+    settings): ``tec`` (the float16 cache) and the codec row of lowrank's default setting
+    (``quality.codec_rows``, added with ``quality.py --add-rows``). Also listed: the earlier
+    one-seed reduced pair (benchmarks/configs/quality_codec.yaml), which decides only when the
+    benchmark has no codec row."""
+    rows, pairs = {}, []
+    main = RESULTS_DIR / MAIN_QUALITY
+    if main.is_file():
+        result = json.loads(main.read_text())
+        by = {r["name"]: r for r in result.get("rows", [])}
+        for row in result.get("rows", []):
+            if row.get("cache_targets") == {"codec": "lowrank"} and "tec" in by:
+                ref = rows["tec (float16 cache)"] = _quality_row(by["tec"], MAIN_QUALITY, result)
+                low = rows[f"{row['name']} (lowrank cache)"] = _quality_row(row, MAIN_QUALITY,
+                                                                            result)
+                pairs.append((ref, low, f"{len(ref['seeds'] or [])} seeds, the quality "
+                              f"benchmark's full settings ({MAIN_QUALITY}, rows tec and "
+                              f"{row['name']})"))
     for codec, name in QUALITY_FILES.items():
         path = RESULTS_DIR / name
         if not path.is_file():
@@ -441,25 +480,20 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
         result = json.loads(path.read_text())
         for row in result.get("rows", []):
             if row["name"] in ("tec", "base"):
-                rows[f"{row['name']} ({codec} cache)" if row["name"] == "tec" else
-                     f"base ({codec} run)"] = {
-                    **{k: row.get(k) for k in ("seeds", "epochs", "knn_top1", "linear_top1",
-                                               "knn_cls", "knn_mean", "linear_cls",
-                                               "linear_mean", "finetune_top1")},
-                    "file": f"benchmarks/results/{name}",
-                    "runtime_s": result.get("runtime_s")}
-    ref, low = rows.get("tec (float16 cache)"), rows.get("tec (lowrank cache)")
-    if ref is None or low is None:
-        missing = [n for c, n in QUALITY_FILES.items() if not (RESULTS_DIR / n).is_file()]
+                label = (f"tec ({codec} cache, reduced)" if row["name"] == "tec" else
+                         f"base ({codec} run, reduced)")
+                rows[label] = _quality_row(row, name, result)
+    ref, low = rows.get("tec (float16 cache, reduced)"), rows.get("tec (lowrank cache, reduced)")
+    if ref is not None and low is not None:
+        pairs.append((ref, low, "one seed at reduced scale (benchmarks/configs/"
+                      "quality_codec.yaml)"))
+    if not pairs:
         return rows, {"setting": None, "vitb_bytes_per_view": None,
-                      "why": f"quality rows not measured ({', '.join(missing)} missing)"}
-    # fine-tuning counts once both files have it (quality.py --add-finetune)
-    metrics = ["knn_top1", "linear_top1"] + (
-        ["finetune_top1"] if ref.get("finetune_top1") is not None
-        and low.get("finetune_top1") is not None else [])
-    diff = {m: low[m] - ref[m] for m in metrics}
+                      "why": "quality rows not measured (no codec row in quality.json and no "
+                             "quality_codec_*.json pair)"}
+    ref, low, note = pairs[0]  # the benchmark's rows decide when they exist
+    diff, measures = _delta(ref, low)
     within = all(d >= -0.3 for d in diff.values())
-    measures = "k-NN, linear" + (" and fine-tuning" if "finetune_top1" in metrics else "")
     setting = DEFAULT_SETTING if within else "float16"
     best = {"setting": setting, "vitb_bytes_per_view": vitb_bytes[setting],
             "delta_vs_float16": diff, "seeds": ref.get("seeds"),
@@ -467,7 +501,10 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
                     f"0.3 point of float16 on {measures} top-1" if within else
                     f"the lowrank default is more than 0.3 point below float16 ({measures} "
                     "top-1), so the smallest setting within 0.3 point is float16 itself"),
-            "note": "one seed at reduced scale (benchmarks/configs/quality_codec.yaml)"}
+            "note": note}
+    if len(pairs) > 1:
+        best["also"] = {"note": pairs[1][2], "delta_vs_float16": _delta(pairs[1][0],
+                                                                        pairs[1][1])[0]}
     return rows, best
 
 
@@ -546,10 +583,11 @@ def markdown(r: dict) -> str:
     q, best = r.get("quality") or {}, r.get("best_within_0p3") or {}
     lines += [""]
     if q:
-        lines += ["| quality row (one seed) | k-NN top-1 | linear top-1 | fine-tuning top-1 "
-                  "| file |", "|---|---|---|---|---|"]
+        lines += ["| quality row | seeds | k-NN top-1 | linear top-1 | fine-tuning top-1 "
+                  "| file |", "|---|---|---|---|---|---|"]
         for name, row in q.items():
-            lines.append(f"| {name} | {_f(row.get('knn_top1'), 2)} | "
+            lines.append(f"| {name} | {len(row.get('seeds') or [])} | "
+                         f"{_f(row.get('knn_top1'), 2)} | "
                          f"{_f(row.get('linear_top1'), 2)} | "
                          f"{_f(row.get('finetune_top1'), 2)} | `{row.get('file')}` |")
         lines.append("")

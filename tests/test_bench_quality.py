@@ -64,6 +64,7 @@ def _result(tmp_path: Path, quality, config: str) -> tuple[Path, dict, dict]:
     header = quality.result_header("quality_test")
     header.update(created="2026-01-01T00:00:00+00:00", command="benchmarks/quality.py (first)")
     result = {**header, "runtime_s": 1.0, "rows": rows, "goals": {}, "per_seed": per_seed,
+              "epochs": quality.derive_epochs(raw, q), "files": {},
               "config": {"file": config, "overrides": [],
                          "pipeline": json.loads(json.dumps(raw)), "quality": q}}
     out = tmp_path / "result.json"
@@ -154,4 +155,141 @@ def test_storage_best_within_0p3_counts_finetuning_once_measured(tmp_path, monke
     assert best["setting"] == (storage_bench.DEFAULT_SETTING if within else "float16")
     assert best["vitb_bytes_per_view"] == vitb[best["setting"]]
     assert ("finetune_top1" in best["delta_vs_float16"]) == (finetune is not None)
-    assert rows["tec (lowrank cache)"]["finetune_top1"] == (finetune[1] if finetune else None)
+    assert rows["tec (lowrank cache, reduced)"]["finetune_top1"] == (finetune[1] if finetune
+                                                                       else None)
+    assert "reduced" in best["note"] and "also" not in best
+
+
+@pytest.mark.parametrize("linear, within", [(78.0, True), (77.6, False)])
+def test_storage_best_within_0p3_prefers_the_benchmarks_codec_row(tmp_path, monkeypatch,
+                                                                  storage_bench, linear, within):
+    """With quality.json's codec row (every seed, full settings) present, it decides
+    best_within_0p3; the reduced pair is reported beside it."""
+    monkeypatch.setattr(storage_bench, "RESULTS_DIR", tmp_path)
+    for name in storage_bench.QUALITY_FILES.values():  # the reduced pair: within
+        row = {"name": "tec", "seeds": [0], "epochs": 2, "knn_top1": 62.0, "linear_top1": 74.4}
+        (tmp_path / name).write_text(json.dumps({"rows": [row], "runtime_s": 1.0}))
+    rows = [{"name": "tec", "seeds": [0, 1], "knn_top1": 74.6, "linear_top1": 78.1,
+             "finetune_top1": 71.7},
+            {"name": "tec_lowrank", "seeds": [0, 1], "knn_top1": 74.5, "linear_top1": linear,
+             "finetune_top1": 71.6, "cache_targets": {"codec": "lowrank"}}]
+    (tmp_path / "quality.json").write_text(json.dumps({"rows": rows, "runtime_s": 1.0}))
+    vitb = {"float16": 339_968, storage_bench.DEFAULT_SETTING: 46_285}
+    table, best = storage_bench.quality_rows(vitb)
+    assert best["setting"] == (storage_bench.DEFAULT_SETTING if within else "float16")
+    assert best["delta_vs_float16"]["linear_top1"] == pytest.approx(linear - 78.1)
+    assert set(best["delta_vs_float16"]) == {"knn_top1", "linear_top1", "finetune_top1"}
+    assert best["seeds"] == [0, 1] and "quality.json" in best["note"]
+    assert best["also"]["delta_vs_float16"] == {"knn_top1": 0.0, "linear_top1": 0.0}
+    assert table["tec_lowrank (lowrank cache)"]["file"] == "benchmarks/results/quality.json"
+    assert "tec (float16 cache, reduced)" in table
+
+
+# ----------------------------------------------------------------------------- --add-rows
+@pytest.fixture
+def stubbed_rows(quality, monkeypatch, tmp_path):
+    """quality.py with stage 1 + training (run_seed), evaluation and fine-tuning stubbed: each
+    trained codec row records its config and scores 70.2 + seed (k-NN) / 75.1 (linear)."""
+    trained = []
+
+    def fake_run_seed(cfg, *, steps, with_reference=False):
+        (run,) = cfg.runs
+        trained.append({"workdir": str(cfg.workdir), "cache": str(cfg.cache_path),
+                        "codec": cfg.targets.codec, "name": run.name, "seed": run.seed,
+                        "epochs": run.epochs, "view_selection": run.view_selection})
+        f = tmp_path / f"{run.name}{run.seed}.safetensors"
+        f.write_bytes(b"model")
+        steps.update({"bootstrap_s": 1.0, "stage1_s": 2.0, f"train_{run.name}_s": 3.0})
+        return {"models": {"base": tmp_path / "base.safetensors", run.name: f},
+                "runs": {run.name: {"steps": 5}}}
+
+    def fake_evaluate(path, arch, data_fn, q, test_set=True):
+        seed = int(Path(path).stem[-1])
+        metrics = {"knn_top1": 70.2 + seed, "linear_top1": 75.1}
+        for m in ("knn", "linear"):
+            metrics.update({f"{m}_cls": metrics[f"{m}_top1"], f"{m}_mean": 0.0,
+                            f"{m}_readout": "cls"})
+        return {**metrics, "file": str(path)}
+
+    def fake_finetune_row(path, row, arch, raw, q, workdir):
+        trained.append({"finetuned": row, "workdir": str(workdir)})
+        return {"finetune_top1": 71.0}
+
+    monkeypatch.setattr(quality, "run_seed", fake_run_seed)
+    monkeypatch.setattr(quality, "evaluate_cached", fake_evaluate)
+    monkeypatch.setattr(quality, "finetune_row", fake_finetune_row)
+    return trained
+
+
+def test_add_rows_trains_each_seeds_codec_row_from_its_own_cache(tmp_path, quality,
+                                                                stubbed_rows):
+    """--add-rows (issue #16): the config's codec rows, for every seed of the result, each from
+    a second cache of that seed's base model with the tec run's settings; goals pair them with
+    tec per seed."""
+    config = str(BENCH / "configs" / "quality.yaml")
+    out, raw, record = _result(tmp_path, quality, config)
+    q = record["quality"]
+    assert q["codec_rows"] == {"tec_lowrank": {"codec": "lowrank"}}
+    assert quality.add_rows(out, raw, q, record) == 0
+    runs = [t for t in stubbed_rows if "name" in t]
+    tec = next(r for r in raw["runs"] if r["name"] == "tec")
+    assert [(t["seed"], t["codec"], t["name"]) for t in runs] == [(0, "lowrank", "tec_lowrank"),
+                                                                  (1, "lowrank", "tec_lowrank")]
+    for t in runs:
+        seed_dir = tmp_path / "work" / f"seed{t['seed']}"
+        assert t["workdir"] == str(seed_dir)  # the seed's bootstrap: its base model
+        assert t["cache"] == str(seed_dir / "cache-tec_lowrank")  # not the tec row's cache
+        assert (t["epochs"], t["view_selection"]) == (tec["epochs"], tec["view_selection"])
+    assert [t["finetuned"] for t in stubbed_rows if "finetuned" in t] == ["tec_lowrank"] * 2
+    result = json.loads(out.read_text())
+    row = next(r for r in result["rows"] if r["name"] == "tec_lowrank")
+    assert row["cache_targets"] == {"codec": "lowrank"}
+    assert row["seeds"] == [0, 1]
+    assert row["knn_top1_values"] == pytest.approx([70.2, 71.2])
+    assert row["finetune_top1"] == pytest.approx(71.0)
+    # the fixture's tec row: k-NN 70 + seed, linear 75.0 -> paired differences +0.2 and +0.1
+    goal = result["goals"]["tec_lowrank_minus_tec_knn_top1"]
+    assert goal["per_seed"] == pytest.approx([0.2, 0.2])
+    assert goal["met"] is True
+    assert result["goals"]["tec_lowrank_minus_tec_linear_top1"]["mean"] == pytest.approx(0.1)
+    steps = result["per_seed"]["0"]["steps"]
+    assert steps["tec_lowrank_stage1_s"] == 2.0 and steps["train_tec_lowrank_s"] == 3.0
+    assert "tec_lowrank_bootstrap_s" not in steps and "bootstrap_s" not in steps
+    assert result["rows_added"][0]["rows"] == ["tec_lowrank"]
+    assert result["created"] == "2026-01-01T00:00:00+00:00"  # the original run's record
+    # a second call has nothing left to add
+    assert quality.add_rows(out, raw, q, record) == 0
+    assert len([t for t in stubbed_rows if "name" in t]) == 2
+
+
+def test_add_rows_goal_fails_more_than_0p3_below_tec(tmp_path, quality, stubbed_rows,
+                                                     monkeypatch):
+    config = str(BENCH / "configs" / "quality.yaml")
+    out, raw, record = _result(tmp_path, quality, config)
+    real = quality.evaluate_cached
+
+    def worse(path, *a, **k):
+        r = real(path, *a, **k)
+        return {**r, "linear_top1": 74.6}  # 0.4 below the fixture's tec row
+
+    monkeypatch.setattr(quality, "evaluate_cached", worse)
+    quality.add_rows(out, raw, record["quality"], record)
+    goals = json.loads(out.read_text())["goals"]
+    assert goals["tec_lowrank_minus_tec_linear_top1"]["met"] is False
+    assert goals["tec_lowrank_minus_tec_knn_top1"]["met"] is True
+
+
+def test_add_rows_refuses_a_retrained_base_model(tmp_path, quality, stubbed_rows):
+    config = str(BENCH / "configs" / "quality.yaml")
+    out, raw, record = _result(tmp_path, quality, config)
+    base = json.loads(out.read_text())["per_seed"]["1"]["eval"]["base"]["file"]
+    os.utime(base, (FIRST + 60, FIRST + 60))
+    with pytest.raises(SystemExit, match=f"seed 1's base model {base}"):
+        quality.add_rows(out, raw, record["quality"], record)
+    assert stubbed_rows == []
+
+
+def test_codec_row_config_names_a_setting_it_cannot_vary(quality):
+    raw, _ = quality.load_raw(str(BENCH / "configs" / "quality.yaml"), [])
+    with pytest.raises(ValueError, match=r"codec_rows.tec_k2: .*\['views'\]"):
+        quality.codec_row_config(raw, 0, "tec_k2", {"views": 2})
