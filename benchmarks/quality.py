@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 if "--progress" not in sys.argv:
@@ -776,13 +777,35 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
     The settings are the config's ``quality.finetune`` or, when it has none, quality.yaml's (the
     miniature budget every benchmark shares); its ``rows`` (default: every row with a model
     file) are fine-tuned. A model file modified after the result was written is not the model
-    the result measured: that row is skipped and the reason logged and recorded."""
+    the result measured: that row is skipped and the reason logged and recorded.
+
+    A file holds one fine-tuning protocol: when it has fine-tuning rows of other settings (a
+    longer budget given with ``--set quality.finetune.epochs=...`` on a copy of the file), every
+    earlier fine-tuning value is dropped first, so that no row keeps a number of the old budget
+    beside the new ones; the replaced settings are recorded."""
     result, finished = _finished_result(out, config_record, "--add-finetune")
     settings_from = config_record["file"]
     ft = quality.get("finetune")
     if not ft:
         _, shared = load_raw(str(CONFIGS_DIR / "quality.yaml"), [])
         ft, settings_from = shared["finetune"], "benchmarks/configs/quality.yaml"
+    settings = {k: v for k, v in ft.items() if k != "rows"}
+    previous = _finetune_settings(result)
+    replaced = None
+    if previous is not None and previous != settings:
+        replaced = previous
+        log.warning("--add-finetune: %s has fine-tuning rows of other settings (%s); they are "
+                    "dropped and replaced", out, json.dumps(previous, sort_keys=True))
+        for per in result["per_seed"].values():
+            for ev in per["eval"].values():
+                for key in [k for k in ev if k.startswith("finetune_")]:
+                    del ev[key]
+        for entry in result["rows"]:
+            for key in [k for k in entry if k.startswith("finetune_top1")]:
+                del entry[key]
+    # a row added later (--add-rows) was written by its addition, not by the first run
+    ended = {row: datetime.fromisoformat(a["created"]).timestamp() + float(a["seconds"])
+             for a in result.get("rows_added", []) for row in a["rows"]}
     arch = raw["base_model"]["arch"]
     wanted = ft.get("rows")
     started = time.perf_counter()
@@ -794,7 +817,7 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
                 continue
             if not Path(path).is_file():
                 skipped[f"{row}/seed{seed}"] = f"{path} no longer exists"
-            elif Path(path).stat().st_mtime > finished:
+            elif Path(path).stat().st_mtime > ended.get(row, finished):
                 skipped[f"{row}/seed{seed}"] = (f"{path} was modified after the result was "
                                                 "written: not the model it measured")
             else:
@@ -815,18 +838,29 @@ def add_finetune(out: Path, raw: dict, quality: dict, config_record: dict) -> in
     result["finetune_added"] = {
         "created": header["created"], "git": header["git"], "command": header["command"],
         "machine": header["machine"], "settings_from": settings_from,
-        "settings": {k: v for k, v in ft.items() if k != "rows"}, "fine_tuned": done,
+        "settings": settings, "fine_tuned": done,
         "skipped": skipped, "seconds": time.perf_counter() - started}
+    if replaced is not None:
+        result["finetune_added"]["replaced_settings"] = replaced
     # the original run's record (its load average at the end included) stays as it was
     _rewrite(result, out)
     return 0
 
 
+def _finetune_settings(result: dict) -> dict | None:
+    """The fine-tuning settings of a result file's finetune_top1 values (None: it has none)."""
+    if not any(ev.get("finetune_top1") is not None for per in result["per_seed"].values()
+               for ev in per["eval"].values()):
+        return None
+    if result.get("finetune_added"):
+        return result["finetune_added"]["settings"]
+    ft = result.get("config", {}).get("quality", {}).get("finetune") or {}
+    return {k: v for k, v in ft.items() if k != "rows"}
+
+
 def _finished_result(out: Path, config_record: dict, flag: str) -> tuple[dict, float]:
     """A finished result file of the same pipeline config, and the time its run ended (its
     models were all written by then)."""
-    from datetime import datetime
-
     if not out.is_file():
         raise SystemExit(f"{flag}: no result file {out} (run the benchmark first)")
     result = json.loads(out.read_text())

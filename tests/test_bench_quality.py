@@ -293,3 +293,44 @@ def test_codec_row_config_names_a_setting_it_cannot_vary(quality):
     raw, _ = quality.load_raw(str(BENCH / "configs" / "quality.yaml"), [])
     with pytest.raises(ValueError, match=r"codec_rows.tec_k2: .*\['views'\]"):
         quality.codec_row_config(raw, 0, "tec_k2", {"views": 2})
+
+
+def test_add_finetune_replaces_another_budget_and_keeps_added_rows(tmp_path, quality,
+                                                                   monkeypatch):
+    """A file holds one fine-tuning protocol: fine-tuning a copy at a longer budget drops every
+    value of the old budget (rows not fine-tuned again have none), and a row added by --add-rows
+    after the first run is fine-tuned, not skipped as modified after the result."""
+    config = str(BENCH / "configs" / "quality_codec.yaml")
+    out, raw, record = _result(tmp_path, quality, config)
+    result = json.loads(out.read_text())
+    for per in result["per_seed"].values():
+        for row in ("base", "tec"):
+            per["eval"][row]["finetune_top1"] = 60.0
+    for entry in result["rows"]:
+        entry.update(finetune_top1=60.0, finetune_top1_std=0.0, finetune_top1_values=[60.0] * 2)
+    result["finetune_added"] = {"settings": {"epochs": 5}}
+    added = tmp_path / "tec_lowrank0.safetensors"  # written by --add-rows, after the result
+    added.write_bytes(b"model")
+    os.utime(added, (FIRST + 600, FIRST + 600))
+    result["per_seed"]["0"]["eval"]["tec_lowrank"] = {"knn_top1": 70.0, "linear_top1": 75.0,
+                                                      "file": str(added)}
+    result["rows_added"] = [{"created": "2026-01-01T00:10:00+00:00", "seconds": 30.0,
+                             "rows": ["tec_lowrank"]}]
+    out.write_text(json.dumps(result))
+    calls = []
+
+    def fake(path, row, arch, raw, q, workdir):
+        calls.append((row, q["finetune"]["epochs"]))
+        return {"finetune_top1": 90.0}
+
+    monkeypatch.setattr(quality, "finetune_row", fake)
+    q = {**record["quality"], "finetune": {"epochs": 20, "rows": ["tec", "tec_lowrank"]}}
+    quality.add_finetune(out, raw, q, record)
+    result = json.loads(out.read_text())
+    assert sorted(calls) == [("tec", 20), ("tec", 20), ("tec_lowrank", 20)]
+    by = {r["name"]: r for r in result["rows"]}
+    assert by["tec"]["finetune_top1"] == 90.0
+    assert "finetune_top1" not in by["base"]  # the old budget's value is gone
+    assert all("finetune_top1" not in result["per_seed"][s]["eval"]["base"] for s in ("0", "1"))
+    assert result["finetune_added"]["replaced_settings"] == {"epochs": 5}
+    assert result["finetune_added"]["skipped"] == {}
