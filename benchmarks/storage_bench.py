@@ -452,27 +452,43 @@ def _delta(ref: dict, low: dict) -> tuple[dict, str]:
     return {m: low[m] - ref[m] for m in metrics}, measures
 
 
+def _setting_of(targets: dict) -> str | None:
+    """The SETTINGS name of a codec row's cache settings (None: not a setting of the table)."""
+    want = (targets.get("codec"), json.dumps(targets.get("codec_params") or {}, sort_keys=True))
+    for name, codec, params in SETTINGS:
+        if (codec, json.dumps(params or {}, sort_keys=True)) == want:
+            return name
+    return None
+
+
 def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
-    """The quality rows of the compact cache beside the float16 cache, and best_within_0p3.
+    """The quality rows of compact caches beside the float16 cache, and best_within_0p3.
 
     Preferred: the quality benchmark's own rows (results/quality.json, every seed, its full
-    settings): ``tec`` (the float16 cache) and the codec row of lowrank's default setting
-    (``quality.codec_rows``, added with ``quality.py --add-rows``). Also listed: the earlier
-    one-seed reduced pair (benchmarks/configs/quality_codec.yaml), which decides only when the
-    benchmark has no codec row."""
+    settings): ``tec`` (the float16 cache) and its codec rows (``quality.codec_rows``, added
+    with ``quality.py --add-rows``), each a setting of the rate-distortion table. Also listed:
+    the earlier one-seed reduced pair (benchmarks/configs/quality_codec.yaml), which decides only
+    when the benchmark has no codec row. best_within_0p3 is the smallest ViT-B setting whose row
+    is within 0.3 point of float16 on every measure both rows have; float16 when none is."""
     rows, pairs = {}, []
     main = RESULTS_DIR / MAIN_QUALITY
     if main.is_file():
         result = json.loads(main.read_text())
         by = {r["name"]: r for r in result.get("rows", [])}
         for row in result.get("rows", []):
-            if row.get("cache_targets") == {"codec": "lowrank"} and "tec" in by:
-                ref = rows["tec (float16 cache)"] = _quality_row(by["tec"], MAIN_QUALITY, result)
-                low = rows[f"{row['name']} (lowrank cache)"] = _quality_row(row, MAIN_QUALITY,
-                                                                            result)
-                pairs.append((ref, low, f"{len(ref['seeds'] or [])} seeds, the quality "
-                              f"benchmark's full settings ({MAIN_QUALITY}, rows tec and "
-                              f"{row['name']})"))
+            if row.get("cache_targets") is None or "tec" not in by:
+                continue
+            setting = _setting_of(row["cache_targets"])
+            if setting is None:
+                log.warning("quality.json row %s: cache settings %s are not a setting of the "
+                            "table; not counted", row["name"], row["cache_targets"])
+                continue
+            ref = rows["tec (float16 cache)"] = _quality_row(by["tec"], MAIN_QUALITY, result)
+            low = rows[f"{row['name']} ({setting})"] = _quality_row(row, MAIN_QUALITY, result)
+            pairs.append((ref, low, setting, f"{len(ref['seeds'] or [])} seeds, the quality "
+                          f"benchmark's full settings ({MAIN_QUALITY}, rows tec and "
+                          f"{row['name']})"))
+    reduced = []
     for codec, name in QUALITY_FILES.items():
         path = RESULTS_DIR / name
         if not path.is_file():
@@ -485,26 +501,37 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
                 rows[label] = _quality_row(row, name, result)
     ref, low = rows.get("tec (float16 cache, reduced)"), rows.get("tec (lowrank cache, reduced)")
     if ref is not None and low is not None:
-        pairs.append((ref, low, "one seed at reduced scale (benchmarks/configs/"
-                      "quality_codec.yaml)"))
-    if not pairs:
+        reduced.append((ref, low, DEFAULT_SETTING, "one seed at reduced scale (benchmarks/"
+                        "configs/quality_codec.yaml)"))
+    deciding, others = (pairs, reduced) if pairs else (reduced, [])
+    if not deciding:
         return rows, {"setting": None, "vitb_bytes_per_view": None,
                       "why": "quality rows not measured (no codec row in quality.json and no "
                              "quality_codec_*.json pair)"}
-    ref, low, note = pairs[0]  # the benchmark's rows decide when they exist
-    diff, measures = _delta(ref, low)
-    within = all(d >= -0.3 for d in diff.values())
-    setting = DEFAULT_SETTING if within else "float16"
-    best = {"setting": setting, "vitb_bytes_per_view": vitb_bytes[setting],
-            "delta_vs_float16": diff, "seeds": ref.get("seeds"),
-            "why": ("the lowrank default (the only compact setting with quality rows) is within "
-                    f"0.3 point of float16 on {measures} top-1" if within else
-                    f"the lowrank default is more than 0.3 point below float16 ({measures} "
-                    "top-1), so the smallest setting within 0.3 point is float16 itself"),
-            "note": note}
-    if len(pairs) > 1:
-        best["also"] = {"note": pairs[1][2], "delta_vs_float16": _delta(pairs[1][0],
-                                                                        pairs[1][1])[0]}
+    measured = []
+    for ref, low, setting, note in deciding:
+        diff, measures = _delta(ref, low)
+        measured.append({"setting": setting, "vitb_bytes_per_view": vitb_bytes[setting],
+                         "delta_vs_float16": diff, "measures": measures, "note": note,
+                         "within": all(d >= -0.3 for d in diff.values())})
+    within = sorted((m for m in measured if m["within"]), key=lambda m: m["vitb_bytes_per_view"])
+    if within:
+        chosen = within[0]
+        best = {"setting": chosen["setting"], "vitb_bytes_per_view": chosen["vitb_bytes_per_view"],
+                "delta_vs_float16": chosen["delta_vs_float16"], "seeds": ref.get("seeds"),
+                "why": f"the smallest compact setting with quality rows within 0.3 point of "
+                       f"float16 on {chosen['measures']} top-1", "note": chosen["note"]}
+    else:
+        best = {"setting": "float16", "vitb_bytes_per_view": vitb_bytes["float16"],
+                "delta_vs_float16": None, "seeds": ref.get("seeds"),
+                "why": "no compact setting with quality rows is within 0.3 point of float16 on "
+                       "every measure, so the smallest setting within 0.3 point is float16 itself",
+                "note": deciding[0][3]}
+    best["measured"] = [{k: m[k] for k in ("setting", "vitb_bytes_per_view", "delta_vs_float16",
+                                            "within", "note")} for m in measured]
+    if others:
+        best["also"] = [{"setting": setting, "note": note,
+                         "delta_vs_float16": _delta(r, lo)[0]} for r, lo, setting, note in others]
     return rows, best
 
 
@@ -592,9 +619,13 @@ def markdown(r: dict) -> str:
                          f"{_f(row.get('finetune_top1'), 2)} | `{row.get('file')}` |")
         lines.append("")
     lines.append(f"best_within_0p3: setting {best.get('setting')!r}, ViT-B bytes per view "
-                 f"{best.get('vitb_bytes_per_view')}; {best.get('why')}"
-                 + (f"; delta vs float16 {best['delta_vs_float16']}" if best.get(
-                     "delta_vs_float16") else "") + ".")
+                 f"{best.get('vitb_bytes_per_view')}; {best.get('why')}.")
+    for m in best.get("measured", []):
+        delta = ", ".join(f"{k.replace('_top1', '')} {v:+.2f}"
+                          for k, v in m["delta_vs_float16"].items())
+        lines.append(f"- {m['setting']} ({m['vitb_bytes_per_view']:,} B per ViT-B view) vs "
+                     f"float16: {delta}: {'within' if m['within'] else 'not within'} 0.3 "
+                     f"point ({m['note']})")
     return "\n".join(lines)
 
 

@@ -154,35 +154,52 @@ def test_storage_best_within_0p3_counts_finetuning_once_measured(tmp_path, monke
     rows, best = storage_bench.quality_rows(vitb)
     assert best["setting"] == (storage_bench.DEFAULT_SETTING if within else "float16")
     assert best["vitb_bytes_per_view"] == vitb[best["setting"]]
-    assert ("finetune_top1" in best["delta_vs_float16"]) == (finetune is not None)
+    assert ("finetune_top1" in best["measured"][0]["delta_vs_float16"]) == (finetune is not None)
     assert rows["tec (lowrank cache, reduced)"]["finetune_top1"] == (finetune[1] if finetune
                                                                        else None)
     assert "reduced" in best["note"] and "also" not in best
+    assert [m["within"] for m in best["measured"]] == [within]
 
 
-@pytest.mark.parametrize("linear, within", [(78.0, True), (77.6, False)])
-def test_storage_best_within_0p3_prefers_the_benchmarks_codec_row(tmp_path, monkeypatch,
-                                                                  storage_bench, linear, within):
-    """With quality.json's codec row (every seed, full settings) present, it decides
-    best_within_0p3; the reduced pair is reported beside it."""
+@pytest.mark.parametrize("linear, linear_fb145, setting", [
+    (78.0, 78.0, "default"),     # both within: the smaller (the default, 46,285 B)
+    (77.6, 78.0, "fb145"),       # only the fb 1.45 row is within
+    (77.6, 77.7, "float16")])    # none is within: float16 itself
+def test_storage_best_within_0p3_prefers_the_benchmarks_codec_rows(
+        tmp_path, monkeypatch, storage_bench, linear, linear_fb145, setting):
+    """With quality.json's codec rows (every seed, full settings) present, they decide
+    best_within_0p3: the smallest ViT-B setting within 0.3 point on every measure; the reduced
+    pair is reported beside them; a row whose settings are not in the table is not counted."""
     monkeypatch.setattr(storage_bench, "RESULTS_DIR", tmp_path)
     for name in storage_bench.QUALITY_FILES.values():  # the reduced pair: within
         row = {"name": "tec", "seeds": [0], "epochs": 2, "knn_top1": 62.0, "linear_top1": 74.4}
         (tmp_path / name).write_text(json.dumps({"rows": [row], "runtime_s": 1.0}))
+    fb145 = {"codec": "lowrank", "codec_params": {"feature_bits": 1.45, "attn_bits": 3}}
     rows = [{"name": "tec", "seeds": [0, 1], "knn_top1": 74.6, "linear_top1": 78.1,
              "finetune_top1": 71.7},
             {"name": "tec_lowrank", "seeds": [0, 1], "knn_top1": 74.5, "linear_top1": linear,
-             "finetune_top1": 71.6, "cache_targets": {"codec": "lowrank"}}]
+             "finetune_top1": 71.6, "cache_targets": {"codec": "lowrank"}},
+            {"name": "tec_fb145", "seeds": [0, 1], "knn_top1": 74.5,
+             "linear_top1": linear_fb145, "finetune_top1": 71.6, "cache_targets": fb145},
+            {"name": "tec_unknown", "seeds": [0, 1], "knn_top1": 80.0, "linear_top1": 80.0,
+             "cache_targets": {"codec": "lowrank", "codec_params": {"feature_bits": 0.1}}}]
     (tmp_path / "quality.json").write_text(json.dumps({"rows": rows, "runtime_s": 1.0}))
-    vitb = {"float16": 339_968, storage_bench.DEFAULT_SETTING: 46_285}
+    names = {"default": storage_bench.DEFAULT_SETTING,
+             "fb145": storage_bench._setting_of(fb145), "float16": "float16"}
+    assert names["fb145"].startswith("lowrank fb 1.45, attn 3-bit")
+    vitb = {"float16": 387_217, names["default"]: 46_285, names["fb145"]: 46_249 + 100}
     table, best = storage_bench.quality_rows(vitb)
-    assert best["setting"] == (storage_bench.DEFAULT_SETTING if within else "float16")
-    assert best["delta_vs_float16"]["linear_top1"] == pytest.approx(linear - 78.1)
-    assert set(best["delta_vs_float16"]) == {"knn_top1", "linear_top1", "finetune_top1"}
-    assert best["seeds"] == [0, 1] and "quality.json" in best["note"]
-    assert best["also"]["delta_vs_float16"] == {"knn_top1": 0.0, "linear_top1": 0.0}
-    assert table["tec_lowrank (lowrank cache)"]["file"] == "benchmarks/results/quality.json"
+    assert best["setting"] == names[setting]
+    assert best["vitb_bytes_per_view"] == vitb[names[setting]]
+    assert [m["setting"] for m in best["measured"]] == [names["default"], names["fb145"]]
+    assert best["measured"][0]["delta_vs_float16"]["linear_top1"] == pytest.approx(linear - 78.1)
+    assert set(best["measured"][0]["delta_vs_float16"]) == {"knn_top1", "linear_top1",
+                                                           "finetune_top1"}
+    assert best["seeds"] == [0, 1] and "quality.json" in best["measured"][0]["note"]
+    assert best["also"][0]["delta_vs_float16"] == {"knn_top1": 0.0, "linear_top1": 0.0}
+    assert table[f"tec_lowrank ({names['default']})"]["file"] == "benchmarks/results/quality.json"
     assert "tec (float16 cache, reduced)" in table
+    assert not any(k.startswith("tec_unknown") for k in table)
 
 
 # ----------------------------------------------------------------------------- --add-rows
@@ -228,8 +245,8 @@ def test_add_rows_trains_each_seeds_codec_row_from_its_own_cache(tmp_path, quali
     tec per seed."""
     config = str(BENCH / "configs" / "quality.yaml")
     out, raw, record = _result(tmp_path, quality, config)
-    q = record["quality"]
-    assert q["codec_rows"] == {"tec_lowrank": {"codec": "lowrank"}}
+    assert record["quality"]["codec_rows"]["tec_lowrank"] == {"codec": "lowrank"}
+    q = {**record["quality"], "codec_rows": {"tec_lowrank": {"codec": "lowrank"}}}
     assert quality.add_rows(out, raw, q, record) == 0
     runs = [t for t in stubbed_rows if "name" in t]
     tec = next(r for r in raw["runs"] if r["name"] == "tec")
