@@ -20,8 +20,8 @@ def test_plan_prints_bytes_per_view_and_cache_size_for_every_codec():
     text = plan.format()
     for name, n in plan.codecs.items():
         assert f"codec {name:<8} {n:,} B per view" in text
-    # 1,281,167 images x 38 views x 46,261 B = 2.25 TB (fb 1.45, 3-bit attention: the config)
-    assert "codec lowrank  46,261 B per view (45.2 KiB), 2.3 TB in all  <- targets.codec" in text
+    # 1,281,167 images x 75 views x 46,261 B = 4.45 TB (fb 1.45, 3-bit attention: the config)
+    assert "codec lowrank  46,261 B per view (45.2 KiB), 4.4 TB in all  <- targets.codec" in text
 
 
 def test_plan_uses_the_configured_lowrank_parameters_and_refuses_bad_ones():
