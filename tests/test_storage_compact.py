@@ -43,14 +43,19 @@ def test_a_vit_b_view_fits_in_48_kib():
     assert compact.rank_for(spec.codec_params, 49, 96) == 9
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8])
-def test_packed_codes_round_trip(bits):
+@pytest.mark.parametrize("n", [13, 16, 1, 49, 196])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_packed_codes_round_trip(bits, n):
     rng = np.random.default_rng(bits)
-    codes = rng.integers(0, 1 << bits, size=(3, 5, 13), dtype=np.uint8)
+    codes = rng.integers(0, 1 << bits, size=(3, 5, n), dtype=np.uint8)
     packed = compact.pack_codes(codes, bits)
-    assert packed.shape == (3, 5, compact.packed_width(13, bits))
-    assert np.array_equal(compact.unpack_codes(packed, bits, 13), codes)
-    assert compact.bits_from_width(packed.shape[-1], 13) == bits
+    assert packed.shape == (3, 5, compact.packed_width(n, bits))
+    assert np.array_equal(compact.unpack_codes(packed, bits, n), codes)
+    # the layout itself, independently: MSB-first bit planes, as np.unpackbits reads them
+    planes = np.unpackbits(packed, axis=-1, count=n * bits).reshape(3, 5, n, bits)
+    assert np.array_equal((planes * (1 << np.arange(bits - 1, -1, -1))).sum(-1), codes)
+    if n >= 8:
+        assert compact.bits_from_width(packed.shape[-1], n) == bits
 
 
 def test_low_rank_features_and_attention_survive_the_codec():
