@@ -221,8 +221,9 @@ def run_stage1_timed(cfg, base_cfg, cache: Path, *, codec: str | None = None) ->
     shutil.rmtree(cache, ignore_errors=True)
     targets = copy.deepcopy(cfg.targets)
     targets.cache = str(cache)
-    if codec is not None:
+    if codec is not None and codec != targets.codec:
         targets.codec = codec
+        targets.codec_params = {}  # the headline codec's parameters are not this codec's
     handler = _PartLog()
     stage1_log = logging.getLogger("stages.stage1")
     level = stage1_log.level
