@@ -33,6 +33,22 @@ def quantise_columns(a: np.ndarray, bits: int) -> np.ndarray:
     return np.round(a / scale) * scale
 
 
+def per_view_feature_bytes(params: dict, L: int, C: int) -> int:
+    """The lowrank codec's feature fields per view (factors and scales), from its own layout."""
+    from storage import compact
+
+    fields = compact.stored_fields(L, C, 1, 1, params)
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+               for name, (shape, dtype) in fields.items() if name.startswith("features_"))
+
+
+def basis_bytes(L: int, rank: int, bits: int) -> int:
+    """Per-view bytes of a per-cache basis: L x rank coefficient codes + one float16 scale each."""
+    from storage import compact
+
+    return L * compact.packed_width(rank, bits) + 2 * rank
+
+
 def rel_rms(y: np.ndarray, y_hat: np.ndarray) -> float:
     return float(np.linalg.norm(y_hat - y) / np.linalg.norm(y))
 
@@ -60,7 +76,7 @@ def main(argv=None) -> int:
     spec = SB.spec_for(SB.MINI, "lowrank", None)
     r = compact.rank_for(spec.codec_params, L, C)
     fb = int(spec.codec_params["factor_bits"])
-    per_view_bytes = L * -(-r * fb // 8) + 2 * r + r * -(-C * fb // 8) + 2 * r
+    per_view_bytes = per_view_feature_bytes(spec.codec_params, L, C)
     decoded = codec_roundtrip(spec, {k: v[half:] for k, v in ref.items()}, keys[half:],
                               views[half:])["features"].astype(np.float64)
     trunc = []
@@ -76,13 +92,12 @@ def main(argv=None) -> int:
     basis = evecs[:, ::-1]
     total = float(np.einsum("nlc,nlc->", test, test))
     for R in sorted({r, 16, 24, 32, 48, 64}
-                    | {max(R for R in range(1, C + 1) if L * -(-R * fb // 8) + 2 * R
-                           <= per_view_bytes)}):
+                    | {max(R for R in range(1, C + 1) if basis_bytes(L, R, fb) <= per_view_bytes)}):
         b = basis[:, :R]
         coef = test @ b  # [N, L, R]
         approx = coef @ b.T
         quant = np.stack([quantise_columns(c, fb) for c in coef]) @ b.T
-        nbytes = L * -(-R * fb // 8) + 2 * R
+        nbytes = basis_bytes(L, R, fb)
         rows.append({"method": f"per-cache basis (fitted on other images): rank {R}, "
                                f"{fb}-bit coefficients", "feature_bytes": nbytes, "rank": R,
                      "rel_rms": rel_rms(test, quant), "rel_rms_unquantised": rel_rms(test, approx),
@@ -92,8 +107,8 @@ def main(argv=None) -> int:
     Lb, Cb = 196, 768
     vspec = SB.spec_for(SB.VIT_B, "lowrank", None)
     rb = compact.rank_for(vspec.codec_params, Lb, Cb)
-    vb_bytes = Lb * -(-rb * fb // 8) + 2 * rb + rb * -(-Cb * fb // 8) + 2 * rb
-    Rb = max(R for R in range(1, Cb + 1) if Lb * -(-R * fb // 8) + 2 * R <= vb_bytes)
+    vb_bytes = per_view_feature_bytes(vspec.codec_params, Lb, Cb)
+    Rb = max(R for R in range(1, Cb + 1) if basis_bytes(Lb, R, fb) <= vb_bytes)
     result = result_header("basis_probe")
     result.update({
         "views": {"fit": int(half), "test": int(n - half), "images": args.images},

@@ -483,6 +483,22 @@ def _run_info(run_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- main modes
+def lazy_eval_data(quality: dict, test_shards: str | None, img_size: int,
+                   steps: dict | None = None):
+    """A function that returns the evaluation images, loaded on its first call only (a fully
+    reused run never loads them); with ``steps``, their load time as ``eval_images_s``."""
+    cache: dict = {}
+
+    def data_fn() -> EvalData:
+        if "data" not in cache:
+            cache["data"] = EvalData(quality, test_shards, img_size)
+            if steps is not None:
+                steps["eval_images_s"] = cache["data"].seconds
+        return cache["data"]
+
+    return data_fn
+
+
 def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
     from pipeline.orchestrate import prepare_data
 
@@ -490,16 +506,10 @@ def run_benchmark(raw: dict, quality: dict, *, name: str) -> dict:
     seeds = [int(s) for s in quality["seeds"]]
     ablation_seeds = [int(s) for s in quality.get("ablation_seeds", [seeds[0]])]
     steps: dict = {}
-    data_cache: dict = {}
     per_seed: dict = {}
     arch = raw["base_model"]["arch"]
     img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
-
-    def data_fn() -> EvalData:
-        if "data" not in data_cache:
-            data_cache["data"] = EvalData(quality, raw["data"]["test"], img_size)
-            steps["eval_images_s"] = data_cache["data"].seconds
-        return data_cache["data"]
+    data_fn = lazy_eval_data(quality, raw["data"]["test"], img_size, steps)
 
     if not set(ablation_seeds) <= set(seeds):
         raise ValueError(f"quality.ablation_seeds {ablation_seeds} must be among quality.seeds "
@@ -652,12 +662,7 @@ def run_sweep(raw: dict, quality: dict) -> dict:
     sweep = quality["sweep"]
     arch = raw["base_model"]["arch"]
     img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
-    data_cache: dict = {}
-
-    def data_fn() -> EvalData:
-        if "data" not in data_cache:
-            data_cache["data"] = EvalData(quality, None, img_size)
-        return data_cache["data"]
+    data_fn = lazy_eval_data(quality, None, img_size)
 
     def holdout_score(path: Path) -> dict:
         ev = evaluate_cached(path, arch, data_fn, quality, test_set=False)
@@ -902,13 +907,8 @@ def add_rows(out: Path, raw: dict, quality: dict, config_record: dict) -> int:
             raise SystemExit(f"--add-rows: seed {seed}'s base model {base} is missing or was "
                              "retrained after the result was written; rerun the benchmark")
     arch = raw["base_model"]["arch"]
-    img_size = int(raw["base_model"]["timm_kwargs"]["img_size"])
-    data: dict = {}
-
-    def data_fn() -> EvalData:
-        if "data" not in data:
-            data["data"] = EvalData(quality, raw["data"]["test"], img_size)
-        return data["data"]
+    data_fn = lazy_eval_data(quality, raw["data"]["test"],
+                             int(raw["base_model"]["timm_kwargs"]["img_size"]))
 
     started = time.perf_counter()
     wanted = (quality.get("finetune") or {}).get("rows", [*MAIN_ROWS, "random_init"])

@@ -508,6 +508,7 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
         return rows, {"setting": None, "vitb_bytes_per_view": None,
                       "why": "quality rows not measured (no codec row in quality.json and no "
                              "quality_codec_*.json pair)"}
+    seeds = deciding[0][0].get("seeds")  # the deciding pairs' float16 row (one per source)
     measured = []
     for ref, low, setting, note in deciding:
         diff, measures = _delta(ref, low)
@@ -518,12 +519,12 @@ def quality_rows(vitb_bytes: dict) -> tuple[dict, dict]:
     if within:
         chosen = within[0]
         best = {"setting": chosen["setting"], "vitb_bytes_per_view": chosen["vitb_bytes_per_view"],
-                "delta_vs_float16": chosen["delta_vs_float16"], "seeds": ref.get("seeds"),
+                "delta_vs_float16": chosen["delta_vs_float16"], "seeds": seeds,
                 "why": f"the smallest compact setting with quality rows within 0.3 point of "
                        f"float16 on {chosen['measures']} top-1", "note": chosen["note"]}
     else:
         best = {"setting": "float16", "vitb_bytes_per_view": vitb_bytes["float16"],
-                "delta_vs_float16": None, "seeds": ref.get("seeds"),
+                "delta_vs_float16": None, "seeds": seeds,
                 "why": "no compact setting with quality rows is within 0.3 point of float16 on "
                        "every measure, so the smallest setting within 0.3 point is float16 itself",
                 "note": deciding[0][3]}

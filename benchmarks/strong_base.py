@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
     from quality import (
-        EvalData,
         evaluate_cached,
         finetune_row,
+        lazy_eval_data,
         load_raw,
         make_paths_absolute,
     )
@@ -182,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     tec_run = next(r for r in raw_q["runs"] if r["name"] == "tec")
     k, tau = int(tec_run["model"]["k"]), float(tec_run["model"]["tau"])
     targets = raw_q["targets"]
-    data_cache: dict = {}
-
-    def data_fn() -> EvalData:
-        if "data" not in data_cache:
-            data_cache["data"] = EvalData(quality, raw_q["data"]["test"], img_size)
-        return data_cache["data"]
+    data_fn = lazy_eval_data(quality, raw_q["data"]["test"], img_size)
 
     compare = Path(args.compare)
     if not compare.is_absolute():

@@ -359,13 +359,7 @@ def run_study(raw: dict, q: dict, study: dict, rows: list[Row]) -> dict:
     ft_rows = finetune_rows(study, all_rows) if ft_settings is not None else []
     ft_quality = {**q, "finetune": ft_settings}
     steps: dict = {}
-    data_cache: dict = {}
-
-    def data_fn():
-        if "data" not in data_cache:
-            data_cache["data"] = quality.EvalData(q, raw["data"]["test"], img_size)
-            steps["eval_images_s"] = data_cache["data"].seconds
-        return data_cache["data"]
+    data_fn = quality.lazy_eval_data(q, raw["data"]["test"], img_size, steps)
 
     # data and the base model (given, or the smoke's bootstrap)
     given = raw["base_model"].get("checkpoint")
