@@ -217,9 +217,14 @@ def choose(rows: list[dict], *, tolerance: float = 0.3, reference: str = REFEREN
     when, for k-NN and linear top-1 and, if the reference was fine-tuned, fine-tuning top-1, its
     value is at least the reference's minus ``tolerance``. Of those the one with the fewest
     base-model forward passes per pretraining image (K + online_fraction x E_t) is chosen; ties
-    go to fewer cached views K, then the lower online fraction, then the larger smallest margin,
-    then the name. Returns the setting (views, view_selection, online_fraction: None when no
-    candidate qualifies or the reference is missing), the rule and every candidate's margins.
+    go to fewer cached views K, then the lower online fraction, then round-robin over uniform
+    view selection, then the larger smallest margin, then the name. Round-robin wins a tie of
+    cost because it replays every cached view exactly (1 - online_fraction) x E_t / K times (the
+    replay count the K-for-E rule below assumes; uniform only on average) and is what ``read:
+    stream`` needs; the margins of two equal-cost rows differ by seed noise (the two-seed check
+    of the K = 2 rows, results/views_seeds01.json, flipped their order).
+    Returns the setting (views, view_selection, online_fraction: None when no candidate
+    qualifies or the reference is missing), the rule and every candidate's margins.
     """
     by = {r["name"]: r for r in rows}
     ref = by.get(reference)
@@ -233,7 +238,8 @@ def choose(rows: list[dict], *, tolerance: float = 0.3, reference: str = REFEREN
             f"required metric does not qualify). Chosen: the qualifying row with the fewest "
             f"base-model forward passes per pretraining image, K + online_fraction x E_t (stage 1 "
             f"computes K views once, stage 2 online_fraction x E_t fresh ones); ties: fewer "
-            f"cached views K, then lower online_fraction, then larger smallest margin, then name. "
+            f"cached views K, then lower online_fraction, then round_robin over uniform (exact "
+            f"replay counts; what read: stream needs), then larger smallest margin, then name. "
             f"epochs_per_cached_view = (1 - online_fraction) x E_t / K is how often the chosen "
             f"setting replays each cached view; at another schedule of E epochs, K >= (1 - "
             f"online_fraction) x E / epochs_per_cached_view keeps the replays within what was "
@@ -264,8 +270,9 @@ def choose(rows: list[dict], *, tolerance: float = 0.3, reference: str = REFEREN
 
     def key(c: dict):
         margin = min(c["deltas"].values()) if c["deltas"] else float("-inf")
-        return (c["base_forwards_per_image"], c["views"] or 0, c["online_fraction"], -margin,
-                c["row"])
+        selection = {"round_robin": 0, "uniform": 1}.get(c["view_selection"], 2)
+        return (c["base_forwards_per_image"], c["views"] or 0, c["online_fraction"], selection,
+                -margin, c["row"])
 
     candidates.sort(key=key)
     out["candidates"] = candidates

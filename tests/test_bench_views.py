@@ -176,14 +176,28 @@ def test_choose_counts_fine_tuning_when_the_reference_has_it_and_breaks_ties(vie
     ]
     chosen = views.choose(rows)
     assert chosen["metrics"] == ["knn_top1", "linear_top1", "finetune_top1"]
-    # same cost and K: the larger smallest margin wins (round_robin +0.1 vs uniform -0.2)
+    # same cost and K: round_robin before uniform (exact replay counts, read: stream) ...
     assert chosen["row"] == "k4_round_robin"
+    # ... even where uniform has the larger smallest margin
+    better = {"knn_top1": 72.3, "linear_top1": 80.3, "finetune_top1": 86.2}  # +0.2 vs +0.1
+    flipped = [{**r, **better} if r["name"] == "k4_uniform" else r for r in rows]
+    assert views.choose(flipped)["row"] == "k4_round_robin"
+    # a round-robin row that does not qualify leaves the uniform one
+    out = [{**r, "linear_top1": 79.0} if r["name"] == "k4_round_robin" else r for r in flipped]
+    assert views.choose(out)["row"] == "k4_uniform"
+    # same cost, K, fraction and selection: the larger smallest margin
+    twins = [_row("k4_a", 4, "uniform", 0.0, 71.9, 80.2, finetune=86.0),
+             _row("k4_b", 4, "uniform", 0.0, 72.1, 80.1, finetune=86.1), rows[-1]]
+    assert views.choose(twins)["row"] == "k4_b"
     by = {c["row"]: c for c in chosen["candidates"]}
     assert by["k2_round_robin"]["missing"] == ["finetune_top1"]
     assert not by["k2_round_robin"]["within"] and not by["k2_uniform"]["within"]
     # without the reference's fine-tuning only k-NN and linear count
     no_ft = [{**r, "finetune_top1": None} if r["name"] == "online" else r for r in rows]
-    assert views.choose(no_ft)["row"] == "k2_uniform"
+    loose = views.choose(no_ft)
+    assert loose["metrics"] == ["knn_top1", "linear_top1"]
+    assert {c["row"]: c["within"] for c in loose["candidates"]}["k2_uniform"]
+    assert loose["row"] == "k2_round_robin"   # both K = 2 rows qualify: round_robin first
 
 
 def test_choose_without_reference_or_qualifying_row(views):
